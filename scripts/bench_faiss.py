@@ -1,0 +1,138 @@
+"""Benchmark exact search against faiss IVF / HNSW on synthetic clustered vectors (issue 7).
+
+Ground truth is the certified exact `knn_search` (torch). For each method: build time,
+search time, speed-up of the search over exact faiss flat, and recall@k against the truth
+(mean over queries of |found & true top-k| / k).
+
+    python scripts/bench_faiss.py --database 1000000 --dim 512 --queries 10000 --k 5
+    python scripts/bench_faiss.py --database 50000 --queries 1000   # quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+from cbmir.retrieval import faiss_backend as fb
+from cbmir.retrieval import knn_search
+
+
+def clustered(n: int, dim: int, centers: np.ndarray, noise: float, rng) -> np.ndarray:
+    """Points around random cluster centres, generated in chunks to bound temporary memory."""
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 65536):
+        stop = min(start + 65536, n)
+        assign = rng.integers(0, centers.shape[0], stop - start)
+        out[start:stop] = centers[assign]
+        out[start:stop] += noise * rng.standard_normal((stop - start, dim), dtype=np.float32)
+    return out
+
+
+def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
+    k = truth.shape[1]
+    hits = (found[:, :, None] == truth[:, None, :]).any(dim=2).sum(dim=1)
+    return float(hits.float().mean() / k)
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name:")),
+        "unknown",
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--database", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--noise", type=float, default=1.0, help="within-cluster std (centres: 1)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(N))")
+    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-construction", type=int, default=80)
+    p.add_argument("--ef-search", type=int, nargs="+", default=[64])
+    p.add_argument("--no-hnsw", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    import faiss
+
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, faiss {faiss.__version__} with "
+        f"{faiss.omp_get_max_threads()} threads, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()}"
+    )
+    rng = np.random.default_rng(args.seed)
+    centers = rng.standard_normal((args.clusters, args.dim), dtype=np.float32)
+    x = clustered(args.database, args.dim, centers, args.noise, rng)
+    q = clustered(args.queries, args.dim, centers, args.noise, rng)
+    k = args.k
+    print(
+        f"data: {args.database} database x {args.dim} dims, {args.queries} queries, k={k}, "
+        f"{args.clusters} clusters, noise {args.noise}"
+    )
+
+    t0 = time.perf_counter()
+    _, truth = knn_search(q, x, k)
+    exact_torch = time.perf_counter() - t0
+    print(f"torch knn_search (exact, certified): search {exact_torch:.1f} s")
+
+    rows = []
+    t0 = time.perf_counter()
+    flat = fb.build_index(x, "flat")
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    found = fb.search(flat, q, k)[1]
+    flat_search = time.perf_counter() - t0
+    rows.append(("faiss flat (exact)", build, flat_search, recall(found, truth)))
+    del flat
+
+    t0 = time.perf_counter()
+    ivf = fb.build_index(x, "ivf", nlist=args.nlist)
+    build = time.perf_counter() - t0
+    nlist = faiss.extract_index_ivf(ivf).nlist
+    for nprobe in args.nprobe:
+        fb.set_search_params(ivf, nprobe=nprobe)
+        t0 = time.perf_counter()
+        found = fb.search(ivf, q, k)[1]
+        rows.append(
+            (f"faiss IVF{nlist},Flat nprobe={nprobe}", build, time.perf_counter() - t0,
+             recall(found, truth))
+        )
+    del ivf
+
+    if not args.no_hnsw:
+        t0 = time.perf_counter()
+        hnsw = fb.build_index(x, "hnsw", M=args.hnsw_m, ef_construction=args.ef_construction)
+        build = time.perf_counter() - t0
+        for ef in args.ef_search:
+            fb.set_search_params(hnsw, ef_search=ef)
+            t0 = time.perf_counter()
+            found = fb.search(hnsw, q, k)[1]
+            rows.append(
+                (f"faiss HNSW{args.hnsw_m} efC={args.ef_construction} efSearch={ef}", build,
+                 time.perf_counter() - t0, recall(found, truth))
+            )
+
+    print(f"{'method':<44} {'build s':>9} {'search s':>9} {'x flat':>8} {'x torch':>8} "
+          f"{'recall@' + str(k):>9}")
+    for name, build, search, rec in rows:
+        print(f"{name:<44} {build:>9.2f} {search:>9.2f} {flat_search / search:>8.1f} "
+              f"{exact_torch / search:>8.1f} {rec:>9.4f}")
+    print(f"load average at end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

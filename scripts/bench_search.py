@@ -1,0 +1,218 @@
+"""Benchmark exact k-NN retrieval against a plain GEMM + topk and a per-query loop (issue 7).
+
+Measured side by side in one process on the same random float32 data:
+
+  (a)  plain ``q @ x.T`` + ``topk(k)`` over the full Q x N matrix (the speed floor; its
+       ranking is by inner product, so it is not a neighbour reference);
+  (a2) the same single GEMM ranking by ``||x||^2 - 2 q.x`` (one full-size addmm + topk): the
+       one-shot distance ranking, used to compare neighbours on every query;
+  (b)  ``knn_search`` + ``compute_retrieval_metrics`` (random labels), the code under test;
+  (c)  a per-query numpy loop (distance to every database vector, full stable argsort) on
+       --loop-queries queries, extrapolated linearly to all queries.
+
+Peak extra memory of (b) is measured in a fresh subprocess that loads the inputs from .npy,
+resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` = 5), runs (b) and reports
+VmHWM - VmRSS-before (falls back to the ru_maxrss delta where clear_refs is not allowed).
+
+    python scripts/bench_search.py --queries 7180 --database 89996 --dim 1024 --k 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cbmir.retrieval import compute_retrieval_metrics, knn_search
+
+GB = 10**9
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _run_b(q, x, ql, dl, k: int) -> tuple[float, float, dict, torch.Tensor]:
+    t0 = time.perf_counter()
+    _, idx = knn_search(q, x, k)
+    t1 = time.perf_counter()
+    metrics = compute_retrieval_metrics(idx, ql, dl, map_k=k, acc_ks=(1, 3, 5), mmv_k=k)
+    t2 = time.perf_counter()
+    return t2 - t0, t1 - t0, metrics, idx
+
+
+def child_memory(data_dir: Path, k: int) -> None:
+    """Subprocess body: inputs loaded, peak counter reset, then (b); prints JSON."""
+    q = torch.from_numpy(np.load(data_dir / "q.npy"))
+    x = torch.from_numpy(np.load(data_dir / "x.npy"))
+    ql, dl = np.load(data_dir / "ql.npy"), np.load(data_dir / "dl.npy")
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        method = "VmHWM after (b) - VmRSS before (b), peak counter reset via /proc/self/clear_refs"
+        rss_before = _proc_status_kib("VmRSS")
+    except OSError:
+        method = "ru_maxrss after (b) - ru_maxrss before (b) (clear_refs not permitted)"
+        rss_before = maxrss_before
+    seconds, _, _, _ = _run_b(q, x, ql, dl, k)
+    if method.startswith("VmHWM"):
+        peak = _proc_status_kib("VmHWM")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "extra_kib": peak - rss_before,
+                "rss_before_kib": rss_before,
+                "peak_kib": peak,
+                "method": method,
+                "seconds": seconds,
+            }
+        )
+    )
+
+
+def measure_memory(q, x, ql, dl, k: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        for name, arr in (("q", q.numpy()), ("x", x.numpy()), ("ql", ql), ("dl", dl)):
+            np.save(tmp_path / f"{name}.npy", arr)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-memory", tmp, "--k", str(k)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def loop_baseline(q: np.ndarray, x: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    """Per query: Euclidean distance to every database vector, full stable argsort."""
+    out = np.empty((q.shape[0], k), dtype=np.int64)
+    t0 = time.perf_counter()
+    for j in range(q.shape[0]):
+        dist = np.sqrt(((x - q[j]) ** 2).sum(axis=1))
+        out[j] = np.argsort(dist, kind="stable")[:k]
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--queries", type=int, default=7180)
+    p.add_argument("--database", type=int, default=89996)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--loop-queries", type=int, default=200)
+    p.add_argument("--classes", type=int, default=9)
+    p.add_argument("--repeats", type=int, default=1, help="timed rounds of (a), (a2), (b)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--child-memory", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_memory:
+        child_memory(args.child_memory, args.k)
+        return
+
+    n_q, n, dim, k = args.queries, args.database, args.dim, args.k
+    print(
+        f"machine: {_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads, load average {os.getloadavg()}"
+    )
+    print(f"shape: {n_q} queries x {n} database x {dim} dims float32, k={k}")
+    g = torch.Generator().manual_seed(args.seed)
+    q = torch.randn(n_q, dim, generator=g)
+    x = torch.randn(n, dim, generator=g)
+    rng = np.random.default_rng(args.seed)
+    ql, dl = rng.integers(0, args.classes, n_q), rng.integers(0, args.classes, n)
+    torch.mm(q[:256], x[:4096].T)  # load BLAS kernels before timing
+
+    times: dict[str, list[float]] = {"a": [], "a2": [], "b": [], "b_search": []}
+    idx_a2 = idx_b = None
+    metrics: dict = {}
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        s = q @ x.T
+        s.topk(k, dim=1)
+        times["a"].append(time.perf_counter() - t0)
+        del s
+        t0 = time.perf_counter()
+        s = torch.addmm((x * x).sum(dim=1)[None], q, x.T, alpha=-2.0)
+        idx_a2 = s.topk(k, dim=1, largest=False).indices
+        times["a2"].append(time.perf_counter() - t0)
+        del s
+        total, search_s, metrics, idx_b = _run_b(q, x, ql, dl, k)
+        times["b"].append(total)
+        times["b_search"].append(search_s)
+
+    n_loop = min(args.loop_queries, n_q)
+    loop_s, idx_c = loop_baseline(q[:n_loop].numpy(), x.numpy(), k)
+    c_ext = loop_s / n_loop * n_q
+    mem = measure_memory(q, x, ql, dl, k)
+
+    a, a2, b = min(times["a"]), min(times["a2"]), min(times["b"])
+    print(
+        f"(a)  plain q @ x.T + topk(k), full {n_q}x{n} matrix: "
+        f"{a:.2f} s  (rounds: {', '.join(f'{t:.2f}' for t in times['a'])})"
+    )
+    print(
+        f"(a2) one-shot addmm(||x||^2, q, x.T, alpha=-2) + topk: "
+        f"{a2:.2f} s  (rounds: {', '.join(f'{t:.2f}' for t in times['a2'])})"
+    )
+    print(
+        f"(b)  knn_search + compute_retrieval_metrics: {b:.2f} s "
+        f"(search {min(times['b_search']):.2f} s; rounds: "
+        f"{', '.join(f'{t:.2f}' for t in times['b'])})"
+    )
+    print(
+        f"(c)  per-query numpy loop: {loop_s:.2f} s for {n_loop} queries "
+        f"-> {c_ext:.1f} s extrapolated to {n_q}"
+    )
+    print(
+        "metrics of (b) on random labels: "
+        + ", ".join(f"{key}={v:.4f}" for key, v in metrics.items())
+    )
+    extra_gb = mem["extra_kib"] * 1024 / GB
+    inputs_gb = (q.numel() + x.numel()) * 4 / GB
+    print(
+        f"peak extra memory of (b): {extra_gb:.3f} GB beyond the {inputs_gb:.3f} GB inputs "
+        f"[{mem['method']}; subprocess run took {mem['seconds']:.2f} s]"
+    )
+    same_c = int((idx_b[:n_loop].numpy() == idx_c).all(axis=1).sum())
+    same_a2 = int((idx_b == idx_a2).all(dim=1).sum())
+    print(
+        f"neighbours: (b) == (c) on {same_c}/{n_loop} looped queries; "
+        f"(b) == (a2) on {same_a2}/{n_q} queries"
+    )
+    ok_time, ok_loop, ok_mem = b / a <= 1.3, c_ext / b >= 50, extra_gb <= 1.0
+    print(f"ratio (b)/(a)  = {b / a:.3f}  (target <= 1.3: {'met' if ok_time else 'MISSED'})")
+    print(f"ratio (b)/(a2) = {b / a2:.3f}")
+    print(f"ratio (c)/(b)  = {c_ext / b:.1f}  (target >= 50: {'met' if ok_loop else 'MISSED'})")
+    print(f"extra memory target <= 1 GB: {'met' if ok_mem else 'MISSED'}")
+    print(f"load average at end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Frozen-backbone LightningModule and the prediction writer that fills the embedding store."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from cbmir.extractors.base import Extractor
+from cbmir.store import EmbeddingStore, EntryWriter
+
+
+class FrozenEmbedder(L.LightningModule):
+    """Runs an `Extractor` in eval mode without gradients; `predict_step` -> float32 [B, D].
+
+    Precision (fp32, bf16-mixed, 16-mixed) comes from the Trainer, so the same module serves
+    CPU runs and autocast GPU runs.
+    """
+
+    def __init__(self, extractor: Extractor, channels_last: bool = False) -> None:
+        super().__init__()
+        self.extractor = extractor.freeze()
+        self.channels_last = channels_last
+
+    def on_predict_start(self) -> None:
+        self.extractor.freeze()
+        if self.channels_last:
+            self.extractor.to(memory_format=torch.channels_last)
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.extractor.preprocess(images)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.extractor.embed(x)
+
+    def output_dim(self, image_shape: tuple[int, ...]) -> int:
+        return self.extractor.output_dim(image_shape)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0):
+        return self.embed_images(batch["image"]).float()
+
+
+@dataclass
+class PlannedEntry:
+    """One split to embed: where it goes in the store and what it holds."""
+
+    split: str
+    key: str
+    n_rows: int
+    dim: int
+    labels: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class EmbeddingStoreWriter(BasePredictionWriter):
+    """Writes each predict dataloader's embeddings into its store entry, batch by batch.
+
+    Entries are published only at the end of a complete epoch; on any exception they are
+    deleted, so nothing half-written survives.
+    """
+
+    def __init__(self, store: EmbeddingStore, plan: list[PlannedEntry]) -> None:
+        super().__init__(write_interval="batch")
+        self.store = store
+        self.plan = plan
+        self.writers: list[EntryWriter] = []
+        self.seconds: dict[str, float] = {}
+        self._started = 0.0
+        self._finished: list[float] = []
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.writers = [
+            self.store.open_writer(p.key, p.n_rows, p.dim, p.labels, {**p.meta, "dim": p.dim})
+            for p in self.plan
+        ]
+        self._started = time.perf_counter()
+        self._finished = [self._started] * len(self.plan)
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: torch.Tensor,
+        batch_indices: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        rows = batch["index"].detach().cpu().numpy()
+        self.writers[dataloader_idx].write(rows, prediction.detach().cpu().numpy())
+        self._finished[dataloader_idx] = time.perf_counter()
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # dataloaders run one after another: each split's time runs from the previous end
+        previous = self._started
+        for planned, writer, finished in zip(self.plan, self.writers, self._finished, strict=True):
+            writer.meta["embed_seconds"] = self.seconds[planned.split] = finished - previous
+            writer.commit()
+            previous = finished
+        self.writers = []
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        for writer in self.writers:
+            writer.abort()
+        self.writers = []

@@ -1,0 +1,257 @@
+"""Load weights from a file into an extractor's network, offline, with errors that say what
+did not fit.
+
+One loader for every family (timm, open_clip, CONCH, MedCLIP):
+
+- formats: `.safetensors`, a torch state dict (`.pt`, `.pth`, `.bin`), or a Lightning `.ckpt`
+  (its `state_dict`); nested `{"state_dict": ...}`, `{"model": ...}` wrappers are unwrapped.
+- prefixes: a fine-tuned extractor saved by Lightning has keys such as
+  `extractor.model.blocks.0...`, a DDP or compiled one `module.` / `_orig_mod.`, a CLIP
+  checkpoint `visual.`: the prefix whose removal matches the most of the network's own keys is
+  stripped, and keys outside it (a text tower, a training head) are left out.
+- a family-specific `convert` maps foreign layouts (timm's own `checkpoint_filter_fn`, MedCLIP's
+  Hugging Face Swin names) onto the network's.
+- anything still missing, unexpected or of the wrong shape raises `CheckpointError` listing the
+  first keys of each kind.
+
+`weights_identity(path)` is the file's sha256: it goes into the extractor's `identity()` and so
+into the embedding-store key, so a new checkpoint never reuses old embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cbmir.errors import CbmirError
+
+from .base import file_sha256
+
+log = logging.getLogger(__name__)
+
+#: how many keys of each kind an error message lists
+SHOW_KEYS = 12
+#: wrappers a checkpoint dict may hold the state dict under (Lightning, common training loops)
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
+#: deepest prefix (in dotted components) tried when matching keys
+MAX_PREFIX_DEPTH = 4
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(CbmirError):
+    """A weights file that cannot be read or does not fit the network."""
+
+
+# -- reading ---------------------------------------------------------------------------------
+def read_state_dict(path: str | Path) -> StateDict:
+    """Tensors of a weights file, unwrapped from Lightning / training-loop containers.
+
+    Torch files are memory-mapped where possible, so a multi-GB CLIP checkpoint whose text
+    tower is dropped never has that tower read into memory.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:  # pragma: no cover - a core dependency
+            raise CheckpointError("reading .safetensors needs: pip install safetensors") from exc
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as exc:
+            raise CheckpointError(f"could not read {path} as safetensors: {exc}") from exc
+    obj = _torch_load(path)
+    return _unwrap(obj, path)
+
+
+def _torch_load(path: Path) -> Any:
+    errors = []
+    for kwargs in ({"mmap": True}, {}):
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, **kwargs)
+        except Exception as exc:  # mmap needs the zip format; weights_only refuses objects
+            errors.append(exc)
+    if path.suffix == ".ckpt":
+        # Lightning checkpoints may pickle hyper-parameters (configs, classes): trusted files
+        log.warning(
+            "%s holds more than tensors; loading it with weights_only=False (only load "
+            "checkpoints you trust)",
+            path,
+        )
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc:
+            errors.append(exc)
+    raise CheckpointError(
+        f"could not read {path} as a torch checkpoint ({type(errors[-1]).__name__}: "
+        f"{str(errors[-1]).splitlines()[0][:300] if str(errors[-1]) else ''}). Expected a "
+        "state dict (.pt/.pth/.bin), a Lightning .ckpt or a .safetensors file."
+    )
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(v, torch.Tensor) for v in obj.values()
+    )
+
+
+def _unwrap(obj: Any, path: Path) -> StateDict:
+    if isinstance(obj, nn.Module):
+        return dict(obj.state_dict())
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping | nn.Module)), None)
+        if inner is None:
+            break
+        obj = inner.state_dict() if isinstance(inner, nn.Module) else inner
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(
+            f"{path} holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:SHOW_KEYS]))})"
+        )
+    return tensors
+
+
+# -- matching --------------------------------------------------------------------------------
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]) -> tuple[StateDict, str]:
+    """Remove the key prefix that makes the checkpoint match the network best.
+
+    Returns the (possibly reduced) state dict and the prefix removed ("" for none). Keys not
+    under the chosen prefix are dropped: they belong to other parts of a bigger model.
+    """
+    expected = set(expected)
+    best_prefix, best_score = "", len(expected.intersection(state_dict))
+    candidates: set[str] = set()
+    for key in state_dict:
+        parts = key.split(".")
+        for depth in range(1, min(MAX_PREFIX_DEPTH, len(parts) - 1) + 1):
+            candidates.add(".".join(parts[:depth]) + ".")
+    for prefix in sorted(candidates, key=lambda p: (p.count("."), p)):
+        n = len(prefix)
+        score = sum(1 for k in state_dict if k.startswith(prefix) and k[n:] in expected)
+        if score > best_score:
+            best_prefix, best_score = prefix, score
+    if not best_prefix:
+        return dict(state_dict), ""
+    n = len(best_prefix)
+    return {k[n:]: v for k, v in state_dict.items() if k.startswith(best_prefix)}, best_prefix
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(re.search(p, key) for p in patterns)
+
+
+def _listing(kind: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:SHOW_KEYS])
+    more = f" (+{len(keys) - SHOW_KEYS} more)" if len(keys) > SHOW_KEYS else ""
+    return f"{len(keys)} {kind}: {shown}{more}"
+
+
+def load_into(
+    module: nn.Module,
+    source: str | Path | Mapping[str, torch.Tensor],
+    *,
+    label: str,
+    convert: Callable[[StateDict], StateDict] | None = None,
+    ignore_unexpected: Iterable[str] = (),
+    ignore_missing: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Load a checkpoint file (or a state dict) into `module`, strictly.
+
+    `convert` maps a foreign layout onto the module's own key names; `ignore_unexpected` /
+    `ignore_missing` are regexes of keys that may be absent or extra by design (e.g. a CLIP
+    text tower when only the image tower is built). Returns a small report (prefix stripped,
+    keys ignored).
+    """
+    where = str(source) if isinstance(source, str | Path) else "the given state dict"
+    sd = read_state_dict(source) if isinstance(source, str | Path) else dict(source)
+    own = module.state_dict()
+    expected = set(own)
+    sd, prefix = strip_prefix(sd, expected)
+    if convert is not None and not _fits(sd, own, ignore_unexpected, ignore_missing):
+        # only foreign layouts are converted: some filters (timm's Swin) are not idempotent
+        try:
+            sd = convert(sd)
+        except CbmirError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"{where} could not be converted for {label} ({type(exc).__name__}: {exc})"
+            ) from exc
+        sd, prefix2 = strip_prefix(sd, expected)
+        prefix = prefix + prefix2
+    missing = sorted(k for k in expected - set(sd) if not _matches(k, ignore_missing))
+    unexpected_all = sorted(set(sd) - expected)
+    ignored = [k for k in unexpected_all if _matches(k, ignore_unexpected)]
+    unexpected = [k for k in unexpected_all if k not in set(ignored)]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(expected.intersection(sd))
+        if tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"{where} does not fit {label}" + (f" (after removing the key prefix {prefix!r})" if prefix else "") + ":"]
+        if missing:
+            parts.append(_listing("missing keys", missing))
+        if unexpected:
+            parts.append(_listing("unexpected keys", unexpected))
+        if shapes:
+            parts.append(_listing("keys of another shape (checkpoint vs network)", shapes))
+        parts.append(
+            "Is it a checkpoint of the same architecture (model.model_name and model_kwargs)?"
+        )
+        raise CheckpointError("\n  ".join(parts))
+    for k in ignored:
+        sd.pop(k)
+    # missing-but-ignored keys keep the module's own values
+    for k in expected - set(sd):
+        sd[k] = own[k]
+    module.load_state_dict(sd, strict=True)
+    return {"prefix": prefix, "ignored": len(ignored)}
+
+
+def _fits(
+    sd: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    ignore_unexpected: Iterable[str],
+    ignore_missing: Iterable[str],
+) -> bool:
+    if any(not _matches(k, ignore_missing) for k in own.keys() - sd.keys()):
+        return False
+    if any(not _matches(k, ignore_unexpected) for k in sd.keys() - own.keys()):
+        return False
+    return all(tuple(sd[k].shape) == tuple(own[k].shape) for k in own.keys() & sd.keys())
+
+
+def weights_identity(path: str | Path) -> str:
+    """`sha256:<hex>` of a weights file: part of the embedding-store key."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    return "sha256:" + file_sha256(path)
+
+
+def timm_filter(model: nn.Module) -> Callable[[StateDict], StateDict] | None:
+    """timm's own `checkpoint_filter_fn` for a model's family (original-format weights,
+    position-embedding resampling), or None."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if fn is None:
+        return None
+
+    def convert(sd: StateDict) -> StateDict:
+        return fn(sd, model)
+
+    return convert

@@ -1,0 +1,192 @@
+"""CONCH (Lu et al. 2024, MahmoodLab) image features, as the paper took them:
+`model.encode_image(x, proj_contrast=False, normalize=True)` (512-d, L2-normalised).
+
+CONCH's code is not on PyPI under its own name (a third-party copy, `conch-fork`, is; both are
+CC BY-NC-ND 4.0) and its weights are gated on the hub (`MahmoodLab/conch`). Two backends:
+
+- `builtin` (default): the same image tower rebuilt from timm and open_clip parts, no extra
+  package: a timm ViT-B/16 trunk at 448 px (`forward_features`: all tokens after the final
+  norm), open_clip's `AttentionalPooler` (1 query, 8 heads, 768 -> 512) and a LayerNorm; with
+  `proj_contrast=False` the contrastive projection is not applied. Parameter names match
+  CONCH's checkpoint (`visual.trunk.*`, `visual.attn_pool_contrast.*`, `visual.ln_contrast.*`),
+  so the published `pytorch_model.bin` loads strictly; its text tower and captioning pooler
+  are skipped. Checked to give identical embeddings to `conch-fork` 0.1.0 from the same
+  weights.
+- `conch`: CONCH's own code (`pip install conch-fork`, or
+  `pip install git+https://github.com/mahmoodlab/CONCH.git`), image tower kept, text dropped.
+
+Preprocessing is CONCH's eval transform: resize the shortest side to 448 (bicubic),
+centre-crop 448, OpenAI CLIP mean/std.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbmir.errors import CbmirError, ConfigError
+
+from . import hub
+from .base import Extractor
+from .checkpoint import load_into, weights_identity
+from .preprocessing import ModelTransform
+from .registry import register
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+HUB_REPO = "MahmoodLab/conch"
+INSTALL_HELP = (
+    "CONCH's own code is not installed. Install it (licence CC BY-NC-ND 4.0, non-commercial "
+    "use only) with `pip install conch-fork` (a third-party copy on PyPI) or `pip install "
+    "git+https://github.com/mahmoodlab/CONCH.git`, or use model.backend=builtin (the same "
+    "image tower, no extra package). The weights are gated: accept the terms at "
+    f"{hub.model_page(HUB_REPO)} and export HF_TOKEN, or pass model.checkpoint=/path/to/"
+    "pytorch_model.bin."
+)
+BACKENDS = ("builtin", "conch")
+
+
+class ConchVisual(nn.Module):
+    """CONCH's image tower up to the contrastive pooler (no projection)."""
+
+    def __init__(
+        self,
+        width: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        patch_size: int = 16,
+        image_size: int = 448,
+        embed_dim: int = 512,
+        pooler_heads: int = 8,
+        n_queries: int = 1,
+    ) -> None:
+        super().__init__()
+        from open_clip.transformer import AttentionalPooler
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.trunk = VisionTransformer(
+            img_size=image_size,
+            patch_size=patch_size,
+            embed_dim=width,
+            depth=depth,
+            num_heads=heads,
+            mlp_ratio=mlp_ratio,
+            num_classes=0,
+            dynamic_img_size=True,
+        )
+        self.attn_pool_contrast = AttentionalPooler(
+            d_model=embed_dim, context_dim=width, n_head=pooler_heads, n_queries=n_queries
+        )
+        self.ln_contrast = nn.LayerNorm(embed_dim)
+
+    def forward_no_head(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        tokens = self.trunk.forward_features(x)
+        pooled = self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+class _Tower(nn.Module):
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+
+@register("conch")
+class ConchExtractor(ModelTransform, Extractor):
+    def __init__(
+        self,
+        pretrained: bool = True,
+        name: str = "conch",
+        checkpoint: str | None = None,
+        hf_hub_id: str = HUB_REPO,
+        backend: str = "builtin",
+        normalize: bool = True,
+        input_size: int = 448,
+        interpolation: str = "bicubic",
+        resize_mode: str = "shortest",
+        architecture: dict[str, Any] | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown CONCH backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        self.pretrained = bool(pretrained)
+        self.checkpoint = str(checkpoint) if checkpoint else None
+        self.backend = backend
+        self.normalize = bool(normalize)
+        arch = {"image_size": 448, **dict(architecture or {})}
+        self._arch = arch
+        if self.checkpoint:
+            path, weights = self.checkpoint, weights_identity(self.checkpoint)
+        elif self.pretrained:
+            path = hub.download(hf_hub_id, ("pytorch_model.bin",), gated=True, what="the CONCH weights")
+            weights = f"hf-hub:{hf_hub_id}"
+        else:
+            path, weights = None, "random"
+
+        if backend == "conch":
+            visual = _conch_package_visual(path)
+        else:
+            tower = _Tower(ConchVisual(**arch))
+            if path is not None:
+                load_into(
+                    tower,
+                    path,
+                    label="CONCH's image tower (ViT-B/16, 448 px)",
+                    # the text tower, the captioning pooler and the unused projection
+                    ignore_unexpected=(
+                        r"^(?!visual\.)",
+                        r"^visual\.(attn_pool_caption|ln_caption|proj_contrast|head)\b",
+                    ),
+                )
+            visual = tower.visual
+        super().__init__(
+            input_size=input_size, min_size=None, mean=OPENAI_MEAN, std=OPENAI_STD,
+            interpolation=interpolation,
+        )
+        self._set_transform(resize_mode, 1.0)
+        self.name = name
+        self.weights = weights
+        self.visual = visual
+        self._dim = int(arch.get("embed_dim", 512))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual.forward_no_head(x, normalize=self.normalize)
+
+    def output_dim(self, image_shape: tuple[int, ...] | None = None) -> int:
+        return self._dim
+
+    def identity(self) -> dict[str, Any]:
+        ident = super().identity()
+        ident.update(self.transform_identity())
+        ident.update(
+            architecture=self._arch,
+            weights=self.weights,
+            normalize=self.normalize,
+            features="encode_image(proj_contrast=False)",
+        )
+        # both backends compute the same function: the store key does not depend on it
+        return ident
+
+
+def _conch_package_visual(path: str | None) -> nn.Module:
+    try:
+        from conch.open_clip_custom import create_model
+        from conch.open_clip_custom import factory as conch_factory
+    except ImportError as exc:
+        raise CbmirError(INSTALL_HELP) from exc
+    import json
+
+    cfg = json.loads((conch_factory.CFG_DIR / "conch_ViT-B-16.json").read_text())
+    cfg.pop("custom_text", None)
+    if path is None:
+        from conch.open_clip_custom import CoCa
+
+        model = CoCa(**cfg)
+    else:
+        model = create_model("conch_ViT-B-16", checkpoint_path=path)
+    visual = model.visual
+    del model  # drop the text tower and decoder
+    return visual

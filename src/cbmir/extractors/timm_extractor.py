@@ -1,0 +1,272 @@
+"""Any timm image model as a frozen extractor.
+
+The paper's CNNs were Keras ImageNet models with `include_top=False, pooling='avg'`: the
+global average of the last convolutional feature map. timm's `num_classes=0` does not always
+give that (VGG's head returns 4096-d fc7 features), so `pool="avg"` averages the output of
+`forward_features` itself.
+
+Foundation models published as timm weights on the hub (UNI, UNI2-h, Virchow, Virchow2) are
+built offline from their published timm arguments (`model_name` + `model_kwargs`) and their
+weights loaded from `hf_hub_id` (gated: `HF_TOKEN`) or from a local `checkpoint`, through
+`cbmir.extractors.checkpoint` (clear errors for mismatched keys).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Any
+
+import torch
+
+from cbmir.errors import CbmirError
+
+from . import hub
+from .base import Extractor
+from .checkpoint import load_into, timm_filter, weights_identity
+from .preprocessing import ModelTransform
+from .registry import register
+
+POOLS = ("avg", "head", "cls", "cls+mean")
+#: timm keyword arguments whose string values name a class or function ("timm.layers.SwiGLUPacked")
+CALLABLE_KWARGS = ("mlp_layer", "act_layer", "norm_layer", "embed_layer", "block_fn", "fc_norm_layer")
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@register("timm")
+class TimmExtractor(ModelTransform, Extractor):
+    """`model_name` is a timm name with its weight tag (e.g. `resnet50.tv_in1k`).
+
+    pool:
+      - `avg`: global average of the last feature map (CNNs; the paper's Keras pooling).
+      - `head`: timm's own pre-logits pooling (`forward_head(pre_logits=True)`).
+      - `cls`: the class token of a ViT; `cls+mean`: class token concatenated with the mean
+        of the patch tokens, register tokens skipped (Virchow's recipe).
+
+    Weights, first match wins: `checkpoint` (a local file, no network) > `hf_hub_id` (a hub
+    repository holding timm weights for this architecture, e.g. `MahmoodLab/UNI`) > timm's
+    own weights for the tag in `model_name` > random (`pretrained=false`).
+
+    Preprocessing: `input_size="auto"` is timm's eval transform for the weights (size,
+    interpolation, crop_pct, mean/std from `pretrained_cfg`). Otherwise by default the base class's (stretch to `input_size`, or the image's own
+    size raised to `min_size`: the paper's CNN protocol). With `resize_mode` set
+    (`shortest`, `squash`, `pad`) it is the model's eval transform (see `preprocessing`).
+    `mean`/`std` default to the timm weights' own statistics.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool = True,
+        name: str | None = None,
+        pool: str = "avg",
+        input_size: int | str | None = None,
+        min_size: int | None = 32,
+        interpolation: str = "bilinear",
+        model_kwargs: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+        hf_hub_id: str | None = None,
+        gated: bool = False,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        resize_mode: str | None = None,
+        crop_pct: float | None = 1.0,
+    ) -> None:
+        import timm
+
+        if pool not in POOLS:
+            raise CbmirError(f"unknown pool {pool!r} for {model_name}; valid: {', '.join(POOLS)}")
+        self.model_name = model_name
+        self.pretrained = bool(pretrained)
+        self.pool = pool
+        self.model_kwargs = _plain(model_kwargs or {})
+        self.checkpoint = str(checkpoint) if checkpoint else None
+        self.hf_hub_id = hf_hub_id
+        kwargs = _resolve_callables(self.model_kwargs)
+        label = f"timm model {model_name!r}"
+
+        if self.checkpoint:
+            weights = weights_identity(self.checkpoint)
+            model = _create_timm_model(model_name, False, kwargs)
+            _load_timm_checkpoint(model, self.checkpoint, label)
+        elif self.pretrained and hf_hub_id:
+            path = hub.download(
+                hf_hub_id, HUB_WEIGHT_FILES, gated=gated, what=f"the weights of {name or model_name}"
+            )
+            weights = f"hf-hub:{hf_hub_id}"
+            model = _create_timm_model(model_name, False, kwargs)
+            _load_timm_checkpoint(model, path, f"{label} with weights from {hf_hub_id}")
+        elif self.pretrained:
+            model = _create_timm_model(model_name, True, kwargs, gated=gated)
+            cfg = getattr(model, "pretrained_cfg", {}) or {}
+            tag = cfg.get("tag")
+            weights = f"timm:{model_name.split('.')[0]}.{tag}" if tag and "." not in model_name else f"timm:{model_name}"
+        else:
+            model = _create_timm_model(model_name, False, kwargs)
+            weights = "random"
+
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        if input_size == "auto":
+            # timm's own eval transform for these weights (resolve_data_config + create_transform)
+            input_size = int((cfg.get("test_input_size") or cfg.get("input_size") or (3, 224, 224))[-1])
+            interpolation = cfg.get("interpolation", "bicubic")
+            if interpolation not in ("bilinear", "bicubic", "nearest"):
+                interpolation = "bicubic"
+            resize_mode = resize_mode or ("squash" if cfg.get("crop_mode") == "squash" else "shortest")
+            crop_pct = cfg.get("test_crop_pct") or cfg.get("crop_pct") or 1.0
+        elif isinstance(input_size, str):
+            raise CbmirError(f"input_size must be an integer, null or 'auto', got {input_size!r}")
+        super().__init__(
+            input_size=input_size,
+            min_size=min_size,
+            mean=tuple(mean) if mean is not None else tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+            std=tuple(std) if std is not None else tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+            interpolation=interpolation,
+        )
+        self._model_transform = resize_mode is not None
+        if self._model_transform:
+            if input_size is None:
+                raise CbmirError(f"resize_mode={resize_mode!r} needs input_size for {model_name}")
+            self._set_transform(resize_mode or "shortest", crop_pct)
+        self.name = name or model_name.split(".")[0]
+        self.in_chans = int(getattr(model, "in_chans", 3) or 3)
+        self.model = model
+        self.weights = weights
+        self._num_features = int(model.num_features)
+        self._timm_version = timm.__version__
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        if self._model_transform:
+            return ModelTransform.preprocess(self, images)
+        return Extractor.preprocess(self, images)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.model.forward_features(x)
+        if self.pool == "avg":
+            if feats.ndim == 4:  # [B, C, h, w] conv map
+                return feats.mean(dim=(2, 3))
+            if feats.ndim == 3:  # [B, T, C] tokens: average them
+                return feats.mean(dim=1)
+            return feats
+        if self.pool == "head":
+            return self.model.forward_head(feats, pre_logits=True)
+        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        cls = feats[:, 0]
+        if self.pool == "cls":
+            return cls
+        return torch.cat([cls, feats[:, prefix:].mean(dim=1)], dim=1)
+
+    def output_dim(self, image_shape: tuple[int, ...] | None = None) -> int:
+        return self._num_features * (2 if self.pool == "cls+mean" else 1)
+
+    def identity(self) -> dict[str, Any]:
+        ident = super().identity()
+        ident.update(
+            model_name=self.model_name,
+            pretrained=self.pretrained,
+            pool=self.pool,
+            model_kwargs=self.model_kwargs,
+            weights=self.weights,
+            timm=self._timm_version,
+        )
+        if self._model_transform:
+            ident.update(self.transform_identity())
+        return ident
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists (JSON-able identity, kwargs for timm)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _resolve_callables(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`"timm.layers.SwiGLUPacked"` -> the class, for the keys that take a layer type."""
+    out = dict(kwargs)
+    for key in CALLABLE_KWARGS:
+        value = out.get(key)
+        if isinstance(value, str) and "." in value:
+            module_name, _, attr = value.rpartition(".")
+            try:
+                out[key] = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError) as exc:
+                raise CbmirError(f"model_kwargs.{key}={value!r} is not an importable name") from exc
+    return out
+
+
+def _classifier_patterns(model: torch.nn.Module) -> list[str]:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    names = cfg.get("classifier") or "head"
+    names = [names] if isinstance(names, str) else list(names)
+    return [rf"^{re.escape(n)}\." for n in names] + [r"^head\.", r"^fc\.", r"^classifier\."]
+
+
+def _load_timm_checkpoint(model: torch.nn.Module, path: str, label: str) -> None:
+    load_into(
+        model,
+        path,
+        label=label,
+        convert=timm_filter(model),
+        # the extractor drops timm's classifier: a fine-tuned head in the file is not an error
+        ignore_unexpected=_classifier_patterns(model),
+    )
+
+
+def _create_timm_model(
+    model_name: str, pretrained: bool, kwargs: dict[str, Any], gated: bool = False
+) -> torch.nn.Module:
+    import timm
+
+    kwargs = {"num_classes": 0, **kwargs}
+    schema, base = ("hf-hub", model_name[7:]) if model_name.startswith("hf-hub:") else (None, model_name.split(".")[0])
+    if schema is None and base not in timm.list_models():
+        close = timm.list_models(f"*{base[:6]}*")[:10]
+        raise CbmirError(f"timm has no model {base!r}; similar names: {', '.join(close) or 'none'}")
+    overlay: dict[str, Any] = {}
+    if schema == "hf-hub":
+        # the architecture itself comes from the hub's config.json: fail fast when offline
+        if not hub.offline() and not hub.reachable():
+            raise hub.HubError(
+                f"timm model {model_name!r} needs its config from the Hugging Face hub, which "
+                f"cannot be reached.\nModel page: {hub.model_page(base)}\n"
+                + (hub.TOKEN_HELP + "\n" if gated else "")
+                + "Build the architecture offline instead: model_name=<timm architecture> "
+                "model_kwargs={...} with model.checkpoint=/path/to/weights."
+            )
+    elif pretrained:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        if cfg is not None and cfg.hf_hub_id:
+            files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES
+            repo = cfg.hf_hub_id.split("@")[0]
+            overlay["file"] = hub.download(repo, files, gated=gated, what=f"timm weights {model_name!r}")
+    try:
+        if overlay:
+            return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except CbmirError:
+        raise
+    except Exception as exc:  # network, missing weight tag, gated repo, bad kwargs
+        if not pretrained and schema is None:
+            raise CbmirError(
+                f"could not build timm model {model_name!r} with {kwargs}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+        page = hub.model_page(base) if schema == "hf-hub" else "https://huggingface.co/timm"
+        raise CbmirError(
+            f"could not load pretrained weights for timm model {model_name!r} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).\n"
+            f"Model page: {page}\n"
+            "Weights come from the Hugging Face hub: check the network (or HF_HUB_OFFLINE with a "
+            "filled cache), the weight tag and, for gated models, HF_TOKEN. "
+            + hub.OFFLINE_HELP
+        ) from exc

@@ -1,0 +1,113 @@
+"""One retrieval job: config -> data -> extractor -> embedding store -> search -> metrics.
+
+Each stage starts from the previous stage's files: embeddings already in the store are not
+recomputed, so a new distance or k only costs a search.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cbmir.embedding import EmbeddingStoreWriter, FrozenEmbedder, PlannedEntry
+from cbmir.io_utils import write_json, write_text
+from cbmir.retrieval.callback import RetrievalCallback
+from cbmir.store import EmbeddingStore, make_key
+
+log = logging.getLogger(__name__)
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    loggers = []
+    for name, conf in (cfg.get("logger") or {}).items():
+        if conf is not None and "_target_" in conf:
+            log.info("logger %s", name)
+            loggers.append(instantiate(conf))
+    return loggers
+
+
+def finish_loggers(loggers: list[Any], status: str) -> None:
+    """Close every logger; a W&B run is finished so the next sweep job starts its own."""
+    for logger in loggers:
+        logger.finalize(status)
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish(exit_code=0 if status == "success" else 1)
+
+
+def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job and return its metrics (also written to `metrics.json`)."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # cheap validation first (dataset, size, files), heavy work (weights, embedding) after
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("predict")
+    extractor = instantiate(cfg.model)
+    embedder = FrozenEmbedder(extractor, channels_last=bool(cfg.get("channels_last", False)))
+
+    store = EmbeddingStore(cfg.paths.store)
+    splits = [datamodule.query_split, datamodule.database_split]
+    keys = {
+        split: make_key(extractor.identity(), datamodule.identity(split)) for split in splits
+    }
+    missing = [s for s in dict.fromkeys(splits) if not store.has(keys[s])]
+    dim = embedder.output_dim(tuple(datamodule.image_shape))
+    plan = [
+        PlannedEntry(
+            split=s,
+            key=keys[s],
+            n_rows=len(datamodule.labels(s)),
+            dim=dim,
+            labels=datamodule.labels(s),
+            meta={"extractor": extractor.identity(), "data": datamodule.identity(s)},
+        )
+        for s in missing
+    ]
+    log.info(
+        "embeddings: %s",
+        ", ".join(f"{s}={'embed' if s in missing else 'cached'} ({keys[s][:12]})" for s in keys),
+    )
+
+    loggers = build_loggers(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    retrieval = RetrievalCallback(
+        store=store,
+        query_key=keys[datamodule.query_split],
+        database_key=keys[datamodule.database_split],
+        output_dir=output_dir,
+        k=cfg.retrieval.k,
+        distance=cfg.retrieval.distance,
+        acc_ks=tuple(cfg.retrieval.acc_ks),
+        device=cfg.retrieval.device,
+        search_kwargs=OmegaConf.to_container(cfg.retrieval.search, resolve=True),
+        embedded_now=missing,
+    )
+    writer = EmbeddingStoreWriter(store, plan)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, retrieval], logger=loggers)
+    status = "failed"
+    try:
+        started = time.perf_counter()
+        if plan:
+            datamodule.predict_splits = missing
+            trainer.predict(embedder, datamodule=datamodule, return_predictions=False)
+        else:
+            retrieval.evaluate(trainer)
+        status = "success"
+    finally:
+        finish_loggers(loggers, status)
+    metrics = dict(retrieval.metrics or {})
+    log.info("job finished in %.1fs -> %s", time.perf_counter() - started, output_dir)
+    write_json(output_dir / "job.json", {"status": status, "run_name": cfg.get("run_name")})
+    return metrics

@@ -1,0 +1,127 @@
+"""The retrieval stage as a Lightning callback: search + metrics once embeddings exist."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from cbmir.io_utils import write_json, write_npz
+from cbmir.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalCallback(Callback):
+    """Searches the database split with the query split and scores the neighbours.
+
+    Runs at the end of prediction, or directly through `evaluate()` when every embedding was
+    already in the store. Writes `metrics.json` and `neighbors.npz` into `output_dir` and logs
+    the metrics to every logger of the trainer.
+    """
+
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        query_key: str,
+        database_key: str,
+        output_dir: str | Path,
+        k: int = 5,
+        distance: str = "euclidean",
+        acc_ks: tuple[int, ...] = (1, 3, 5),
+        device: str = "auto",
+        search_kwargs: dict[str, Any] | None = None,
+        embedded_now: list[str] | None = None,
+    ) -> None:
+        self.store = store
+        self.query_key, self.database_key = query_key, database_key
+        self.output_dir = Path(output_dir)
+        self.k, self.distance, self.acc_ks = int(k), distance, tuple(acc_ks)
+        self.device = device
+        self.search_kwargs = dict(search_kwargs or {})
+        self.embedded_now = list(embedded_now or [])
+        self.metrics: dict[str, Any] | None = None
+        self.per_query: dict[str, np.ndarray] | None = None
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer)
+
+    def _search_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
+        from cbmir.retrieval import compute_retrieval_metrics, knn_search
+
+        queries = self.store.load(self.query_key)
+        database = self.store.load(self.database_key)
+        started = time.perf_counter()
+        q = _as_tensor(queries.embeddings, self._search_device())
+        db = _as_tensor(database.embeddings, self._search_device())
+        distances, indices = knn_search(q, db, self.k, self.distance, **self.search_kwargs)
+        result = compute_retrieval_metrics(
+            indices,
+            queries.labels,
+            database.labels,
+            map_k=self.k,
+            acc_ks=tuple(a for a in self.acc_ks if a <= self.k),
+            mmv_k=self.k,
+            return_per_query=True,
+        )
+        search_seconds = time.perf_counter() - started
+        self.per_query = result.pop("per_query")
+        metrics: dict[str, Any] = {key: float(v) for key, v in result.items()}
+        metrics.update(
+            n_queries=int(len(queries.labels)),
+            n_database=int(len(database.labels)),
+            k=self.k,
+            distance=self.distance,
+            embed_seconds=float(
+                queries.manifest.get("embed_seconds", 0.0)
+                + database.manifest.get("embed_seconds", 0.0)
+            ),
+            search_seconds=search_seconds,
+            embedded_now=self.embedded_now,
+            query_entry=str(queries.path),
+            database_entry=str(database.path),
+        )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_npz(
+            self.output_dir / "neighbors.npz",
+            indices=indices.cpu().numpy(),
+            distances=distances.cpu().numpy(),
+            query_labels=np.asarray(queries.labels),
+        )
+        write_npz(self.output_dir / "per_query.npz", **self.per_query)
+        write_json(self.output_dir / "metrics.json", metrics)
+        if trainer is not None:
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for logger in trainer.loggers:
+                logger.log_metrics(numeric)
+                logger.save()
+        summary = ", ".join(f"{name}={metrics[name]:.4f}" for name in metrics if "@" in name)
+        log.info(
+            "retrieval %s: %s (%d queries, %d database, search %.2fs)",
+            self.distance,
+            summary,
+            metrics["n_queries"],
+            metrics["n_database"],
+            search_seconds,
+        )
+        self.metrics = metrics
+        return metrics
+
+
+def _as_tensor(array: np.ndarray, device: str) -> torch.Tensor:
+    """Wrap a read-only memory map without copying it (the search never writes to it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(array)).to(device)

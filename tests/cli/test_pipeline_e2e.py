@@ -1,0 +1,130 @@
+"""End to end: the real `cbmir` entry point on synthetic MedMNIST files, random weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cbmir(args: list[str], env_dirs: dict[str, Path], check: bool = True):
+    env = {
+        **os.environ,
+        "MEDMNIST_ROOT": str(env_dirs["data"]),
+        "CBMIR_SYNTHETIC_ROOT": str(env_dirs["synthetic"]),
+        "CBMIR_STORE": str(env_dirs["store"]),
+        "CBMIR_LOG_DIR": str(env_dirs["logs"]),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "cbmir.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=env_dirs["logs"].parent,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cbmir failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> dict[str, Path]:
+    out = {name: tmp_path / name for name in ("data", "synthetic", "store", "logs")}
+    for path in out.values():
+        path.mkdir()
+    return out
+
+
+def _job_dirs(logs: Path) -> list[Path]:
+    return sorted(p.parent for p in logs.rglob("metrics.json"))
+
+
+def test_offline_main_job_writes_metrics_neighbors_and_config(dirs) -> None:
+    run_cbmir(["experiment=offline", "model=resnet50", "data.batch_size=64"], dirs)
+    (job,) = _job_dirs(dirs["logs"])
+    metrics = json.loads((job / "metrics.json").read_text())
+    for key in ("map@5", "mmv@5", "acc@1", "acc@3", "acc@5"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["acc@1"] <= metrics["acc@3"] <= metrics["acc@5"]
+    assert (metrics["n_queries"], metrics["n_database"]) == (156, 546)  # BreastMNIST INFO
+    assert metrics["embed_seconds"] > 0 and metrics["search_seconds"] > 0
+    neighbors = np.load(job / "neighbors.npz")
+    assert neighbors["indices"].shape == (156, 5)
+    assert neighbors["indices"].max() < 546
+    assert np.all(np.diff(neighbors["distances"], axis=1) >= 0)
+    assert (job / "config_resolved.yaml").is_file()
+    assert (job / "csv" / "metrics.csv").is_file()
+    assert sorted(metrics["embedded_now"]) == ["test", "train"]
+
+
+def test_second_run_with_another_distance_reuses_the_store(dirs) -> None:
+    run_cbmir(["experiment=offline", "model=pixels"], dirs)
+    entries = sorted(p.name for p in dirs["store"].iterdir())
+    run_cbmir(["experiment=offline", "model=pixels", "retrieval=cosine"], dirs)
+    assert sorted(p.name for p in dirs["store"].iterdir()) == entries
+    results = [json.loads((j / "metrics.json").read_text()) for j in _job_dirs(dirs["logs"])]
+    by_distance = {r["distance"]: r for r in results}
+    assert by_distance["cosine"]["embedded_now"] == []
+    assert sorted(by_distance["euclidean"]["embedded_now"]) == ["test", "train"]
+
+
+def test_multirun_sweeps_every_combination_and_survives_a_failing_job(dirs) -> None:
+    proc = run_cbmir(
+        [
+            "-m",
+            "experiment=offline",
+            "model=pixels,resnet50",
+            "data=breastmnist,retinamnist",
+            "data.size=28",
+        ],
+        dirs,
+    )
+    assert len(_job_dirs(dirs["logs"])) == 4
+    # one job's file is missing (downloads off): it fails alone, the other finishes
+    before = set(_job_dirs(dirs["logs"]))
+    proc = run_cbmir(
+        [
+            "-m",
+            "model=pixels",
+            "data=breastmnist,dermamnist",
+            "data.download=false",
+            f"data.root={dirs['synthetic']}",
+        ],
+        dirs,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "dermamnist.npz" in proc.stderr + proc.stdout
+    (new_job,) = set(_job_dirs(dirs["logs"])) - before
+    assert "breastmnist" in (new_job / "config_resolved.yaml").read_text()
+    (failed,) = [p.parent for p in dirs["logs"].rglob("error.json")]
+    assert "dermamnist.npz" in (failed / "error.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data.size=100"], "28, 64, 128, 224"),
+        (["data=nosuchdata"], "Available options"),
+        (["model=nosuchmodel"], "Available options"),
+        (["data.download=false"], "breastmnist.npz"),
+    ],
+)
+def test_bad_input_is_a_message_not_a_traceback(dirs, args, message) -> None:
+    proc = run_cbmir(["model=pixels", *args], dirs, check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert message in text
+    assert "Traceback" not in text
+    assert not list(dirs["store"].iterdir())
