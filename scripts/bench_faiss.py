@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-construction", type=int, default=80)
-    p.add_argument("--ef-search", type=int, nargs="+", default=[64])
+    p.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
     p.add_argument("--no-hnsw", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -102,14 +102,25 @@ def main() -> None:
     t0 = time.perf_counter()
     ivf = fb.build_index(x, "ivf", nlist=args.nlist)
     build = time.perf_counter() - t0
-    nlist = faiss.extract_index_ivf(ivf).nlist
+    inv = faiss.extract_index_ivf(ivf)
+    nlist = inv.nlist
+    sizes = np.array([inv.invlists.list_size(i) for i in range(nlist)])
+    print(
+        f"IVF{nlist} list sizes: min {sizes.min()}, median {int(np.median(sizes))}, "
+        f"max {sizes.max()}; largest 1% of lists hold "
+        f"{np.sort(sizes)[-max(1, nlist // 100) :].sum() / sizes.sum():.1%} of the vectors"
+    )
     for nprobe in args.nprobe:
         fb.set_search_params(ivf, nprobe=nprobe)
         t0 = time.perf_counter()
         found = fb.search(ivf, q, k)[1]
         rows.append(
-            (f"faiss IVF{nlist},Flat nprobe={nprobe}", build, time.perf_counter() - t0,
-             recall(found, truth))
+            (
+                f"faiss IVF{nlist},Flat nprobe={nprobe}",
+                build,
+                time.perf_counter() - t0,
+                recall(found, truth),
+            )
         )
     del ivf
 
@@ -122,15 +133,23 @@ def main() -> None:
             t0 = time.perf_counter()
             found = fb.search(hnsw, q, k)[1]
             rows.append(
-                (f"faiss HNSW{args.hnsw_m} efC={args.ef_construction} efSearch={ef}", build,
-                 time.perf_counter() - t0, recall(found, truth))
+                (
+                    f"faiss HNSW{args.hnsw_m} efC={args.ef_construction} efSearch={ef}",
+                    build,
+                    time.perf_counter() - t0,
+                    recall(found, truth),
+                )
             )
 
-    print(f"{'method':<44} {'build s':>9} {'search s':>9} {'x flat':>8} {'x torch':>8} "
-          f"{'recall@' + str(k):>9}")
+    print(
+        f"{'method':<44} {'build s':>9} {'search s':>9} {'x flat':>8} {'x torch':>8} "
+        f"{'recall@' + str(k):>9}"
+    )
     for name, build, search, rec in rows:
-        print(f"{name:<44} {build:>9.2f} {search:>9.2f} {flat_search / search:>8.1f} "
-              f"{exact_torch / search:>8.1f} {rec:>9.4f}")
+        print(
+            f"{name:<44} {build:>9.2f} {search:>9.2f} {flat_search / search:>8.1f} "
+            f"{exact_torch / search:>8.1f} {rec:>9.4f}"
+        )
     print(f"load average at end {os.getloadavg()}")
 
 

@@ -12,20 +12,26 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from cbmir.extractors.base import Extractor
-from cbmir.store import EmbeddingStore, EntryWriter
+from cbmir.store import EmbeddingStore, EntryWriter, make_key
+from cbmir.volumes import VolumeSpec, embed_volumes
 
 
 class FrozenEmbedder(L.LightningModule):
     """Runs an `Extractor` in eval mode without gradients; `predict_step` -> float32 [B, D].
 
     Precision (fp32, bf16-mixed, 16-mixed) comes from the Trainer, so the same module serves
-    CPU runs and autocast GPU runs.
+    CPU runs and autocast GPU runs. With `volume` set, inputs are volumes [B, D, H, W]: their
+    slices go through the 2D extractor in batches and are assembled per volume
+    (`cbmir.volumes`); the volume settings then join the embedding-store key.
     """
 
-    def __init__(self, extractor: Extractor, channels_last: bool = False) -> None:
+    def __init__(
+        self, extractor: Extractor, channels_last: bool = False, volume: VolumeSpec | None = None
+    ) -> None:
         super().__init__()
         self.extractor = extractor.freeze()
         self.channels_last = channels_last
+        self.volume = volume
 
     def on_predict_start(self) -> None:
         self.extractor.freeze()
@@ -33,13 +39,27 @@ class FrozenEmbedder(L.LightningModule):
             self.extractor.to(memory_format=torch.channels_last)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, C, H, W] (volumes [B, D, H, W] when `volume` is set) -> [B, dim]."""
+        if self.volume is not None:
+            return embed_volumes(images, self._embed_2d, self.volume)
+        return self._embed_2d(images)
+
+    def _embed_2d(self, images: torch.Tensor) -> torch.Tensor:
         x = self.extractor.preprocess(images)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.extractor.embed(x)
 
     def output_dim(self, image_shape: tuple[int, ...]) -> int:
+        """Embedding size for one item of `image_shape` ((C, H, W), or (D, H, W) for volumes)."""
+        if self.volume is not None:
+            return self.volume.output_dim(image_shape, self.extractor.output_dim)
         return self.extractor.output_dim(image_shape)
+
+    def store_key(self, data_identity: dict[str, Any]) -> str:
+        """Embedding-store key of this embedder on one split: extractor (+ volume settings)."""
+        extra = {"volume": self.volume.identity()} if self.volume is not None else {}
+        return make_key(self.extractor.identity(), data_identity, **extra)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0):
         return self.embed_images(batch["image"]).float()

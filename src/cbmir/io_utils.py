@@ -37,3 +37,7 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     return _atomic(path, lambda h: h.write(text.encode()))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return _atomic(path, lambda h: h.write(data))

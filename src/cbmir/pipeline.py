@@ -17,8 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbmir.embedding import EmbeddingStoreWriter, FrozenEmbedder, PlannedEntry
 from cbmir.io_utils import write_json, write_text
+from cbmir.resume import find_finished, job_record
 from cbmir.retrieval.callback import RetrievalCallback
-from cbmir.store import EmbeddingStore, make_key
+from cbmir.store import EmbeddingStore
+from cbmir.viz.gallery import write_gallery
+from cbmir.volumes import split_model_config
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +48,29 @@ def finish_loggers(loggers: list[Any], status: str) -> None:
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `metrics.json`)."""
     output_dir = Path(cfg.paths.output_dir)
+    finished = find_finished(cfg)  # resumable sweeps: same config, results exist -> skip
+    if finished is not None:
+        return finished
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # cheap validation first (dataset, size, files), heavy work (weights, embedding) after
+    model_cfg, volume = split_model_config(cfg.model)  # model.volume is not an extractor arg
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("predict")
-    extractor = instantiate(cfg.model)
-    embedder = FrozenEmbedder(extractor, channels_last=bool(cfg.get("channels_last", False)))
+    extractor = instantiate(model_cfg)
+    embedder = FrozenEmbedder(
+        extractor,
+        channels_last=bool(cfg.get("channels_last", False)),
+        volume=volume if datamodule.is_volume else None,  # 2D keys stay free of volume settings
+    )
+    volume_meta = {"volume": volume.identity()} if embedder.volume is not None else {}
 
     store = EmbeddingStore(cfg.paths.store)
     splits = [datamodule.query_split, datamodule.database_split]
-    keys = {
-        split: make_key(extractor.identity(), datamodule.identity(split)) for split in splits
-    }
+    keys = {split: embedder.store_key(datamodule.identity(split)) for split in splits}
     missing = [s for s in dict.fromkeys(splits) if not store.has(keys[s])]
     dim = embedder.output_dim(tuple(datamodule.image_shape))
     plan = [
@@ -70,7 +80,11 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
             n_rows=len(datamodule.labels(s)),
             dim=dim,
             labels=datamodule.labels(s),
-            meta={"extractor": extractor.identity(), "data": datamodule.identity(s)},
+            meta={
+                "extractor": extractor.identity(),
+                "data": datamodule.identity(s),
+                **volume_meta,
+            },
         )
         for s in missing
     ]
@@ -104,10 +118,11 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
             trainer.predict(embedder, datamodule=datamodule, return_predictions=False)
         else:
             retrieval.evaluate(trainer)
+        write_gallery(cfg, datamodule, output_dir, loggers)  # example queries: PNG (+ W&B)
         status = "success"
     finally:
         finish_loggers(loggers, status)
     metrics = dict(retrieval.metrics or {})
     log.info("job finished in %.1fs -> %s", time.perf_counter() - started, output_dir)
-    write_json(output_dir / "job.json", {"status": status, "run_name": cfg.get("run_name")})
+    write_json(output_dir / "job.json", job_record(cfg, status))
     return metrics

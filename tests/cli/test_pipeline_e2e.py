@@ -84,7 +84,7 @@ def test_multirun_sweeps_every_combination_and_survives_a_failing_job(dirs) -> N
         [
             "-m",
             "experiment=offline",
-            "model=pixels,resnet50",
+            "model=pixels,resnet18",
             "data=breastmnist,retinamnist",
             "data.size=28",
         ],
@@ -128,3 +128,22 @@ def test_bad_input_is_a_message_not_a_traceback(dirs, args, message) -> None:
     assert message in text
     assert "Traceback" not in text
     assert not list(dirs["store"].iterdir())
+
+
+def test_wandb_offline_one_finished_run_per_job_grouped_per_sweep(dirs) -> None:
+    from tests.wandb_offline import read_offline_run
+
+    run_cbmir(
+        ["-m", "experiment=offline", "logger=wandb", "model=pixels", "retrieval=paper,cosine"],
+        dirs,
+    )
+    runs = [read_offline_run(p) for p in sorted(dirs["logs"].rglob("offline-run-*"))]
+    assert len(runs) == 2
+    assert {r["name"] for r in runs} == {"pixels-breastmnist-28"}
+    assert len({r["group"] for r in runs}) == 1 and runs[0]["group"]
+    assert all(r["exit_code"] == 0 for r in runs)  # every run finished at the end of its job
+    measured = sorted(
+        json.loads((job / "metrics.json").read_text())["map@5"] for job in _job_dirs(dirs["logs"])
+    )
+    assert sorted(r["summary"]["map@5"] for r in runs) == pytest.approx(measured)
+    assert {r["config"]["retrieval"]["distance"] for r in runs} == {"euclidean", "cosine"}

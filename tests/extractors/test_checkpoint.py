@@ -13,23 +13,44 @@ from safetensors.torch import save_file
 from cbmir.extractors import create
 from cbmir.extractors.checkpoint import CheckpointError, read_state_dict, strip_prefix
 
-IMAGES = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+IMAGES = torch.randint(
+    0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+)
 
 TINY_OPEN_CLIP = {
     "model_cfg": {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 2,
+            "width": 64,
+            "head_width": 32,
+            "patch_size": 8,
+        },
         "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1},
     },
     "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
 }
-TINY_CONCH = {"width": 64, "depth": 2, "heads": 2, "embed_dim": 32, "pooler_heads": 2, "image_size": 32, "patch_size": 8}
+TINY_CONCH = {
+    "width": 64,
+    "depth": 2,
+    "heads": 2,
+    "embed_dim": 32,
+    "pooler_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
 
 
 def _timm(**kw):
     return create(
-        "timm", model_name="vit_tiny_patch16_224", pool="cls", input_size=32, resize_mode="shortest",
-        model_kwargs={"img_size": 32}, **kw,
+        "timm",
+        model_name="vit_tiny_patch16_224",
+        pool="cls",
+        input_size=32,
+        resize_mode="shortest",
+        model_kwargs={"img_size": 32},
+        **kw,
     ).freeze()
 
 
@@ -69,13 +90,26 @@ def _save(state: dict, path, fmt: str):
             path,
         )
     elif fmt == "backbone":  # a fine-tuning module that names it `backbone.` and has a head
-        torch.save({"state_dict": {**{f"backbone.{k}": v for k, v in state.items()}, "head.weight": torch.zeros(3, 3)}}, path)
+        torch.save(
+            {
+                "state_dict": {
+                    **{f"backbone.{k}": v for k, v in state.items()},
+                    "head.weight": torch.zeros(3, 3),
+                }
+            },
+            path,
+        )
     else:
         torch.save(state, path)
     return path
 
 
-SUFFIX = {"state_dict": ".pt", "safetensors": ".safetensors", "lightning": ".ckpt", "backbone": ".pth"}
+SUFFIX = {
+    "state_dict": ".pt",
+    "safetensors": ".safetensors",
+    "lightning": ".ckpt",
+    "backbone": ".pth",
+}
 
 
 @pytest.mark.parametrize("fmt", ["state_dict", "safetensors", "lightning", "backbone"])
@@ -103,7 +137,9 @@ def test_a_new_checkpoint_file_changes_the_identity(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["state_dict", "safetensors", "lightning"])
-def test_open_clip_checkpoint_round_trip_from_full_clip_state(fmt: str, tmp_path, tiny_clip_config) -> None:
+def test_open_clip_checkpoint_round_trip_from_full_clip_state(
+    fmt: str, tmp_path, tiny_clip_config
+) -> None:
     torch.manual_seed(4)
     source = _open_clip(tiny_clip_config, pretrained=False)
     # a full CLIP state dict: image tower under visual.*, plus a text tower and logit scale
@@ -158,12 +194,17 @@ def test_medclip_loads_hugging_face_swin_names(tmp_path) -> None:
                 for name, t in (("query", q), ("key", kk), ("value", vv)):
                     hf[f"{base}attention.self.{name}.{leaf}"] = t
             else:
-                names = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
-                         "attn.relative_position_bias_table": "attention.self.relative_position_bias_table",
-                         "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+                names = {
+                    "norm1": "layernorm_before",
+                    "norm2": "layernorm_after",
+                    "attn.proj": "attention.output.dense",
+                    "attn.relative_position_bias_table": "attention.self.relative_position_bias_table",
+                    "mlp.fc1": "intermediate.dense",
+                    "mlp.fc2": "output.dense",
+                }
                 for t_name, h_name in names.items():
                     if inner == t_name or inner.startswith(t_name + "."):
-                        hf[base + h_name + inner[len(t_name):]] = v
+                        hf[base + h_name + inner[len(t_name) :]] = v
                         break
     state = {f"vision_model.model.{k}": v for k, v in hf.items()}
     state["vision_model.projection_head.weight"] = source.vision_model.projection_head.weight
@@ -210,3 +251,62 @@ def test_strip_prefix_picks_the_best_matching_prefix() -> None:
     assert prefix == "extractor.model." and set(out) == {"a.weight", "b.bias"}
     out, prefix = strip_prefix({"a.weight": t}, {"a.weight"})
     assert prefix == "" and set(out) == {"a.weight"}
+
+
+# -- the hub routes, offline: the download is faked, the loading is real ---------------------
+def test_timm_tag_weights_load_through_timm(monkeypatch, tmp_path) -> None:
+    from cbmir.extractors import hub
+
+    torch.manual_seed(8)
+    source = create("timm", model_name="resnet18", pretrained=False, pool="avg")
+    state = dict(source.model.state_dict())
+    state["fc.weight"], state["fc.bias"] = (
+        torch.zeros(1000, 512),
+        torch.zeros(1000),
+    )  # as on the hub
+    path = _save(state, tmp_path / "model.safetensors", "safetensors")
+    asked = []
+    monkeypatch.setattr(hub, "download", lambda repo, files, **kw: asked.append(repo) or str(path))
+    loaded = create("timm", model_name="resnet18.tv_in1k", pretrained=True, pool="avg").freeze()
+    assert asked == ["timm/resnet18.tv_in1k"]
+    assert loaded.identity()["weights"] == "timm:resnet18.tv_in1k"
+    torch.testing.assert_close(_embed(loaded), _embed(source.freeze()), rtol=0, atol=0)
+
+
+def test_gated_hub_repo_weights_load_into_the_offline_architecture(monkeypatch, tmp_path) -> None:
+    from cbmir.extractors import hub
+
+    torch.manual_seed(9)
+    source = _timm(pretrained=False)
+    path = _save(source.model.state_dict(), tmp_path / "pytorch_model.bin", "state_dict")
+    asked = []
+    monkeypatch.setattr(
+        hub,
+        "download",
+        lambda repo, files, gated=False, **kw: asked.append((repo, gated)) or str(path),
+    )
+    loaded = _timm(pretrained=True, hf_hub_id="SomeLab/some-gated-model", gated=True)
+    assert asked == [("SomeLab/some-gated-model", True)]
+    assert loaded.identity()["weights"] == "hf-hub:SomeLab/some-gated-model"
+    torch.testing.assert_close(_embed(loaded), _embed(source), rtol=0, atol=0)
+
+
+def test_open_clip_tag_weights_read_only_the_image_tower(monkeypatch, tmp_path) -> None:
+    from cbmir.extractors import hub
+
+    torch.manual_seed(10)
+    source = create(
+        "open_clip", model_name="ViT-B-32", weights="laion2b_s34b_b79k", pretrained=False
+    ).freeze()
+    state = {f"visual.{k}": v for k, v in source.model.visual.state_dict().items()}
+    state["token_embedding.weight"] = torch.zeros(10, 512)
+    path = _save(state, tmp_path / "open_clip_model.safetensors", "safetensors")
+    asked = []
+    monkeypatch.setattr(
+        hub, "download", lambda repo, files, **kw: asked.append((repo, files)) or str(path)
+    )
+    loaded = create("open_clip", model_name="ViT-B-32", weights="laion2b_s34b_b79k").freeze()
+    assert asked[0][0] == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    assert "open_clip_pytorch_model.bin" in asked[0][1]
+    assert loaded.identity()["weights"] == "laion2b_s34b_b79k"
+    torch.testing.assert_close(_embed(loaded), _embed(source), rtol=0, atol=0)

@@ -5,19 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from tests.helpers import compose_config
 
 from cbmir.errors import CbmirError
 from cbmir.extractors import create, families
 from cbmir.extractors.pixels import PixelExtractor
-from tests.helpers import compose_config
+
+
+def model_config(overrides: list[str]) -> dict:
+    """The composed `model` group as instantiate() takes it: resolved, without the top-level
+    `model.volume` settings (3D only, not an extractor argument)."""
+    cfg = OmegaConf.to_container(compose_config(overrides).model, resolve=True)
+    cfg.pop("volume", None)
+    return cfg
+
 
 PAPER_CNNS = {"vgg19": 512, "resnet50": 2048, "densenet121": 1024, "efficientnetv2_m": 1280}
 
 
 @pytest.mark.parametrize(("model", "dim"), sorted(PAPER_CNNS.items()))
 def test_paper_cnn_dimension(model: str, dim: int) -> None:
-    cfg = compose_config([f"model={model}", "model.pretrained=false"])
-    extractor = instantiate(cfg.model).freeze()
+    cfg = model_config([f"model={model}", "model.pretrained=false"])
+    extractor = instantiate(cfg).freeze()
     images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     with torch.no_grad():
         out = extractor(images)

@@ -12,6 +12,7 @@ from cbmir.retrieval.metrics import (
     hit_at_k,
     majority_vote_correct,
     rank_scores,
+    relevance_patterns,
 )
 
 
@@ -176,3 +177,27 @@ def test_compute_metrics_errors():
         compute_retrieval_metrics(
             idx + 5, np.array([0, 1]), np.array([0, 1]), map_k=3, acc_ks=(1,), mmv_k=3
         )
+
+
+def test_relevance_patterns_count_every_query_once():
+    rel = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    patterns, counts = relevance_patterns(rel)
+    found = {tuple(p.tolist()): int(c) for p, c in zip(patterns, counts, strict=True)}
+    assert found == {(True, False, True): 2, (False, False, False): 1, (True, True, True): 1}
+
+
+def test_long_top_k_uses_the_generic_grouping():
+    rng = np.random.default_rng(3)
+    indices = torch.from_numpy(rng.integers(0, 100, (64, 20)))
+    out = compute_retrieval_metrics(
+        indices,
+        rng.integers(0, 2, 64),
+        rng.integers(0, 2, 100),
+        map_k=17,
+        acc_ks=(20,),
+        mmv_k=3,
+        return_per_query=True,
+    )
+    per_query = out.pop("per_query")
+    for key, value in out.items():
+        assert float(per_query[key].mean()) == pytest.approx(value, abs=1e-6)

@@ -395,6 +395,7 @@ class NpzDataModule(RetrievalDataModule):
         size: int | None = None,
         volumes: bool | None = None,
         label_names: Mapping[int, str] | Sequence[str] | None = None,
+        synthetic: bool = False,
         query_split: str = "test",
         database_split: str = "train",
         batch_size: int = 256,
@@ -415,6 +416,8 @@ class NpzDataModule(RetrievalDataModule):
             cache_dir=cache_dir,
         )
         self.save_hyperparameters()
+        if synthetic:
+            log.info("data=npz uses %s as it is; synthetic=true is ignored", self.npz_file)
         self.volumes = volumes
         self._declared_size = size
         if label_names is None:

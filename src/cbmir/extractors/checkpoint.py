@@ -98,8 +98,10 @@ def _torch_load(path: Path) -> Any:
 
 
 def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(v, torch.Tensor) for v in obj.values()
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
     )
 
 
@@ -109,7 +111,9 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
-        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping | nn.Module)), None)
+        inner = next(
+            (obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping | nn.Module)), None
+        )
         if inner is None:
             break
         obj = inner.state_dict() if isinstance(inner, nn.Module) else inner
@@ -124,7 +128,9 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
 
 
 # -- matching --------------------------------------------------------------------------------
-def strip_prefix(state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]) -> tuple[StateDict, str]:
+def strip_prefix(
+    state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]
+) -> tuple[StateDict, str]:
     """Remove the key prefix that makes the checkpoint match the network best.
 
     Returns the (possibly reduced) state dict and the prefix removed ("" for none). Keys not
@@ -201,7 +207,11 @@ def load_into(
         if tuple(sd[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
-        parts = [f"{where} does not fit {label}" + (f" (after removing the key prefix {prefix!r})" if prefix else "") + ":"]
+        parts = [
+            f"{where} does not fit {label}"
+            + (f" (after removing the key prefix {prefix!r})" if prefix else "")
+            + ":"
+        ]
         if missing:
             parts.append(_listing("missing keys", missing))
         if unexpected:

@@ -121,7 +121,9 @@ class ConchExtractor(ModelTransform, Extractor):
         if self.checkpoint:
             path, weights = self.checkpoint, weights_identity(self.checkpoint)
         elif self.pretrained:
-            path = hub.download(hf_hub_id, ("pytorch_model.bin",), gated=True, what="the CONCH weights")
+            path = hub.download(
+                hf_hub_id, ("pytorch_model.bin",), gated=True, what="the CONCH weights"
+            )
             weights = f"hf-hub:{hf_hub_id}"
         else:
             path, weights = None, "random"
@@ -143,7 +145,10 @@ class ConchExtractor(ModelTransform, Extractor):
                 )
             visual = tower.visual
         super().__init__(
-            input_size=input_size, min_size=None, mean=OPENAI_MEAN, std=OPENAI_STD,
+            input_size=input_size,
+            min_size=None,
+            mean=OPENAI_MEAN,
+            std=OPENAI_STD,
             interpolation=interpolation,
         )
         self._set_transform(resize_mode, 1.0)

@@ -74,7 +74,10 @@ def reachable(timeout: float = 3.0) -> bool:
 
 
 def _hub_error(repo_id: str, what: str, reason: str, gated: bool) -> HubError:
-    lines = [f"could not get {what} from the Hugging Face hub: {reason}.", f"Model page: {model_page(repo_id)}"]
+    lines = [
+        f"could not get {what} from the Hugging Face hub: {reason}.",
+        f"Model page: {model_page(repo_id)}",
+    ]
     if gated:
         lines.append("This model is gated. " + TOKEN_HELP)
     else:
@@ -97,8 +100,8 @@ def download(
     no network, with the model page and the `HF_TOKEN` variable in the message.
     """
     try:
-        from huggingface_hub import hf_hub_download
         from huggingface_hub import errors as hub_errors
+        from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - a dependency of timm and open_clip
         raise HubError("huggingface_hub is not installed: pip install huggingface_hub") from exc
 
@@ -112,8 +115,11 @@ def download(
             )
         except hub_errors.GatedRepoError:
             raise _hub_error(
-                repo_id, what, "the repository is gated and this token has no access to it (or no "
-                "HF_TOKEN is set)", gated=True
+                repo_id,
+                what,
+                "the repository is gated and this token has no access to it (or no "
+                "HF_TOKEN is set)",
+                gated=True,
             ) from None
         except hub_errors.RepositoryNotFoundError:
             raise _hub_error(
@@ -138,7 +144,9 @@ def download(
                 ) from None
             raise _hub_error(repo_id, what, f"HTTP error {status or ''}".strip(), gated) from None
         except (OSError, ValueError) as exc:  # connection errors, bad cache, bad repo id
-            raise _hub_error(repo_id, what, f"{type(exc).__name__}: {_first_line(exc)}", gated) from None
+            raise _hub_error(
+                repo_id, what, f"{type(exc).__name__}: {_first_line(exc)}", gated
+            ) from None
     if local_only:
         reason = (
             "HF_HUB_OFFLINE is set" if offline() else f"the hub ({endpoint()}) cannot be reached"

@@ -50,7 +50,11 @@ PROJECT_PAGE = "https://github.com/RyanWangZf/MedCLIP"
 
 
 def swin_config() -> dict[str, Any]:
-    text = resources.files("cbmir.extractors").joinpath("assets", "medclip_swin_tiny_config.json").read_text("utf-8")
+    text = (
+        resources.files("cbmir.extractors")
+        .joinpath("assets", "medclip_swin_tiny_config.json")
+        .read_text("utf-8")
+    )
     return json.loads(text)
 
 
@@ -107,8 +111,12 @@ _HF_BLOCK = {
     "mlp.fc2": "mlp.fc2",
 }
 _HF_QKV = {
-    "attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
-    "attention.q_proj": "query", "attention.k_proj": "key", "attention.v_proj": "value",
+    "attention.self.query": "query",
+    "attention.self.key": "key",
+    "attention.self.value": "value",
+    "attention.q_proj": "query",
+    "attention.k_proj": "key",
+    "attention.v_proj": "value",
 }
 
 
@@ -131,7 +139,7 @@ def hf_swin_to_timm(sd: StateDict) -> StateDict:
         if not key.startswith(src):
             out[key] = value  # text tower etc.: reported or ignored by the loader
             continue
-        k = key[len(src):]
+        k = key[len(src) :]
         if k.endswith(("relative_position_index", "attn_mask")):
             continue  # buffers timm recomputes
         if k.startswith("embeddings.patch_embeddings.projection."):
@@ -140,10 +148,15 @@ def hf_swin_to_timm(sd: StateDict) -> StateDict:
             out[dst + "patch_embed.norm." + k.rsplit(".", 1)[1]] = value
         elif k.startswith("layernorm."):
             out[dst + "norm." + k.rsplit(".", 1)[1]] = value
-        elif m := re.match(r"encoder\.layers\.(\d+)\.downsample\.(reduction|norm)\.(weight|bias)$", k):
+        elif m := re.match(
+            r"encoder\.layers\.(\d+)\.downsample\.(reduction|norm)\.(weight|bias)$", k
+        ):
             # HF merges patches at the end of stage i, timm at the start of stage i + 1
             out[f"{dst}layers.{int(m[1]) + 1}.downsample.{m[2]}.{m[3]}"] = value
-        elif m := re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)\.(weight|bias|relative_position_bias_table)$", k):
+        elif m := re.match(
+            r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)\.(weight|bias|relative_position_bias_table)$",
+            k,
+        ):
             stage, block, inner, leaf = m[1], m[2], m[3], m[4]
             base = f"{dst}layers.{stage}.blocks.{block}."
             if leaf == "relative_position_bias_table":
@@ -196,7 +209,10 @@ class MedClipExtractor(ModelTransform, Extractor):
                 ignore_unexpected=(r"^(?!vision_model\.)",),  # text tower, logit scale
             )
         super().__init__(
-            input_size=input_size, min_size=None, mean=IMG_MEAN, std=IMG_STD,
+            input_size=input_size,
+            min_size=None,
+            mean=IMG_MEAN,
+            std=IMG_STD,
             interpolation=interpolation,
         )
         self._set_transform(resize_mode, 1.0, grayscale=True)
@@ -214,7 +230,11 @@ class MedClipExtractor(ModelTransform, Extractor):
     def identity(self) -> dict[str, Any]:
         ident = super().identity()
         ident.update(self.transform_identity())
-        ident.update(architecture="swin-tiny-patch4-window7-224+proj512", weights=self.weights, normalize=self.normalize)
+        ident.update(
+            architecture="swin-tiny-patch4-window7-224+proj512",
+            weights=self.weights,
+            normalize=self.normalize,
+        )
         return ident
 
 

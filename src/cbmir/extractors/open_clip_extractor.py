@@ -85,7 +85,7 @@ class OpenClipExtractor(ModelTransform, Extractor):
         self.pretrained = bool(pretrained)
         self.normalize = bool(normalize)
         self.checkpoint = str(checkpoint) if checkpoint else None
-        hub_repo = model_name[len(HF_PREFIX):] if model_name.startswith(HF_PREFIX) else None
+        hub_repo = model_name[len(HF_PREFIX) :] if model_name.startswith(HF_PREFIX) else None
         if weights is None and hub_repo:
             weights = f"{HF_PREFIX}{hub_repo}"
         self.weights_source = weights
@@ -98,7 +98,11 @@ class OpenClipExtractor(ModelTransform, Extractor):
         self._embed_dim = int(model_cfg["embed_dim"])
         vision_cfg = deepcopy(model_cfg["vision_cfg"])
         vision_cfg["timm_model_pretrained"] = False  # never fetch ImageNet weights for the trunk
-        self._arch = {"embed_dim": self._embed_dim, "vision_cfg": vision_cfg, "quick_gelu": bool(model_cfg.get("quick_gelu", False))}
+        self._arch = {
+            "embed_dim": self._embed_dim,
+            "vision_cfg": vision_cfg,
+            "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
+        }
 
         visual = open_clip.model._build_vision_tower(
             self._embed_dim, vision_cfg, quick_gelu=self._arch["quick_gelu"]
@@ -173,15 +177,19 @@ def _model_config(model_name: str, model_config: str | None, gated: bool) -> dic
             raise ConfigError(f"model_config file not found: {path}")
         return json.loads(path.read_text("utf-8"))
     if model_name.startswith(HF_PREFIX):
-        repo = model_name[len(HF_PREFIX):]
+        repo = model_name[len(HF_PREFIX) :]
         shipped = shipped_config(repo)
         if shipped is not None:
             return shipped
-        path = hub.download(repo, ("open_clip_config.json",), gated=gated, what=f"the open_clip config of {repo}")
+        path = hub.download(
+            repo, ("open_clip_config.json",), gated=gated, what=f"the open_clip config of {repo}"
+        )
         return json.loads(Path(path).read_text("utf-8"))
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
-        known = [m for m in open_clip.list_models() if model_name.split("-")[0].lower() in m.lower()][:10]
+        known = [
+            m for m in open_clip.list_models() if model_name.split("-")[0].lower() in m.lower()
+        ][:10]
         raise ConfigError(
             f"open_clip has no model {model_name!r}; similar: {', '.join(known) or 'none'} "
             "(or use hf-hub:org/repo, or model_config=/path/open_clip_config.json)"
@@ -189,7 +197,9 @@ def _model_config(model_name: str, model_config: str | None, gated: bool) -> dic
     return {"model_cfg": cfg}
 
 
-def _preprocess_cfg(full_cfg: dict[str, Any], model_name: str, weights: str | None) -> dict[str, Any]:
+def _preprocess_cfg(
+    full_cfg: dict[str, Any], model_name: str, weights: str | None
+) -> dict[str, Any]:
     """open_clip's eval preprocessing: defaults < model config < pretrained-tag config."""
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
@@ -216,7 +226,7 @@ def _download_weights(model_name: str, weights: str, gated: bool) -> str:
     import open_clip
 
     if weights.startswith(HF_PREFIX):
-        repo = weights[len(HF_PREFIX):]
+        repo = weights[len(HF_PREFIX) :]
         return hub.download(repo, CLIP_WEIGHT_FILES, gated=gated, what=f"the weights of {repo}")
     cfg = open_clip.get_pretrained_cfg(model_name, weights)
     if not cfg:
@@ -227,7 +237,9 @@ def _download_weights(model_name: str, weights: str, gated: bool) -> str:
     if cfg.get("hf_hub"):
         repo, _, filename = _split_hub(cfg["hf_hub"])
         files = tuple(dict.fromkeys(((filename,) if filename else ()) + CLIP_WEIGHT_FILES))
-        return hub.download(repo, files, gated=gated, what=f"open_clip weights {model_name} {weights}")
+        return hub.download(
+            repo, files, gated=gated, what=f"open_clip weights {model_name} {weights}"
+        )
     try:  # URL-only weights (a few OpenAI / older tags)
         return open_clip.pretrained.download_pretrained(cfg)
     except Exception as exc:

@@ -44,10 +44,14 @@ def resize(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.
         return F.interpolate(x, size=size, mode=interpolation)
     y = x * 255.0
     if w != size[1]:
-        y = F.interpolate(y, size=(h, size[1]), mode=interpolation, align_corners=False, antialias=True)
+        y = F.interpolate(
+            y, size=(h, size[1]), mode=interpolation, align_corners=False, antialias=True
+        )
         y = torch.floor(y + 0.5).clamp_(0.0, 255.0)
     if h != size[0]:
-        y = F.interpolate(y, size=(size[0], size[1]), mode=interpolation, align_corners=False, antialias=True)
+        y = F.interpolate(
+            y, size=(size[0], size[1]), mode=interpolation, align_corners=False, antialias=True
+        )
         y = torch.floor(y + 0.5).clamp_(0.0, 255.0)
     return y / 255.0
 
@@ -112,7 +116,9 @@ class ModelTransform:
         from cbmir.errors import ConfigError
 
         if resize_mode not in RESIZE_MODES:
-            raise ConfigError(f"unknown resize_mode {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
+            raise ConfigError(
+                f"unknown resize_mode {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}"
+            )
         if self.interpolation not in INTERPOLATIONS:  # type: ignore[attr-defined]
             raise ConfigError(
                 f"unknown interpolation {self.interpolation!r}; valid: {', '.join(INTERPOLATIONS)}"  # type: ignore[attr-defined]
@@ -127,7 +133,9 @@ class ModelTransform:
         if images.ndim != 4:
             raise ValueError(f"expected a batch [B, C, H, W], got shape {tuple(images.shape)}")
         if self.grayscale and images.shape[1] == 3:
-            images = pil_luma(images) if images.dtype == torch.uint8 else images.mean(1, keepdim=True)
+            images = (
+                pil_luma(images) if images.dtype == torch.uint8 else images.mean(1, keepdim=True)
+            )
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if x.shape[1] == 1 and not self.grayscale:
             x = x.expand(-1, 3, -1, -1)
@@ -141,4 +149,8 @@ class ModelTransform:
         return x.contiguous()
 
     def transform_identity(self) -> dict[str, Any]:
-        return {"resize_mode": self.resize_mode, "crop_pct": self.crop_pct, "grayscale": self.grayscale}
+        return {
+            "resize_mode": self.resize_mode,
+            "crop_pct": self.crop_pct,
+            "grayscale": self.grayscale,
+        }

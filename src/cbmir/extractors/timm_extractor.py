@@ -29,7 +29,14 @@ from .registry import register
 
 POOLS = ("avg", "head", "cls", "cls+mean")
 #: timm keyword arguments whose string values name a class or function ("timm.layers.SwiGLUPacked")
-CALLABLE_KWARGS = ("mlp_layer", "act_layer", "norm_layer", "embed_layer", "block_fn", "fc_norm_layer")
+CALLABLE_KWARGS = (
+    "mlp_layer",
+    "act_layer",
+    "norm_layer",
+    "embed_layer",
+    "block_fn",
+    "fc_norm_layer",
+)
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -91,7 +98,10 @@ class TimmExtractor(ModelTransform, Extractor):
             _load_timm_checkpoint(model, self.checkpoint, label)
         elif self.pretrained and hf_hub_id:
             path = hub.download(
-                hf_hub_id, HUB_WEIGHT_FILES, gated=gated, what=f"the weights of {name or model_name}"
+                hf_hub_id,
+                HUB_WEIGHT_FILES,
+                gated=gated,
+                what=f"the weights of {name or model_name}",
             )
             weights = f"hf-hub:{hf_hub_id}"
             model = _create_timm_model(model_name, False, kwargs)
@@ -100,7 +110,11 @@ class TimmExtractor(ModelTransform, Extractor):
             model = _create_timm_model(model_name, True, kwargs, gated=gated)
             cfg = getattr(model, "pretrained_cfg", {}) or {}
             tag = cfg.get("tag")
-            weights = f"timm:{model_name.split('.')[0]}.{tag}" if tag and "." not in model_name else f"timm:{model_name}"
+            weights = (
+                f"timm:{model_name.split('.')[0]}.{tag}"
+                if tag and "." not in model_name
+                else f"timm:{model_name}"
+            )
         else:
             model = _create_timm_model(model_name, False, kwargs)
             weights = "random"
@@ -108,11 +122,15 @@ class TimmExtractor(ModelTransform, Extractor):
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         if input_size == "auto":
             # timm's own eval transform for these weights (resolve_data_config + create_transform)
-            input_size = int((cfg.get("test_input_size") or cfg.get("input_size") or (3, 224, 224))[-1])
+            input_size = int(
+                (cfg.get("test_input_size") or cfg.get("input_size") or (3, 224, 224))[-1]
+            )
             interpolation = cfg.get("interpolation", "bicubic")
             if interpolation not in ("bilinear", "bicubic", "nearest"):
                 interpolation = "bicubic"
-            resize_mode = resize_mode or ("squash" if cfg.get("crop_mode") == "squash" else "shortest")
+            resize_mode = resize_mode or (
+                "squash" if cfg.get("crop_mode") == "squash" else "shortest"
+            )
             crop_pct = cfg.get("test_crop_pct") or cfg.get("crop_pct") or 1.0
         elif isinstance(input_size, str):
             raise CbmirError(f"input_size must be an integer, null or 'auto', got {input_size!r}")
@@ -228,7 +246,11 @@ def _create_timm_model(
     import timm
 
     kwargs = {"num_classes": 0, **kwargs}
-    schema, base = ("hf-hub", model_name[7:]) if model_name.startswith("hf-hub:") else (None, model_name.split(".")[0])
+    schema, base = (
+        ("hf-hub", model_name[7:])
+        if model_name.startswith("hf-hub:")
+        else (None, model_name.split(".")[0])
+    )
     if schema is None and base not in timm.list_models():
         close = timm.list_models(f"*{base[:6]}*")[:10]
         raise CbmirError(f"timm has no model {base!r}; similar names: {', '.join(close) or 'none'}")
@@ -248,10 +270,14 @@ def _create_timm_model(
         if cfg is not None and cfg.hf_hub_id:
             files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES
             repo = cfg.hf_hub_id.split("@")[0]
-            overlay["file"] = hub.download(repo, files, gated=gated, what=f"timm weights {model_name!r}")
+            overlay["file"] = hub.download(
+                repo, files, gated=gated, what=f"timm weights {model_name!r}"
+            )
     try:
         if overlay:
-            return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+            return timm.create_model(
+                model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
+            )
         return timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except CbmirError:
         raise
@@ -267,6 +293,5 @@ def _create_timm_model(
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).\n"
             f"Model page: {page}\n"
             "Weights come from the Hugging Face hub: check the network (or HF_HUB_OFFLINE with a "
-            "filled cache), the weight tag and, for gated models, HF_TOKEN. "
-            + hub.OFFLINE_HELP
+            "filled cache), the weight tag and, for gated models, HF_TOKEN. " + hub.OFFLINE_HELP
         ) from exc

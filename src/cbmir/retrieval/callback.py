@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cbmir.io_utils import write_json, write_npz
+from cbmir.report.bootstrap import bootstrap_cis
 from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class RetrievalCallback(Callback):
                 + database.manifest.get("embed_seconds", 0.0)
             ),
             search_seconds=search_seconds,
+            # 95% bootstrap intervals over queries (1000 resamples, seed 0): the noise level
+            ci95={name: list(ci) for name, ci in bootstrap_cis(self.per_query).items()},
             embedded_now=self.embedded_now,
             query_entry=str(queries.path),
             database_entry=str(database.path),

@@ -139,7 +139,9 @@ def _torchmetrics_retrieval(metric_cls: type[Metric], rel: torch.Tensor, k: int)
     def weighted_mean(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
         return (values.to(torch.float64) * weights).sum() / weights.sum()
 
-    metric = metric_cls(top_k=k, aggregation=weighted_mean)
+    # empty_target_action="neg" (the default) keeps one value per group, in index order, so
+    # the values line up with `weights`; "skip" would drop rows and must not be used here.
+    metric = metric_cls(top_k=k, aggregation=weighted_mean, empty_target_action="neg")
     n = patterns.shape[0]
     metric.update(
         rank_scores(n, k).reshape(-1), patterns.reshape(-1), torch.arange(n).repeat_interleave(k)

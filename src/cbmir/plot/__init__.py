@@ -1,0 +1,1 @@
+"""Figures of stored embeddings: `cbmir-plot embeddings RUN_DIR` (see docs/query.md)."""

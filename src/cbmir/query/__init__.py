@@ -1,0 +1,1 @@
+"""Query a stored database with any image: `cbmir-query` (see docs/query.md)."""

@@ -1,0 +1,160 @@
+"""Build a sweep's report: CSV, Markdown tables, bar charts (and the paper beside them).
+
+Writes into ``SWEEP_DIR/report/`` by default (all files atomically)::
+
+    results.csv            one row per job: names, status, metrics in % with 95% CI, timings
+    comparison.csv         (--reference) measured beside published, difference, outside-CI flag
+    report.md              everything below in one page
+    tables/size_<S>.md     per image size: dataset x extractor x mAP@5 ... ACC@5 (like S.1-S.4)
+    tables/comparison_<S>.md, tables/timings.md, tables/problems.md
+    figures/<metric>_<dataset>.png, figures/<metric>_overview.png
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from cbmir.io_utils import write_text
+from cbmir.report import tables
+from cbmir.report.collect import collect, finished
+from cbmir.report.figures import dataset_figure, metric_column, overview_figure, save_png
+from cbmir.report.names import METRICS
+from cbmir.report.reference import compare, load_reference, unmeasured
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    """What a report run produced (paths, frames and the Markdown shown to the user)."""
+
+    sweep_dir: Path
+    out_dir: Path
+    jobs: pd.DataFrame
+    done: pd.DataFrame
+    comparison: pd.DataFrame | None = None
+    size_tables: dict[int | None, str] = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
+    markdown: str = ""
+
+    @property
+    def problems(self) -> pd.DataFrame:
+        return self.jobs[self.jobs["status"] != "finished"]
+
+    def summary(self) -> str:
+        counts = self.jobs["status"].value_counts()
+        return (
+            f"{len(self.jobs)} jobs: {counts.get('finished', 0)} finished, "
+            f"{counts.get('failed', 0)} failed, {counts.get('incomplete', 0)} incomplete"
+        )
+
+
+def build_report(
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    reference: bool = False,
+    metric: str = "acc@1",
+) -> Report:
+    """Gather `sweep_dir`'s jobs and write the report files into `out_dir`."""
+    sweep = Path(sweep_dir).resolve()
+    out = Path(out_dir).resolve() if out_dir else sweep / "report"
+    jobs = collect(sweep, exclude=out)
+    done = finished(jobs)
+    report = Report(sweep_dir=sweep, out_dir=out, jobs=jobs, done=done)
+    ref = load_reference() if reference else None
+
+    _clear_previous(out)
+    write_text(out / "results.csv", jobs.to_csv(index=False))
+    sizes: list[int | None] = sorted(int(s) for s in done["size"].dropna().unique())
+    if done["size"].isna().any():
+        sizes.append(None)  # data without a MedMNIST size (data=npz)
+    for size in sizes:
+        report.size_tables[size] = tables.size_table(done, size)
+        name = f"size_{size}.md" if size is not None else "other_data.md"
+        write_text(out / "tables" / name, report.size_tables[size])
+    if ref is not None:
+        report.comparison = compare(done, ref)
+        write_text(out / "comparison.csv", report.comparison.to_csv(index=False))
+        for size in _compared_sizes(report.comparison):
+            write_text(
+                out / "tables" / f"comparison_{size}.md",
+                tables.comparison_table(report.comparison, size),
+            )
+    if not done.empty:
+        write_text(out / "tables" / "timings.md", tables.timing_table(done))
+    if not report.problems.empty:
+        write_text(out / "tables" / "problems.md", tables.problem_table(report.problems))
+
+    plain = done[done["setting"] == ""]
+    col, _ = metric_column(metric)
+    if not plain.empty and plain[col].notna().any():
+        stem = col.replace("_at_", "")
+        for dataset in dict.fromkeys(plain["dataset"]):
+            path = out / "figures" / f"{stem}_{dataset}.png"
+            report.figures.append(save_png(dataset_figure(plain, dataset, metric, ref), path))
+        path = out / "figures" / f"{stem}_overview.png"
+        report.figures.append(save_png(overview_figure(plain, metric, ref), path))
+
+    report.markdown = _markdown(report, ref)
+    write_text(out / "report.md", report.markdown)
+    log.info("report: %s -> %s", report.summary(), out)
+    return report
+
+
+def size_title(size: int | None) -> str:
+    return f"{size} x {size} px" if size is not None else "Other data (no MedMNIST size)"
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove an earlier report's tables and figures, so none outlives its jobs."""
+    for pattern in ("tables/*.md", "figures/*.png", "comparison.csv"):
+        for path in out.glob(pattern):
+            path.unlink()
+
+
+def _compared_sizes(comparison: pd.DataFrame) -> list[int]:
+    """Sizes with at least one published number to compare with."""
+    paper = comparison[[f"paper_{col}" for _, col, _ in METRICS]].notna().any(axis=1)
+    return sorted(int(s) for s in comparison.loc[paper, "size"].unique())
+
+
+def _markdown(report: Report, ref: pd.DataFrame | None) -> str:
+    done = report.done
+    parts = [
+        f"# Sweep report: {report.sweep_dir.name}\n",
+        f"`{report.sweep_dir}`: {report.summary()}.\n",
+        "Metrics in percent, as the paper; brackets: 95% bootstrap interval over the test "
+        "queries (1000 resamples).\n",
+    ]
+    if done["synthetic"].any() or (~done["pretrained"]).any():
+        parts.append(
+            "> **Not comparable to the paper:** some jobs ran on synthetic data "
+            "(`data.synthetic=true`) or random weights (`model.pretrained=false`).\n"
+        )
+    compared = _compared_sizes(report.comparison) if report.comparison is not None else []
+    for size, table in report.size_tables.items():
+        parts += [f"## {size_title(size)}\n", table]
+        if size in compared:
+            parts += [
+                f"### {size} px beside the paper (Mahbod et al. 2024)\n",
+                "Δ = ours - paper; † the published value lies outside our 95% interval.\n",
+                tables.comparison_table(report.comparison, size),
+            ]
+    if ref is not None:
+        missing = unmeasured(done, ref)
+        if len(missing):
+            parts.append(f"{len(missing)} of the paper's {len(ref)} results have no job here.\n")
+    if not done.empty:
+        parts += ["## Runtime\n", tables.timing_table(done)]
+    if not report.problems.empty:
+        parts += ["## Failed or incomplete jobs\n", tables.problem_table(report.problems)]
+    if report.figures:
+        parts.append("## Figures\n")
+        parts += [
+            f"![{p.stem}]({p.relative_to(report.out_dir).as_posix()})\n" for p in report.figures
+        ]
+    return "\n".join(parts)

@@ -1,0 +1,193 @@
+"""Gather every job of a sweep directory into one table (one row per job, failed ones too).
+
+A job directory is any directory holding `config_resolved.yaml`, `metrics.json` or
+`error.json` (the files `cbmir` writes). Metrics become percentages, as in the paper; each gets
+its 95% bootstrap interval from `metrics.json` (``ci95``) or, for older jobs, recomputed from
+`per_query.npz`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from cbmir.errors import CbmirError
+from cbmir.report.bootstrap import bootstrap_cis
+from cbmir.report.names import (
+    METRICS,
+    dataset_order,
+    dataset_paper_name,
+    model_order,
+    model_paper_name,
+)
+from cbmir.sweeps import extra_overrides
+
+log = logging.getLogger(__name__)
+
+JOB_FILES = ("config_resolved.yaml", "metrics.json", "error.json")
+STATUSES = ("finished", "failed", "incomplete")
+
+
+def find_job_dirs(sweep_dir: Path, exclude: Path | None = None) -> list[Path]:
+    """Every job directory under `sweep_dir` (not under `exclude`, the report's own folder)."""
+    found: set[Path] = set()
+    for name in JOB_FILES:
+        for path in sweep_dir.rglob(name):
+            job = path.parent
+            if exclude is not None and job.is_relative_to(exclude):
+                continue
+            found.add(job)
+    return sorted(found)
+
+
+def _load_config(job: Path) -> DictConfig | None:
+    for rel in ("config_resolved.yaml", ".hydra/config.yaml"):
+        path = job / rel
+        if path.is_file():
+            try:
+                loaded = OmegaConf.load(path)
+                return loaded if isinstance(loaded, DictConfig) else None
+            except Exception as exc:  # a corrupt file is reported, not fatal
+                log.warning("cannot read %s: %s", path, exc)
+    return None
+
+
+def _select(cfg: DictConfig | None, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    try:
+        value = OmegaConf.select(cfg, key, default=default)
+    except Exception:  # unresolvable interpolation in an unresolved .hydra/config.yaml
+        return default
+    return default if value is None else value
+
+
+def _setting(job: Path) -> str:
+    """The job's result-changing overrides beyond model/data/size ("" for a plain job)."""
+    path = job / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:
+        return ""
+    return ",".join(extra_overrides(str(o) for o in overrides or []))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _status(job: Path) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    """(status, metrics, error) of a job directory; the newest of metrics/error wins."""
+    metrics_path, error_path = job / "metrics.json", job / "error.json"
+    metrics = _read_json(metrics_path) if metrics_path.is_file() else None
+    error = _read_json(error_path) if error_path.is_file() else None
+    record = _read_json(job / "job.json") or {}
+    if error is not None and (
+        metrics is None or error_path.stat().st_mtime >= metrics_path.stat().st_mtime
+    ):
+        return "failed", None, error
+    if metrics is not None and record.get("status", "success") == "success":
+        return "finished", metrics, None
+    return "incomplete", None, None
+
+
+def _intervals(job: Path, metrics: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    stored = metrics.get("ci95")
+    if isinstance(stored, dict) and stored:
+        return {k: (float(v[0]), float(v[1])) for k, v in stored.items()}
+    path = job / "per_query.npz"
+    if not path.is_file():
+        return {}
+    with np.load(path) as per_query:
+        return bootstrap_cis({k: per_query[k] for k in per_query.files})
+
+
+def job_row(job: Path, sweep_dir: Path) -> dict[str, Any]:
+    """One job as a flat dict: names, size, status, metrics in % with intervals, timings."""
+    cfg = _load_config(job)
+    status, metrics, error = _status(job)
+    model = str(_select(cfg, "model.name", "?"))
+    dataset = str(_select(cfg, "data.flag", _select(cfg, "data.name", "?")))
+    size = _select(cfg, "data.size")
+    row: dict[str, Any] = {
+        "job": str(job.relative_to(sweep_dir)) if job != sweep_dir else ".",
+        "run_name": _select(cfg, "run_name", job.name),
+        "model": model,
+        "model_paper": model_paper_name(model),
+        "dataset": dataset,
+        "dataset_paper": dataset_paper_name(dataset),
+        "size": int(size) if isinstance(size, int) or str(size).isdigit() else None,
+        "setting": _setting(job),
+        "synthetic": bool(_select(cfg, "data.synthetic", False)),
+        "pretrained": bool(_select(cfg, "model.pretrained", True)),
+        "status": status,
+        "error": "" if error is None else f"{error.get('type', 'Error')}: {error.get('error', '')}",
+    }
+    if metrics is not None:
+        cis = _intervals(job, metrics)
+        for key, value in metrics.items():
+            if "@" in key and isinstance(value, (int, float)):
+                col = key.replace("@", "_at_")
+                row[col] = 100.0 * float(value)
+                if key in cis:
+                    row[f"{col}_low"] = 100.0 * cis[key][0]
+                    row[f"{col}_high"] = 100.0 * cis[key][1]
+        for key in ("n_queries", "n_database", "k", "distance", "embed_seconds", "search_seconds"):
+            row[key] = metrics.get(key)
+        row["embedded_now"] = ",".join(metrics.get("embedded_now") or [])
+    return row
+
+
+def collect(sweep_dir: str | Path, exclude: Path | None = None) -> pd.DataFrame:
+    """All jobs of a sweep as a DataFrame sorted like the paper (size, dataset, extractor)."""
+    sweep = Path(sweep_dir)
+    if not sweep.is_dir():
+        raise CbmirError(f"{sweep}: no such sweep directory")
+    jobs = find_job_dirs(sweep, exclude=exclude)
+    if not jobs:
+        raise CbmirError(
+            f"{sweep}: no job directories (config_resolved.yaml / metrics.json / error.json) "
+            "found; pass the sweep directory of a `cbmir -m ...` run"
+        )
+    df = pd.DataFrame([job_row(job, sweep) for job in jobs])
+    for _, col, _ in METRICS:
+        for suffix in ("", "_low", "_high"):
+            if f"{col}{suffix}" not in df:
+                df[f"{col}{suffix}"] = np.nan
+    return sort_rows(df)
+
+
+def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty:
+        return df
+    order = df.assign(
+        _size=df["size"].fillna(-1),
+        _dataset=df["dataset"].map(dataset_order),
+        _model=df["model"].map(model_order),
+    ).sort_values(["_size", "_dataset", "_model", "setting", "job"])
+    return order.drop(columns=["_size", "_dataset", "_model"]).reset_index(drop=True)
+
+
+def finished(df: pd.DataFrame) -> pd.DataFrame:
+    """Finished jobs, one per (size, dataset, model, setting): the last one listed wins."""
+    done = df[df["status"] == "finished"]
+    keys = ["size", "dataset", "model", "setting"]
+    duplicated = done.duplicated(keys, keep=False)
+    if duplicated.any():
+        log.warning(
+            "%d finished jobs share size/dataset/model/setting; the tables keep one of each: %s",
+            int(duplicated.sum()),
+            ", ".join(done.loc[duplicated, "job"]),
+        )
+    return done.drop_duplicates(keys, keep="last").reset_index(drop=True)

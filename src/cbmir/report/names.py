@@ -1,0 +1,90 @@
+"""Names as the paper prints them, and the order its tables use.
+
+Config names (``resnet50``, ``breastmnist``) are what jobs record; the paper's names
+(``ResNet50``, ``BreastMNIST``) are what readers and the reference CSV use.
+"""
+
+from __future__ import annotations
+
+#: config model name -> the paper's extractor name, in the paper's column order
+PAPER_MODELS: dict[str, str] = {
+    "vgg19": "VGG19",
+    "resnet50": "ResNet50",
+    "densenet121": "DenseNet121",
+    "efficientnetv2_m": "EfficientNetV2M",
+    "openclip_vitg14": "OpenCLIP",
+    "conch": "CONCH",
+    "uni": "UNI",
+    "medclip": "MedCLIP(ViT)",
+    "biomedclip": "BiomedCLIP",
+}
+#: the paper's datasets (MedMNIST flags) in its table order: six 2D, then two 3D
+PAPER_DATASETS: tuple[str, ...] = (
+    "breastmnist",
+    "pneumoniamnist",
+    "retinamnist",
+    "dermamnist",
+    "bloodmnist",
+    "pathmnist",
+    "adrenalmnist3d",
+    "synapsemnist3d",
+)
+PAPER_SIZES_2D: tuple[int, ...] = (28, 64, 128, 224)
+PAPER_SIZES_3D: tuple[int, ...] = (28, 64)
+#: (metric key in metrics.json, column name in CSVs, header in tables), the paper's order
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("map@5", "map_at_5", "mAP@5"),
+    ("mmv@5", "mmv_at_5", "mMV@5"),
+    ("acc@1", "acc_at_1", "ACC@1"),
+    ("acc@3", "acc_at_3", "ACC@3"),
+    ("acc@5", "acc_at_5", "ACC@5"),
+)
+
+_MODEL_FROM_PAPER = {paper.lower(): name for name, paper in PAPER_MODELS.items()}
+
+
+def model_paper_name(name: str) -> str:
+    """``resnet50`` -> ``ResNet50``; models the paper did not test keep their config name."""
+    return PAPER_MODELS.get(str(name), str(name))
+
+
+def model_config_name(paper: str) -> str:
+    """``ResNet50`` -> ``resnet50`` (inverse of `model_paper_name`, case-insensitive)."""
+    return _MODEL_FROM_PAPER.get(str(paper).lower(), str(paper))
+
+
+def dataset_paper_name(flag: str) -> str:
+    """``breastmnist`` -> ``BreastMNIST`` (medmnist's class name); other data keep their name."""
+    from cbmir.data import catalog
+    from cbmir.errors import ConfigError
+
+    try:
+        return catalog.paper_name(flag)
+    except ConfigError:
+        return str(flag)
+
+
+def dataset_config_name(paper: str) -> str:
+    """``BreastMNIST`` -> ``breastmnist``."""
+    return str(paper).lower()
+
+
+def paper_grid_cells() -> list[str]:
+    """The paper's dataset@size cells: six 2D sets x 4 sizes, two 3D sets x 2 sizes."""
+    from cbmir.data import catalog
+
+    return [
+        f"{flag}@{size}"
+        for flag in PAPER_DATASETS
+        for size in (PAPER_SIZES_3D if catalog.is_3d(flag) else PAPER_SIZES_2D)
+    ]
+
+
+def model_order(name: str) -> tuple[int, str]:
+    order = list(PAPER_MODELS)
+    return (order.index(name) if name in order else len(order), str(name))
+
+
+def dataset_order(flag: str) -> tuple[int, str]:
+    order = list(PAPER_DATASETS)
+    return (order.index(flag) if flag in order else len(order), str(flag))

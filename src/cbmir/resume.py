@@ -1,0 +1,123 @@
+"""Resumable sweeps: a job whose results already exist for the same resolved config is skipped.
+
+A finished job leaves `metrics.json` and a `job.json` holding ``status: success`` and the
+*fingerprint* of its config: a hash of the resolved config without the keys that never change
+a result (paths, loggers, batch size, workers, ...). Re-launching a sweep into the same sweep
+directory (the presets set one without a timestamp) finds those files and returns the stored
+metrics instead of running again; a job with no results, an error, or another fingerprint
+runs. Embeddings are reused through the store either way, so a re-run costs a search.
+
+``resume``: ``auto`` (default) resumes in multirun only, ``true`` also for single runs,
+``false`` never.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import cbmir
+from cbmir.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: top-level and nested keys left out of the fingerprint: they never change a result
+VOLATILE_PATHS: tuple[str, ...] = (
+    "paths",
+    "logger",
+    "hydra",
+    "resume",
+    "run_name",
+    "task_name",
+    "cell",
+    "data.root",
+    "data.download",
+    "data.batch_size",
+    "data.num_workers",
+    "retrieval.device",
+    "trainer.enable_progress_bar",
+    "trainer.default_root_dir",
+    "model.volume.slice_batch_size",
+)
+#: a job's own files that say whether (and how) it finished
+MARKERS = ("job.json", "metrics.json", "error.json")
+
+
+def fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
+    """sha256 of the resolved config without volatile keys, plus the cbmir version."""
+    tree = (
+        OmegaConf.to_container(cfg, resolve=True)
+        if isinstance(cfg, DictConfig)
+        else copy.deepcopy(cfg)
+    )
+    assert isinstance(tree, dict)
+    for dotted in VOLATILE_PATHS:
+        *parents, leaf = dotted.split(".")
+        node: Any = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    text = json.dumps({"cbmir": cbmir.__version__, "config": tree}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def resume_enabled(cfg: DictConfig) -> bool:
+    mode = str(cfg.get("resume", "auto")).lower()
+    if mode in ("true", "1", "yes"):
+        return True
+    if mode in ("false", "0", "no"):
+        return False
+    if mode != "auto":
+        raise ConfigError(f"resume={mode!r}: use auto, true or false")
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def finished_metrics(job_dir: Path, wanted: str) -> dict[str, Any] | None:
+    """The stored metrics of `job_dir` if it finished successfully with fingerprint `wanted`."""
+    try:
+        job = json.loads((job_dir / "job.json").read_text())
+        if job.get("status") != "success" or job.get("fingerprint") != wanted:
+            return None
+        return json.loads((job_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def find_finished(cfg: DictConfig) -> dict[str, Any] | None:
+    """Stored metrics of a finished job with this config, or None (then the job must run).
+
+    Looks in the job's own directory, then in its siblings (the other jobs of the sweep), so a
+    job found under another directory name, e.g. launched with other volatile overrides, is
+    not run twice. When the job is to run (nothing found, or resume off), the markers of an
+    earlier attempt in its own directory are removed so they cannot be mistaken for this one.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    if resume_enabled(cfg):
+        wanted = fingerprint(cfg)
+        candidates = [output_dir]
+        if output_dir.parent.is_dir():
+            candidates += sorted(p for p in output_dir.parent.iterdir() if p != output_dir)
+        for job_dir in candidates:
+            metrics = finished_metrics(job_dir, wanted)
+            if metrics is not None:
+                where = "" if job_dir == output_dir else f" in {job_dir}"
+                log.info("%s: skipping, results exist%s (same config)", cfg.get("run_name"), where)
+                return metrics
+    for name in MARKERS:
+        (output_dir / name).unlink(missing_ok=True)
+    return None
+
+
+def job_record(cfg: DictConfig, status: str) -> dict[str, Any]:
+    """What `job.json` holds: the status, the run name and the config's fingerprint."""
+    return {"status": status, "run_name": cfg.get("run_name"), "fingerprint": fingerprint(cfg)}

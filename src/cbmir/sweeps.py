@@ -1,0 +1,107 @@
+"""Sweep plumbing shared by the experiment presets: grid cells and stable job directories.
+
+Hydra's basic sweeper only takes Cartesian products, but the paper's grid is not one: the 3D
+sets have no 128/224 px files. A *cell* (``breastmnist@28``) names one dataset at one size, so
+``cell`` x ``model`` covers the whole grid in one sweep (``experiment=paper``).
+
+Job directories are named after the job (``vgg19-breastmnist-28``), not its number, so
+re-launching a sweep lands every job in the directory that already holds its results (see
+`cbmir.resume`). Light on purpose: imported by `cbmir.config` to register the resolvers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+
+from cbmir.errors import ConfigError
+
+#: overrides already spelled out by the run name (model-dataset-size) or chosen by the preset
+IDENTITY_KEYS = frozenset({"model", "model.name", "data", "data.flag", "data.size", "cell"})
+#: overrides that never change a result (where files go, how they are logged, how fast)
+VOLATILE_KEYS = frozenset(
+    {
+        "experiment",
+        "logger",
+        "resume",
+        "data.root",
+        "data.download",
+        "data.batch_size",
+        "data.num_workers",
+        "retrieval.device",
+        "trainer.enable_progress_bar",
+        "trainer.default_root_dir",
+        "model.volume.slice_batch_size",
+    }
+)
+VOLATILE_PREFIXES = ("paths.", "logger.", "hydra.", "hydra/")
+MAX_SUBDIR = 120
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")
+
+
+def parse_cell(cell: object) -> tuple[str, int]:
+    """``"breastmnist@28"`` -> ``("breastmnist", 28)``; anything else is a ConfigError."""
+    text = str(cell).strip()
+    flag, sep, size = text.partition("@")
+    if not sep or not flag or not size.isdigit():
+        raise ConfigError(
+            f"cell={text!r}: a grid cell is DATASET@SIZE, e.g. cell=breastmnist@28 "
+            "(comma-separate several in a sweep: cell=breastmnist@28,adrenalmnist3d@64)."
+        )
+    return flag.lower(), int(size)
+
+
+def cell_part(cell: object, part: str) -> str | int:
+    """Resolver ``${cbmir_cell:${cell},flag}`` / ``${cbmir_cell:${cell},size}``."""
+    flag, size = parse_cell(cell)
+    if part == "flag":
+        return flag
+    if part == "size":
+        return size
+    raise ConfigError(f"cbmir_cell: part must be 'flag' or 'size', not {part!r}")
+
+
+def override_key(override: str) -> str:
+    """The key of a command-line override: ``+a.b=1`` -> ``a.b``, ``model=vgg19`` -> ``model``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def is_volatile(key: str) -> bool:
+    return key in VOLATILE_KEYS or key.startswith(VOLATILE_PREFIXES)
+
+
+def extra_overrides(overrides: Iterable[str]) -> list[str]:
+    """Overrides that change a result but are not in the run name (e.g. ``retrieval=cosine``)."""
+    keep = []
+    for override in overrides:
+        key = override_key(override)
+        if key not in IDENTITY_KEYS and not is_volatile(key):
+            keep.append(override.lstrip("+"))
+    return sorted(keep)
+
+
+def job_subdir(run_name: str, overrides: Iterable[str]) -> str:
+    """A job's directory name: its run name, plus its extra overrides when it has any.
+
+    Deterministic (same job -> same directory on every launch), one path component, and short:
+    long extras become a hash.
+    """
+    name = _UNSAFE.sub("_", str(run_name)).strip("._") or "job"
+    extras = ",".join(extra_overrides(overrides))
+    if not extras:
+        return name
+    tail = _UNSAFE.sub("_", extras)
+    if len(name) + 2 + len(tail) > MAX_SUBDIR:
+        tail = hashlib.sha1(extras.encode()).hexdigest()[:10]
+    return f"{name}__{tail}"
+
+
+def hydra_job_subdir(run_name: str) -> str:
+    """Resolver ``${cbmir_job_subdir:${run_name}}`` for ``hydra.sweep.subdir``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides: list[str] = []
+    if HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+    return job_subdir(run_name, overrides)

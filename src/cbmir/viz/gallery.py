@@ -1,0 +1,154 @@
+"""A run's gallery: a few example queries with their neighbours, as a PNG and a W&B table.
+
+Written after the metrics, from the run's own `neighbors.npz` and the DataModule's images, so
+it shows exactly what was scored. Queries are drawn with the run's seed, classes in turn, so
+every class of a small set appears. `gallery.n_queries=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from cbmir.viz.grid import save_png
+from cbmir.viz.images import display_image
+from cbmir.viz.labels import label_text, relevance
+from cbmir.viz.neighbours import QueryResult, neighbour_grid
+
+log = logging.getLogger(__name__)
+
+GALLERY_PNG = "gallery.png"
+DEFAULT_N_QUERIES = 8
+
+
+def pick_queries(labels: np.ndarray, n: int, seed: int, multilabel: bool) -> np.ndarray:
+    """Up to `n` query rows, seeded; single-label sets take the classes in turn.
+
+    Returned sorted by (class, row) so the grid reads class by class.
+    """
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    if multilabel:
+        return np.sort(rng.choice(len(labels), size=n, replace=False))
+    classes = np.unique(labels[:, 0])
+    shuffled = [rng.permutation(np.flatnonzero(labels[:, 0] == c)) for c in classes]
+    picks: list[int] = []
+    depth = 0
+    while len(picks) < n:
+        for rows in shuffled:
+            if depth < len(rows) and len(picks) < n:
+                picks.append(int(rows[depth]))
+        depth += 1
+    chosen = np.asarray(picks)
+    return chosen[np.lexsort((chosen, labels[chosen, 0]))]
+
+
+def write_gallery(
+    cfg: DictConfig, datamodule: Any, output_dir: str | Path, loggers: Sequence[Any] = ()
+) -> Path | None:
+    """Draw `gallery.png` into the run's output dir and log a W&B table to any WandbLogger.
+
+    A failure here is logged and skipped: the run's metrics are already written, and a picture
+    must not turn a finished benchmark job into a failed one.
+    """
+    n = int(OmegaConf.select(cfg, "gallery.n_queries", default=DEFAULT_N_QUERIES) or 0)
+    if n <= 0:
+        return None
+    try:
+        return _write_gallery(cfg, datamodule, Path(output_dir), n, loggers)
+    except Exception as exc:  # noqa: BLE001  (reported, never fatal: see docstring)
+        log.warning("gallery not written (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+def _write_gallery(
+    cfg: DictConfig, datamodule: Any, output_dir: Path, n: int, loggers: Sequence[Any]
+) -> Path:
+    with np.load(output_dir / "neighbors.npz") as found:
+        indices, distances = found["indices"], found["distances"]
+        query_labels = found["query_labels"]
+    query_split, database_split = datamodule.query_split, datamodule.database_split
+    queries, database = datamodule.dataset(query_split), datamodule.dataset(database_split)
+    volume, multilabel = bool(datamodule.is_volume), bool(datamodule.multilabel)
+    names = datamodule.label_names
+    rows = pick_queries(query_labels, n, int(cfg.get("seed", 0) or 0), multilabel)
+    results = [
+        QueryResult(
+            name=f"{query_split}[{i}]",
+            image=display_image(queries[int(i)]["image"], volume),
+            indices=indices[i],
+            distances=distances[i],
+            label=query_labels[i],
+        )
+        for i in rows
+    ]
+
+    def fetch(row: int) -> np.ndarray:
+        return display_image(database[row]["image"], volume)
+
+    distance = OmegaConf.select(cfg, "retrieval.distance", default="?")
+    title = (
+        f"{cfg.get('run_name', '')}: {len(rows)} {query_split} queries, top {indices.shape[1]} "
+        f"of {len(database)} {database_split} images by {distance} distance"
+    )
+    if volume:
+        title += " (middle slices)"
+    image = neighbour_grid(results, fetch, database.labels, names, multilabel, title=title)
+    path = save_png(image, output_dir / GALLERY_PNG)
+    log.info("gallery: %s", path)
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            table = wandb_table(results, fetch, database.labels, names, multilabel)
+            import wandb
+
+            logger.experiment.log({"gallery/table": table, "gallery/grid": wandb.Image(str(path))})
+    return path
+
+
+def wandb_table(
+    results: Sequence[QueryResult],
+    fetch: Callable[[int], np.ndarray],
+    database_labels: np.ndarray,
+    names: Mapping[int, str],
+    multilabel: bool,
+) -> Any:
+    """One row per query: its image and label, then image, label, distance, hit per rank."""
+    import wandb
+
+    k = len(results[0].indices) if results else 0
+    columns = ["query", "query image", "query label"]
+    for rank in range(1, k + 1):
+        columns += [f"#{rank} image", f"#{rank} label", f"#{rank} distance", f"#{rank} hit"]
+    table = wandb.Table(columns=columns)
+    for result in results:
+        hits = (
+            relevance(
+                np.asarray(result.label).reshape(1, -1),
+                database_labels,
+                np.asarray(result.indices).reshape(1, -1),
+                multilabel,
+            )[0].tolist()
+            if result.label is not None
+            else [None] * k
+        )
+        row: list[Any] = [
+            result.name,
+            wandb.Image(result.image),
+            label_text(result.label, names, multilabel) if result.label is not None else None,
+        ]
+        for db_row, dist, hit in zip(result.indices, result.distances, hits, strict=True):
+            row += [
+                wandb.Image(fetch(int(db_row)), caption=f"row {int(db_row)}"),
+                label_text(database_labels[int(db_row)], names, multilabel),
+                float(dist),
+                hit,
+            ]
+        table.add_data(*row)
+    return table

@@ -1,0 +1,90 @@
+"""The retrieval picture: one row per query, the query then its k neighbours, captioned.
+
+Captions carry the label name and the distance; border colours mark relevant neighbours
+(green) and irrelevant ones (red) whenever the query's label is known, grey otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from cbmir.viz.grid import Cell, GridLayout, render_grid
+from cbmir.viz.labels import label_text, relevance
+
+
+@dataclass
+class QueryResult:
+    """One query and its ranked neighbours (rows of the database split)."""
+
+    name: str
+    image: np.ndarray
+    indices: np.ndarray
+    distances: np.ndarray
+    label: np.ndarray | None = None
+
+
+def neighbour_cells(
+    results: Sequence[QueryResult],
+    fetch: Callable[[int], np.ndarray],
+    database_labels: np.ndarray,
+    names: Mapping[int, str],
+    multilabel: bool,
+) -> list[list[Cell]]:
+    """Cells of the grid; `fetch(row)` returns a database item's display picture."""
+    rows = []
+    for result in results:
+        query_cell = Cell(
+            result.image,
+            [
+                f"query {result.name}",
+                label_text(result.label, names, multilabel)
+                if result.label is not None
+                else "label unknown",
+            ],
+            role="query",
+        )
+        if result.label is not None:
+            hits = relevance(
+                np.asarray(result.label).reshape(1, -1),
+                database_labels,
+                np.asarray(result.indices).reshape(1, -1),
+                multilabel,
+            )[0]
+            roles = ["hit" if h else "miss" for h in hits]
+        else:
+            roles = ["unknown"] * len(result.indices)
+        cells = [query_cell]
+        for rank, (row, dist, role) in enumerate(
+            zip(result.indices, result.distances, roles, strict=True), start=1
+        ):
+            cells.append(
+                Cell(
+                    fetch(int(row)),
+                    [
+                        f"#{rank} · row {int(row)}",
+                        label_text(database_labels[int(row)], names, multilabel),
+                        f"d = {float(dist):.4g}",
+                    ],
+                    role=role,
+                )
+            )
+        rows.append(cells)
+    return rows
+
+
+def neighbour_grid(
+    results: Sequence[QueryResult],
+    fetch: Callable[[int], np.ndarray],
+    database_labels: np.ndarray,
+    names: Mapping[int, str],
+    multilabel: bool,
+    layout: GridLayout | None = None,
+    title: str | None = None,
+) -> Image.Image:
+    """The whole grid as an RGB image (size: `layout.size(len(results), k + 1, bool(title))`)."""
+    cells = neighbour_cells(results, fetch, database_labels, names, multilabel)
+    return render_grid(cells, layout, title)

@@ -1,0 +1,122 @@
+"""The report from a sweep directory: intervals from metrics.json or per_query.npz agree,
+unfinished jobs are listed, and the W&B summary run (offline) holds the jobs' table."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from cbmir.report.build import build_report
+from cbmir.report.collect import collect
+
+
+@pytest.fixture
+def sweep(made_sweep, tmp_path):
+    """A private copy of the made sweep, free to modify."""
+    return shutil.copytree(made_sweep, tmp_path / "sweep")
+
+
+def test_intervals_recomputed_from_per_query_match_the_stored_ones(sweep) -> None:
+    stored = collect(sweep).set_index("job")
+    metrics_path = sweep / "pixels-breastmnist-28" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    del metrics["ci95"]  # a job from before intervals were stored
+    metrics_path.write_text(json.dumps(metrics))
+    recomputed = collect(sweep).set_index("job")
+    for col in ("map_at_5", "mmv_at_5", "acc_at_1", "acc_at_3", "acc_at_5"):
+        for bound in ("_low", "_high"):
+            assert recomputed.loc["pixels-breastmnist-28", col + bound] == pytest.approx(
+                stored.loc["pixels-breastmnist-28", col + bound]
+            )
+
+
+def test_incomplete_and_failed_jobs_are_listed_not_dropped(sweep) -> None:
+    killed = sweep / "pixels-breastmnist-128"
+    killed.mkdir()
+    shutil.copy(sweep / "pixels-breastmnist-28" / "config_resolved.yaml", killed)
+    failed = sweep / "pixels-breastmnist-64"
+    (failed / "error.json").write_text(json.dumps({"error": "disk full", "type": "OSError"}))
+    report = build_report(sweep)
+    status = report.jobs.set_index("job")["status"]
+    assert status.to_dict() == {
+        "pixels-breastmnist-28": "finished",
+        "pixels-breastmnist-64": "failed",
+        "pixels-breastmnist-128": "incomplete",
+        "resnet50-breastmnist-28": "finished",
+    }
+    problems = (sweep / "report" / "tables" / "problems.md").read_text()
+    assert "OSError: disk full" in problems and "pixels-breastmnist-128" in problems
+    assert list(report.size_tables) == [28]
+
+
+def test_report_writes_nothing_half_done_and_needs_a_sweep(sweep, tmp_path) -> None:
+    from cbmir.report.cli import main
+
+    assert main([str(tmp_path / "nowhere")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 2
+    build_report(sweep)
+    assert not list((sweep / "report").rglob(".*"))  # no temporary files left behind
+
+
+def test_reference_sits_beside_the_papers_extractors_only(sweep) -> None:
+    report = build_report(sweep, reference=True)
+    cmp = report.comparison.set_index(["size", "model"])
+    assert cmp.loc[(28, "resnet50"), "paper_acc_at_1"] == 79.48  # Table S.1, BreastMNIST
+    measured = report.done.set_index(["size", "model"]).loc[(28, "resnet50"), "acc_at_1"]
+    assert cmp.loc[(28, "resnet50"), "diff_acc_at_1"] == pytest.approx(measured - 79.48)
+    tables = sweep / "report" / "tables"
+    assert "| 79.48 |" in (tables / "comparison_28.md").read_text()
+    assert not (tables / "comparison_64.md").exists()  # pixels only: nothing published
+    markdown = (sweep / "report" / "report.md").read_text()
+    assert "28 px beside the paper" in markdown and "64 px beside the paper" not in markdown
+
+
+def test_custom_data_without_a_size_gets_its_own_table(sweep, npz_job) -> None:
+    shutil.copytree(npz_job, sweep / npz_job.name)
+    report = build_report(sweep)
+    assert list(report.size_tables) == [28, 64, None]
+    table = (sweep / "report" / "tables" / "other_data.md").read_text()
+    assert "| digits | pixels |" in table
+    assert "## Other data (no MedMNIST size)" in report.markdown
+
+
+def test_wandb_summary_run_offline_holds_every_job(sweep, monkeypatch, capsys) -> None:
+    from cbmir.report.cli import main
+    from tests.wandb_offline import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert main([str(sweep), "--reference", "--wandb", "--quiet"]) == 0
+    (run_dir,) = (sweep / "report" / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_dir)
+    assert (run["name"], run["group"], run["exit_code"]) == ("report-sweep", "sweep", 0)
+    assert run["summary"]["sweep/jobs/nrows"] == 3
+    assert run["summary"]["jobs_finished"] == 3
+    (table_file,) = (run_dir / "files" / "media" / "table" / "sweep").glob("jobs_*.table.json")
+    table = json.loads(table_file.read_text())
+    logged = pd.DataFrame(table["data"], columns=table["columns"]).set_index("job")
+    measured = pd.read_csv(sweep / "report" / "results.csv").set_index("job")
+    assert logged["acc_at_1"].to_dict() == pytest.approx(measured["acc_at_1"].to_dict())
+    images = list((run_dir / "files" / "media" / "images" / "figures").glob("*.png"))
+    assert {p.name.split("_0_")[0] for p in images} == {"acc1_breastmnist", "acc1_overview"}
+    assert "W&B summary run" in capsys.readouterr().out
+
+
+def test_sweep_callback_logs_to_wandb_only_when_the_jobs_did_and_never_raises(
+    tmp_path, caplog
+) -> None:
+    from omegaconf import OmegaConf
+
+    from cbmir.report.callback import SweepReport, uses_wandb
+    from tests.helpers import compose_config
+
+    assert not uses_wandb(compose_config(["experiment=smoke"]))
+    assert uses_wandb(compose_config(["experiment=smoke", "logger=many"]))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "missing")}}})
+    SweepReport().on_multirun_end(config)  # no jobs there: a warning, not a failed sweep
+    assert "sweep report failed" in caplog.text

@@ -1,0 +1,98 @@
+"""Resume: stable job directories and config fingerprints decide what a re-launch skips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cbmir.errors import ConfigError
+from cbmir.io_utils import write_json
+from cbmir.resume import find_finished, fingerprint, job_record
+from cbmir.sweeps import cell_part, job_subdir, parse_cell
+from tests.helpers import compose_config
+
+
+def test_job_subdir_is_the_run_name_plus_result_changing_overrides() -> None:
+    base = ["experiment=paper", "model=vgg19", "cell=breastmnist@28"]
+    assert job_subdir("vgg19-breastmnist-28", base) == "vgg19-breastmnist-28"
+    volatile = ["paths.store=/a/b", "logger=wandb", "data.batch_size=8", "hydra.launcher.qos=x"]
+    assert job_subdir("vgg19-breastmnist-28", base + volatile) == "vgg19-breastmnist-28"
+    extra = ["retrieval=cosine", "+model.checkpoint=/ckpt/best.ckpt"]
+    name = job_subdir("vgg19-breastmnist-28", base + extra)
+    assert name == "vgg19-breastmnist-28__model.checkpoint=_ckpt_best.ckpt,retrieval=cosine"
+    assert name == job_subdir("vgg19-breastmnist-28", list(reversed(base + extra)))
+    long = job_subdir("vgg19-breastmnist-28", [f"model.model_kwargs.k{i}=1" for i in range(40)])
+    assert "/" not in long and len(long) < 60 and long.startswith("vgg19-breastmnist-28__")
+
+
+def test_cells_parse_or_say_how_to_write_them() -> None:
+    assert parse_cell("BreastMNIST@64") == ("breastmnist", 64)
+    assert cell_part("adrenalmnist3d@28", "size") == 28
+    for bad in ("breastmnist", "breastmnist@", "@28", "breastmnist@big"):
+        with pytest.raises(ConfigError, match="DATASET@SIZE"):
+            parse_cell(bad)
+
+
+def _cfg(output_dir: Path, *overrides: str):
+    return compose_config(
+        [f"paths.output_dir={output_dir}", "model=pixels", "resume=true", *overrides]
+    )
+
+
+def test_fingerprint_ignores_where_and_how_but_not_what(tmp_path) -> None:
+    base = fingerprint(_cfg(tmp_path / "a"))
+    assert fingerprint(_cfg(tmp_path / "b", "data.batch_size=7", "logger=none")) == base
+    assert fingerprint(_cfg(tmp_path / "a", f"paths.store={tmp_path}", "resume=false")) == base
+    for change in ("retrieval=cosine", "data.size=64", "model.name=other", "seed=1"):
+        assert fingerprint(_cfg(tmp_path / "a", change)) != base, change
+
+
+def _finish(cfg, metrics: dict) -> None:
+    out = Path(cfg.paths.output_dir)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "job.json", job_record(cfg, "success"))
+
+
+def test_find_finished_returns_stored_metrics_of_the_same_config(tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    done = _cfg(sweep / "job-a")
+    _finish(done, {"acc@1": 0.25})
+    assert find_finished(_cfg(sweep / "job-a")) == {"acc@1": 0.25}
+    # the same job under another directory name (e.g. launched with other volatile overrides)
+    assert find_finished(_cfg(sweep / "job-b", "data.num_workers=3")) == {"acc@1": 0.25}
+    # resume off: runs
+    assert find_finished(_cfg(sweep / "job-a", "resume=false")) is None
+
+
+def test_find_finished_runs_a_changed_failed_or_partial_job_and_clears_its_markers(
+    tmp_path,
+) -> None:
+    job = tmp_path / "sweep" / "job"
+    _finish(_cfg(job), {"acc@1": 0.25})
+    assert find_finished(_cfg(job, "retrieval=cosine")) is None
+    assert not (job / "metrics.json").exists() and not (job / "job.json").exists()
+
+    cfg = _cfg(job)
+    write_json(job / "metrics.json", {"acc@1": 0.5})
+    write_json(job / "job.json", job_record(cfg, "failed"))
+    write_json(job / "error.json", {"error": "boom"})
+    assert find_finished(cfg) is None
+    assert not list(job.glob("*.json"))
+
+    _finish(cfg, {"acc@1": 0.5})
+    (job / "metrics.json").unlink()  # results deleted by hand: the job runs again
+    assert find_finished(cfg) is None
+
+
+def test_resume_modes(tmp_path) -> None:
+    job = tmp_path / "job"
+    cfg = _cfg(job)
+    _finish(cfg, {"acc@1": 0.5})
+    # auto resumes in multirun only; this is a plain (non-Hydra) call
+    assert find_finished(_cfg(job, "resume=auto")) is None
+    _finish(cfg, {"acc@1": 0.5})
+    with pytest.raises(ConfigError, match="auto, true or false"):
+        find_finished(_cfg(job, "resume=sometimes"))
+    assert json.loads((job / "metrics.json").read_text()) == {"acc@1": 0.5}
