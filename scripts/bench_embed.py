@@ -37,7 +37,9 @@ def write_npz(path: Path, n: int, size: int, seed: int = 0) -> Path:
 
 
 def bare_forward(embedder: FrozenEmbedder, images: torch.Tensor, batch: int) -> float:
-    inputs = [embedder.extractor.preprocess(images[i : i + batch]) for i in range(0, len(images), batch)]
+    inputs = [
+        embedder.extractor.preprocess(images[i : i + batch]) for i in range(0, len(images), batch)
+    ]
     started = time.perf_counter()
     with torch.inference_mode():
         for x in inputs:
@@ -79,7 +81,9 @@ def main() -> None:
         datamodule.prepare_data()
         datamodule.setup("predict")
         embedder = FrozenEmbedder(create("timm", model_name=args.model, pretrained=False))
-        images = torch.from_numpy(np.ascontiguousarray(datamodule.images("train"))).permute(0, 3, 1, 2)
+        images = torch.from_numpy(np.ascontiguousarray(datamodule.images("train"))).permute(
+            0, 3, 1, 2
+        )
         store = EmbeddingStore(Path(tmp) / "store")
         bare_forward(embedder, images[: args.batch * 2], args.batch)  # warm-up
         print(f"torch threads: {torch.get_num_threads()}, {args.images} images {args.size}px, "
