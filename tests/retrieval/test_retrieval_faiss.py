@@ -17,7 +17,7 @@ pytest.importorskip("faiss")
 def clustered():
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((20, 32)).astype(np.float32) * 3
-    x = centers[rng.integers(0, 20, 4000)] + rng.standard_normal((4000, 32)).astype(np.float32)
+    x = centers[rng.integers(0, 20, 2000)] + rng.standard_normal((2000, 32)).astype(np.float32)
     q = centers[rng.integers(0, 20, 200)] + rng.standard_normal((200, 32)).astype(np.float32)
     return q, x
 
@@ -66,17 +66,25 @@ def test_save_load_round_trip(tmp_path, clustered):
 def test_backend_dispatch_reuses_a_matching_saved_index(tmp_path, clustered, monkeypatch):
     q, x = clustered
     path = tmp_path / "db.faiss"
-    first = fb.knn_search_backend(q, x, 5, backend="faiss", faiss_kind="hnsw", index_path=path)
+    first = fb.knn_search_backend(
+        q, x, 5, backend="faiss", faiss_kind="ivf", index_path=path, nlist=8
+    )
     assert path.is_file() and (tmp_path / "db.faiss.json").is_file()
 
     def no_build(*args, **kwargs):
         raise AssertionError("index should have been reused")
 
     monkeypatch.setattr(fb, "build_index", no_build)
-    again = fb.knn_search_backend(q, x, 5, backend="faiss", faiss_kind="hnsw", index_path=path)
+    again = fb.knn_search_backend(
+        q, x, 5, backend="faiss", faiss_kind="ivf", index_path=path, nlist=8
+    )
     assert torch.equal(first[1], again[1])
     with pytest.raises(AssertionError, match="reused"):  # other data -> rebuild
-        fb.knn_search_backend(q, x[:-1], 5, backend="faiss", faiss_kind="hnsw", index_path=path)
+        fb.knn_search_backend(
+            q, x[:-1], 5, backend="faiss", faiss_kind="ivf", index_path=path, nlist=8
+        )
+    with pytest.raises(AssertionError, match="reused"):  # other parameters -> rebuild
+        fb.knn_search_backend(q, x, 5, backend="faiss", faiss_kind="ivf", index_path=path, nlist=9)
     torch_result = fb.knn_search_backend(q, x, 5, backend="torch", db_chunk=100)
     assert torch.equal(torch_result[1], knn_search(q, x, 5)[1])
 
