@@ -44,6 +44,7 @@ VOLATILE_PATHS: tuple[str, ...] = (
     "trainer.enable_progress_bar",
     "trainer.default_root_dir",
     "model.volume.slice_batch_size",
+    "gallery",  # pictures only; metrics do not depend on it
 )
 #: a job's own files that say whether (and how) it finished
 MARKERS = ("job.json", "metrics.json", "error.json")

@@ -426,6 +426,8 @@ def knn_search(
         db = _Database.build(x, x_norms, cosine, score_dtype)
         searcher = _Searcher(db, k, dc, score_dtype)
         m = k + (max(64, 4 * k) if low else max(16, k))
+        if query_chunk is None:  # the exact re-rank gathers qc x m x D floats: bound it too
+            qc = max(1, min(qc, BLOCK_BYTES // (4 * m * max(1, q.shape[1]))))
         for s in range(0, n_q, qc):
             qs = _Queries.build(
                 q[s : s + qc].to(dev, torch.float32),
