@@ -106,6 +106,8 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         acc_ks=tuple(cfg.retrieval.acc_ks),
         device=cfg.retrieval.device,
         search_kwargs=OmegaConf.to_container(cfg.retrieval.search, resolve=True),
+        backend=cfg.retrieval.get("backend", "torch"),
+        faiss=OmegaConf.to_container(cfg.retrieval.get("faiss", {}), resolve=True),
         embedded_now=missing,
     )
     writer = EmbeddingStoreWriter(store, plan)

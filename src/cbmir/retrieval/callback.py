@@ -39,6 +39,8 @@ class RetrievalCallback(Callback):
         acc_ks: tuple[int, ...] = (1, 3, 5),
         device: str = "auto",
         search_kwargs: dict[str, Any] | None = None,
+        backend: str = "torch",
+        faiss: dict[str, Any] | None = None,
         embedded_now: list[str] | None = None,
     ) -> None:
         self.store = store
@@ -47,6 +49,8 @@ class RetrievalCallback(Callback):
         self.k, self.distance, self.acc_ks = int(k), distance, tuple(acc_ks)
         self.device = device
         self.search_kwargs = dict(search_kwargs or {})
+        self.backend = backend
+        self.faiss = dict(faiss or {})
         self.embedded_now = list(embedded_now or [])
         self.metrics: dict[str, Any] | None = None
         self.per_query: dict[str, np.ndarray] | None = None
@@ -61,13 +65,27 @@ class RetrievalCallback(Callback):
 
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
         from cbmir.retrieval import compute_retrieval_metrics, knn_search
+        from cbmir.retrieval.faiss_backend import knn_search_backend
 
         queries = self.store.load(self.query_key)
         database = self.store.load(self.database_key)
         started = time.perf_counter()
         q = _as_tensor(queries.embeddings, self._search_device())
         db = _as_tensor(database.embeddings, self._search_device())
-        distances, indices = knn_search(q, db, self.k, self.distance, **self.search_kwargs)
+        if self.backend == "torch":
+            distances, indices = knn_search(q, db, self.k, self.distance, **self.search_kwargs)
+        else:  # faiss: the index is saved beside the database's store entry and reused
+            kind = self.faiss.get("kind", "flat")
+            distances, indices = knn_search_backend(
+                q.cpu(),
+                db.cpu(),
+                self.k,
+                self.distance,
+                backend=self.backend,
+                faiss_kind=kind,
+                index_path=database.path / f"faiss-{kind}-{self.distance}.index",
+                **self.faiss.get("params", {}),
+            )
         result = compute_retrieval_metrics(
             indices,
             queries.labels,
@@ -85,6 +103,7 @@ class RetrievalCallback(Callback):
             n_database=int(len(database.labels)),
             k=self.k,
             distance=self.distance,
+            backend=self.backend,
             embed_seconds=float(
                 queries.manifest.get("embed_seconds", 0.0)
                 + database.manifest.get("embed_seconds", 0.0)
