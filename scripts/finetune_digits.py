@@ -75,6 +75,31 @@ def zscored_frozen(frozen_dir: Path) -> dict[str, np.ndarray]:
     return {m: np.asarray(result["per_query"][m], dtype=np.float64) for m in METRICS}
 
 
+def diagnose_frozen(frozen_dir: Path) -> dict[str, float]:
+    """Why a frozen start is weak: how collinear its train features are (mean pairwise cosine),
+    how many directions carry their variance, and what a linear probe on them reaches."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    from cbmir.store import EmbeddingStore
+
+    metrics = json.loads((frozen_dir / "metrics.json").read_text())
+    db = EmbeddingStore(frozen_dir.parent / "store").load(Path(metrics["database_entry"]).name)
+    feats = np.asarray(db.embeddings, dtype=np.float64)
+    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    z = (feats - feats.mean(0)) / (feats.std(0) + 1e-8)
+    var = np.linalg.svd(z, compute_uv=False) ** 2
+    probe = LogisticRegression(max_iter=2000)
+    return {
+        "mean_pairwise_cosine": float((unit @ unit.T).mean()),
+        "directions_over_0.1pct_variance": int((var / var.sum() > 1e-3).sum()),
+        "dim": int(feats.shape[1]),
+        "linear_probe_5fold_accuracy": float(
+            cross_val_score(probe, z, db.labels[:, 0], cv=5).mean()
+        ),
+    }
+
+
 def summarise(
     entries: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray] | None]],
     resamples: int,
@@ -136,25 +161,21 @@ def figure(stats: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(stats)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 0.6 * len(names) + 1.6))
-    for ax, metric in zip(np.atleast_1d(axes), METRICS, strict=True):
-        y = np.arange(len(names))[::-1]
-        mean = np.array([100 * stats[n][metric]["mean"] for n in names])
-        lo = np.array([100 * stats[n][metric]["ci_low"] for n in names])
-        hi = np.array([100 * stats[n][metric]["ci_high"] for n in names])
+    fig, axes = plt.subplots(
+        1, len(METRICS), figsize=(11, 0.45 * len(names) + 1.6), sharey=True, squeeze=False
+    )
+    y = np.arange(len(names))[::-1]
+    for ax, metric in zip(axes[0], METRICS, strict=True):
         for i, name in enumerate(names):
+            m = stats[name][metric]
+            mean, lo, hi = (100 * m[k] for k in ("mean", "ci_low", "ci_high"))
             color = "tab:blue" if name.startswith("fine-tuned") else "0.45"
             ax.errorbar(
-                mean[i],
-                y[i],
-                xerr=[[mean[i] - lo[i]], [hi[i] - mean[i]]],
-                fmt="o",
-                color=color,
-                capsize=4,
+                mean, y[i], xerr=[[mean - lo], [hi - mean]], fmt="o", color=color, capsize=4
             )
-        ax.set_yticks(y, names)
-        ax.set_xlabel(f"test {metric} (%) with 95% bootstrap CI")
+        ax.set_xlabel(f"test {metric} (%), 95% bootstrap CI")
         ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(y, names)
     fig.suptitle("digits, 360 held-out test queries: frozen (grey) vs fine-tuned (blue)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -269,13 +290,24 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
     stats = summarise([e for group in entries.values() for e in group], args.resamples)
+    diagnosis = {m: diagnose_frozen(out / f"frozen-{m}") for m in frozen if m != "pixels"}
     text = table(stats, extra)
+    for model, d in diagnosis.items():
+        text += (
+            f"\nFrozen {model} train features: mean pairwise cosine "
+            f"{d['mean_pairwise_cosine']:.3f}; {d['directions_over_0.1pct_variance']} of "
+            f"{d['dim']} directions hold > 0.1 % of the (z-scored) variance; logistic-regression "
+            f"probe, 5-fold on train: {100 * d['linear_probe_5fold_accuracy']:.1f} % accuracy.\n"
+        )
     commands = log.read_text().splitlines()
     (out / "results.md").write_text(
         text + "\nCommands (wall time on this machine):\n\n```\n" + "\n".join(commands) + "\n```\n"
     )
     (out / "results.json").write_text(
-        json.dumps({"stats": stats, "runs": extra, "commands": commands}, indent=2)
+        json.dumps(
+            {"stats": stats, "runs": extra, "frozen_features": diagnosis, "commands": commands},
+            indent=2,
+        )
     )
     figure(stats, out / "results.png")
     print("\n" + text)

@@ -7,6 +7,7 @@ import torch
 
 from cbmir.errors import ConfigError
 from cbmir.extractors import create
+from cbmir.extractors.base import Extractor
 from cbmir.finetune.extractor import FineTunedExtractor, ProjectionHead
 from cbmir.finetune.strategy import apply_strategy, last_block_parameters
 
@@ -94,3 +95,29 @@ def test_frozen_parts_stay_in_eval_mode_when_the_module_trains() -> None:
     assert torch.equal(bn_layer1.running_mean, before)
     assert ext.base.model.layer4[0].conv1.weight.grad is not None
     assert ext.base.model.layer1[0].conv1.weight.grad is None
+
+
+class _ToyTower(Extractor):
+    """A non-timm network: a stem, a stack of identical blocks, a final norm."""
+
+    name = "toy"
+
+    def __init__(self) -> None:
+        super().__init__(input_size=None, min_size=None)
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.norm = torch.nn.LayerNorm(8)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x).relu()
+        return self.norm(x.mean(dim=(2, 3)))
+
+    def output_dim(self, image_shape=None) -> int:
+        return 8
+
+
+def test_last_block_of_a_non_timm_network_is_its_last_repeated_block() -> None:
+    names = last_block_parameters(_ToyTower(), (3, 16, 16))
+    assert names == {"blocks.2.weight", "blocks.2.bias", "norm.weight", "norm.bias"}
