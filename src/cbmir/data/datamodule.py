@@ -80,8 +80,11 @@ class RetrievalDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ subclass hooks
     def _fetch_source(self) -> None:
-        """Make sure `self.npz_file` exists (download, write, or explain how to get it)."""
-        raise NotImplementedError
+        """Make sure `self.npz_file` exists (download, write, or explain how to get it).
+
+        Subclasses add the ways to obtain it; the base only insists that it is there."""
+        if not self.npz_file.is_file():
+            raise DataError(f"{self.npz_file} does not exist.")
 
     def _expected_n(self) -> dict[str, int] | None:
         return None
