@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -22,3 +26,31 @@ def config_options(group: str) -> list[str]:
     return sorted(
         p.stem for p in (config_dir() / group).glob("*.yaml") if not p.stem.startswith("_")
     )
+
+
+def run_cbmir(
+    args: Sequence[str], root: Path, check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """The real `cbmir` in a subprocess, offline, every path under `root` (data/, synthetic/,
+    store/, logs/)."""
+    env = {
+        **os.environ,
+        "MEDMNIST_ROOT": str(root / "data"),
+        "CBMIR_SYNTHETIC_ROOT": str(root / "synthetic"),
+        "CBMIR_STORE": str(root / "store"),
+        "CBMIR_LOG_DIR": str(root / "logs"),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "cbmir.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=root,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cbmir failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tests import helpers
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cbmir(args: list[str], env_dirs: dict[str, Path], check: bool = True):
-    env = {
-        **os.environ,
-        "MEDMNIST_ROOT": str(env_dirs["data"]),
-        "CBMIR_SYNTHETIC_ROOT": str(env_dirs["synthetic"]),
-        "CBMIR_STORE": str(env_dirs["store"]),
-        "CBMIR_LOG_DIR": str(env_dirs["logs"]),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "cbmir.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=env_dirs["logs"].parent,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cbmir failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+def run_cbmir(args: list[str], dirs: dict[str, Path], check: bool = True):
+    return helpers.run_cbmir(args, dirs["logs"].parent, check=check, timeout=600)
 
 
 @pytest.fixture

@@ -4,12 +4,11 @@ what is missing, lists failures, and ends with its report written by the Hydra c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_cbmir
 
 JOBS = [
     f"{model}-{flag}-{size}"
@@ -17,30 +16,6 @@ JOBS = [
     for flag in ("breastmnist", "retinamnist")
     for size in (28, 64)
 ]
-
-
-def run_cbmir(args: list[str], root: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "MEDMNIST_ROOT": str(root / "data"),
-        "CBMIR_SYNTHETIC_ROOT": str(root / "synthetic"),
-        "CBMIR_STORE": str(root / "store"),
-        "CBMIR_LOG_DIR": str(root / "logs"),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "cbmir.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=root,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cbmir failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def _mtimes(sweep: Path) -> dict[str, int]:

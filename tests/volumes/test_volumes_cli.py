@@ -4,40 +4,19 @@ AdrenalMNIST3D file, and the error for a 3D set at a 2D-only size."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cbmir.data import catalog
+from tests import helpers
 
 
 def run_cbmir(args: list[str], dirs: dict[str, Path], check: bool = True):
     """The real `cbmir` in a subprocess, every path under the test's own folders."""
-    env = {
-        **os.environ,
-        "MEDMNIST_ROOT": str(dirs["data"]),
-        "CBMIR_SYNTHETIC_ROOT": str(dirs["synthetic"]),
-        "CBMIR_STORE": str(dirs["store"]),
-        "CBMIR_LOG_DIR": str(dirs["logs"]),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "cbmir.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=dirs["logs"].parent,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cbmir failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return helpers.run_cbmir(args, dirs["logs"].parent, check=check)
 
 
 @pytest.fixture
