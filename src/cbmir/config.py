@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 def config_dir() -> Path:
@@ -13,6 +14,17 @@ def config_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parents[2] / "configs"
+
+
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers (at any depth) -> plain dicts/lists: JSON-able identities, kwargs."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    return value
 
 
 def _if(condition: object, then: object, otherwise: object) -> object:

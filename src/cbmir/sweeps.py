@@ -16,25 +16,13 @@ import re
 from collections.abc import Iterable
 
 from cbmir.errors import ConfigError
+from cbmir.resume import VOLATILE_PATHS
 
 #: overrides already spelled out by the run name (model-dataset-size) or chosen by the preset
 IDENTITY_KEYS = frozenset({"model", "model.name", "data", "data.flag", "data.size", "cell"})
-#: overrides that never change a result (where files go, how they are logged, how fast)
-VOLATILE_KEYS = frozenset(
-    {
-        "experiment",
-        "logger",
-        "resume",
-        "data.root",
-        "data.download",
-        "data.batch_size",
-        "data.num_workers",
-        "retrieval.device",
-        "trainer.enable_progress_bar",
-        "trainer.default_root_dir",
-        "model.volume.slice_batch_size",
-    }
-)
+#: overrides that never change a result (where files go, how they are logged, how fast): the
+#: keys the resume fingerprint ignores, plus the preset's own name
+VOLATILE_KEYS = frozenset(VOLATILE_PATHS) | {"experiment"}
 VOLATILE_PREFIXES = ("paths.", "logger.", "hydra.", "hydra/")
 MAX_SUBDIR = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cbmir.config import to_plain as _plain
 from cbmir.errors import ConfigError
 
 REDUCTIONS = ("concat", "mean", "max")
@@ -203,14 +204,3 @@ def instantiate_extractor(model_cfg: Any) -> tuple[Any, VolumeSpec]:
 
     extractor_cfg, spec = split_model_config(model_cfg)
     return instantiate(extractor_cfg), spec
-
-
-def _plain(value: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return value

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from cbmir.config import to_plain as _plain
 from cbmir.errors import CbmirError
 
 from . import hub
@@ -190,22 +191,6 @@ class TimmExtractor(ModelTransform, Extractor):
         if self._model_transform:
             ident.update(self.transform_identity())
         return ident
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists (JSON-able identity, kwargs for timm)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _resolve_callables(kwargs: dict[str, Any]) -> dict[str, Any]:
