@@ -20,18 +20,26 @@ class FrozenEmbedder(L.LightningModule):
     """Runs an `Extractor` in eval mode without gradients; `predict_step` -> float32 [B, D].
 
     Precision (fp32, bf16-mixed, 16-mixed) comes from the Trainer, so the same module serves
-    CPU runs and autocast GPU runs. With `volume` set, inputs are volumes [B, D, H, W]: their
+    CPU runs and autocast GPU runs; pass the Trainer's `precision` here too, because anything
+    but float32 changes the numbers and so joins the embedding-store key (a bf16 run must not
+    reuse float32 embeddings or the reverse). `channels_last` is speed only (conv nets, mostly
+    on GPUs) and stays out of the key. With `volume` set, inputs are volumes [B, D, H, W]: their
     slices go through the 2D extractor in batches and are assembled per volume
     (`cbmir.volumes`); the volume settings then join the embedding-store key.
     """
 
     def __init__(
-        self, extractor: Extractor, channels_last: bool = False, volume: VolumeSpec | None = None
+        self,
+        extractor: Extractor,
+        channels_last: bool = False,
+        volume: VolumeSpec | None = None,
+        precision: str | int = "32-true",
     ) -> None:
         super().__init__()
         self.extractor = extractor.freeze()
         self.channels_last = channels_last
         self.volume = volume
+        self.precision = numeric_precision(precision)
 
     def on_predict_start(self) -> None:
         self.extractor.freeze()
@@ -58,11 +66,25 @@ class FrozenEmbedder(L.LightningModule):
 
     def store_key(self, data_identity: dict[str, Any]) -> str:
         """Embedding-store key of this embedder on one split: extractor (+ volume settings)."""
-        extra = {"volume": self.volume.identity()} if self.volume is not None else {}
+        extra: dict[str, Any] = {}
+        if self.volume is not None:
+            extra["volume"] = self.volume.identity()
+        if self.precision is not None:  # float32 keys stay as they were
+            extra["precision"] = self.precision
         return make_key(self.extractor.identity(), data_identity, **extra)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0):
         return self.embed_images(batch["image"]).float()
+
+
+def numeric_precision(precision: str | int) -> str | None:
+    """Lightning's `precision` as it bears on the embeddings: None for float32 ("32-true",
+    "32", 32), otherwise its canonical name ("bf16-mixed", "16-mixed", "64-true", ...)."""
+    name = str(precision).lower()
+    name = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}.get(
+        name, name
+    )
+    return None if name == "32-true" else name
 
 
 @dataclass

@@ -45,6 +45,15 @@ def finish_loggers(loggers: list[Any], status: str) -> None:
             wandb.finish(exit_code=0 if status == "success" else 1)
 
 
+def input_files(cfg: DictConfig, datamodule: Any) -> list[Path]:
+    """Files a job's results depend on beyond its config: the data file and local weights."""
+    files = [Path(datamodule.npz_file)]
+    checkpoint = cfg.model.get("checkpoint")
+    if checkpoint and Path(str(checkpoint)).expanduser().is_file():
+        files.append(Path(str(checkpoint)))
+    return files
+
+
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `metrics.json`)."""
     output_dir = Path(cfg.paths.output_dir)
@@ -65,6 +74,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         extractor,
         channels_last=bool(cfg.get("channels_last", False)),
         volume=volume if datamodule.is_volume else None,  # 2D keys stay free of volume settings
+        precision=cfg.trainer.get("precision", "32-true"),
     )
     volume_meta = {"volume": volume.identity()} if embedder.volume is not None else {}
 
@@ -83,6 +93,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
             meta={
                 "extractor": extractor.identity(),
                 "data": datamodule.identity(s),
+                "precision": embedder.precision or "32-true",
                 **volume_meta,
             },
         )
@@ -126,5 +137,5 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(loggers, status)
     metrics = dict(retrieval.metrics or {})
     log.info("job finished in %.1fs -> %s", time.perf_counter() - started, output_dir)
-    write_json(output_dir / "job.json", job_record(cfg, status))
+    write_json(output_dir / "job.json", job_record(cfg, status, input_files(cfg, datamodule)))
     return metrics

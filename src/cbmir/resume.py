@@ -7,6 +7,11 @@ directory (the presets set one without a timestamp) finds those files and return
 metrics instead of running again; a job with no results, an error, or another fingerprint
 runs. Embeddings are reused through the store either way, so a re-run costs a search.
 
+A config names files, it does not pin their contents: the data file and a `model.checkpoint`
+can be replaced at the same path. `job.json` therefore also records the size and mtime of the
+job's input files, and a finished job whose inputs changed (or vanished) since runs again; its
+store keys hash the new contents, so it embeds afresh rather than reusing stale embeddings.
+
 ``resume``: ``auto`` (default) resumes in multirun only, ``true`` also for single runs,
 ``false`` never.
 """
@@ -17,6 +22,7 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ VOLATILE_PATHS: tuple[str, ...] = (
     "trainer.default_root_dir",
     "model.volume.slice_batch_size",
     "gallery",  # pictures only; metrics do not depend on it
+    "channels_last",  # memory format: speed only
 )
 #: a job's own files that say whether (and how) it finished
 MARKERS = ("job.json", "metrics.json", "error.json")
@@ -83,11 +90,41 @@ def resume_enabled(cfg: DictConfig) -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def file_stamps(paths: Iterable[str | Path]) -> dict[str, dict[str, int]]:
+    """{absolute path: {size, mtime_ns}} of each input file: cheap to compare on a re-launch
+    (hashing multi-GB weights to decide whether to skip would cost what skipping saves)."""
+    stamps = {}
+    for path in paths:
+        resolved = Path(path).expanduser().resolve()
+        stat = resolved.stat()
+        stamps[str(resolved)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return stamps
+
+
+def changed_inputs(job: dict[str, Any]) -> list[str]:
+    """Input files recorded in `job` that are gone or differ from their recorded stamp."""
+    changed = []
+    for path, stamp in (job.get("inputs") or {}).items():
+        try:
+            now = file_stamps([path])[str(Path(path).resolve())]
+        except OSError:
+            now = None
+        if now != stamp:
+            changed.append(path)
+    return changed
+
+
 def finished_metrics(job_dir: Path, wanted: str) -> dict[str, Any] | None:
-    """The stored metrics of `job_dir` if it finished successfully with fingerprint `wanted`."""
+    """The stored metrics of `job_dir` if it finished successfully with fingerprint `wanted`
+    and its input files are as they were."""
     try:
         job = json.loads((job_dir / "job.json").read_text())
         if job.get("status") != "success" or job.get("fingerprint") != wanted:
+            return None
+        changed = changed_inputs(job)
+        if changed:
+            log.info("%s: input changed since it finished (%s): running again",
+                     job_dir.name, ", ".join(changed))  # fmt: skip
             return None
         return json.loads((job_dir / "metrics.json").read_text())
     except (OSError, ValueError):
@@ -119,6 +156,12 @@ def find_finished(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
-def job_record(cfg: DictConfig, status: str) -> dict[str, Any]:
-    """What `job.json` holds: the status, the run name and the config's fingerprint."""
-    return {"status": status, "run_name": cfg.get("run_name"), "fingerprint": fingerprint(cfg)}
+def job_record(cfg: DictConfig, status: str, inputs: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """What `job.json` holds: the status, the run name, the config's fingerprint and the
+    stamps of the input files (data file, local weights) the results were computed from."""
+    return {
+        "status": status,
+        "run_name": cfg.get("run_name"),
+        "fingerprint": fingerprint(cfg),
+        "inputs": file_stamps(inputs),
+    }

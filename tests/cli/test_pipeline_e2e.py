@@ -57,6 +57,18 @@ def test_second_run_with_another_distance_reuses_the_store(dirs) -> None:
     assert sorted(by_distance["euclidean"]["embedded_now"]) == ["test", "train"]
 
 
+def test_channels_last_reuses_the_store_but_bf16_embeds_anew(dirs) -> None:
+    run_cbmir(["experiment=offline", "model=resnet18"], dirs)
+    entries = sorted(p.name for p in dirs["store"].iterdir())
+    run_cbmir(["experiment=offline", "model=resnet18", "channels_last=true"], dirs)
+    assert sorted(p.name for p in dirs["store"].iterdir()) == entries  # speed only: cached
+    run_cbmir(["experiment=offline", "model=resnet18", "trainer.precision=bf16-mixed"], dirs)
+    new = sorted(set(p.name for p in dirs["store"].iterdir()) - set(entries))
+    assert len(new) == 2  # bf16 numbers never pass for float32 ones: test and train again
+    manifests = [json.loads((dirs["store"] / n / "manifest.json").read_text()) for n in new]
+    assert {m["precision"] for m in manifests} == {"bf16-mixed"}
+
+
 def test_multirun_sweeps_every_combination_and_survives_a_failing_job(dirs) -> None:
     proc = run_cbmir(
         [
@@ -125,3 +137,23 @@ def test_wandb_offline_one_finished_run_per_job_grouped_per_sweep(dirs) -> None:
     )
     assert sorted(r["summary"]["map@5"] for r in runs) == pytest.approx(measured)
     assert {r["config"]["retrieval"]["distance"] for r in runs} == {"euclidean", "cosine"}
+
+
+def test_resume_skips_a_finished_job_until_its_data_file_is_replaced(dirs, tmp_path) -> None:
+    from cbmir.data.synthetic import write_digits_npz
+
+    data = write_digits_npz(tmp_path / "mine.npz", size=28, seed=0)
+    run_dir = tmp_path / "run"
+    args = ["experiment=offline", "model=pixels", "data=npz", f"data.path={data}",
+            "resume=true", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    run_cbmir(args, dirs)
+    first = json.loads((run_dir / "metrics.json").read_text())
+    skipped = run_cbmir(args, dirs)
+    assert "skipping, results exist" in skipped.stdout + skipped.stderr
+    assert json.loads((run_dir / "metrics.json").read_text()) == first
+
+    write_digits_npz(data, size=28, seed=1)  # another split of the digits, same path
+    rerun = run_cbmir(args, dirs)
+    assert "input changed since it finished" in rerun.stdout + rerun.stderr
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert sorted(again["embedded_now"]) == ["test", "train"]  # new contents, new store keys

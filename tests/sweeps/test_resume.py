@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,23 @@ def test_resume_modes(tmp_path) -> None:
     with pytest.raises(ConfigError, match="auto, true or false"):
         find_finished(_cfg(job, "resume=sometimes"))
     assert json.loads((job / "metrics.json").read_text()) == {"acc@1": 0.5}
+
+
+def test_a_replaced_or_vanished_input_file_reruns_a_finished_job(tmp_path) -> None:
+    data = tmp_path / "mine.npz"
+    data.write_bytes(b"first contents")
+    job = tmp_path / "sweep" / "job"
+    cfg = _cfg(job)
+    write_json(job / "metrics.json", {"acc@1": 0.5})
+    write_json(job / "job.json", job_record(cfg, "success", [data]))
+    assert find_finished(cfg) == {"acc@1": 0.5}
+
+    stamp = data.stat()
+    data.write_bytes(b"other contents")  # same size, same path: only the mtime tells
+    os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    assert find_finished(cfg) is None
+
+    write_json(job / "metrics.json", {"acc@1": 0.5})
+    write_json(job / "job.json", job_record(cfg, "success", [data]))
+    data.unlink()
+    assert find_finished(cfg) is None

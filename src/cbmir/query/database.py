@@ -204,6 +204,7 @@ def build_embedder(cfg: DictConfig, volume: bool) -> Any:
         extractor,
         channels_last=bool(cfg.get("channels_last", False)),
         volume=spec if volume else None,
+        precision=OmegaConf.select(cfg, "trainer.precision", default="32-true"),
     )
 
 

@@ -1,0 +1,46 @@
+"""`cbmir.embedding`: what joins the store key (precision) and what does not (channels_last)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cbmir.embedding import FrozenEmbedder, numeric_precision
+from cbmir.extractors import create
+from cbmir.store import make_key
+
+DATA = {"dataset": "breastmnist", "size": 28, "split": "train", "sha256": "0" * 64}
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    return create("timm", model_name="resnet18", pretrained=False)
+
+
+@pytest.mark.parametrize("name", ["32-true", "32", 32])
+def test_float32_keys_are_the_plain_extractor_and_data_key(cnn, name) -> None:
+    assert numeric_precision(name) is None
+    key = FrozenEmbedder(cnn, precision=name).store_key(DATA)
+    assert key == make_key(cnn.identity(), DATA)
+
+
+def test_reduced_precision_gets_its_own_store_entry(cnn) -> None:
+    keys = {
+        name: FrozenEmbedder(cnn, precision=name).store_key(DATA)
+        for name in ("32-true", "bf16-mixed", "16-mixed", "64-true")
+    }
+    assert len(set(keys.values())) == 4
+    assert FrozenEmbedder(cnn, precision="bf16").store_key(DATA) == keys["bf16-mixed"]
+
+
+def test_channels_last_is_speed_only_same_key_same_embeddings(cnn) -> None:
+    images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
+    plain, fast = FrozenEmbedder(cnn), FrozenEmbedder(cnn, channels_last=True)
+    assert plain.store_key(DATA) == fast.store_key(DATA)
+    with torch.inference_mode():
+        expected = plain.predict_step({"image": images}, 0)
+        fast.on_predict_start()  # converts the weights, as Lightning does before predicting
+        got = fast.predict_step({"image": images}, 0)
+    cnn.to(memory_format=torch.contiguous_format)  # the module-scoped model, for other tests
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
