@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--noise", type=float, default=1.0, help="within-cluster std (centres: 1)")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(N))")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4 sqrt(N))")
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-construction", type=int, default=80)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cbmir.embedding import FrozenEmbedder, numeric_precision
+from cbmir.embedding import FrozenEmbedder, is_conv_net, numeric_precision
+from cbmir.errors import ConfigError
 from cbmir.extractors import create
 from cbmir.store import make_key
 
@@ -44,3 +45,15 @@ def test_channels_last_is_speed_only_same_key_same_embeddings(cnn) -> None:
         got = fast.predict_step({"image": images}, 0)
     cnn.to(memory_format=torch.contiguous_format)  # the module-scoped model, for other tests
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_auto_is_on_for_conv_nets_only(cnn) -> None:
+    vit = create("timm", model_name="vit_tiny_patch16_224", pretrained=False)
+    pixels = create("pixels")
+    assert is_conv_net(cnn) and not is_conv_net(vit) and not is_conv_net(pixels)
+    assert FrozenEmbedder(cnn, channels_last="auto").channels_last is True
+    assert FrozenEmbedder(vit, channels_last="auto").channels_last is False
+    assert FrozenEmbedder(pixels, channels_last="auto").channels_last is False
+    assert FrozenEmbedder(vit, channels_last=True).channels_last is True
+    with pytest.raises(ConfigError, match="true, false or auto"):
+        FrozenEmbedder(cnn, channels_last="sometimes")

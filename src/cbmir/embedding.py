@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from cbmir.errors import ConfigError
 from cbmir.extractors.base import Extractor
 from cbmir.store import EmbeddingStore, EntryWriter, make_key
 from cbmir.volumes import VolumeSpec, embed_volumes
@@ -31,20 +32,20 @@ class FrozenEmbedder(L.LightningModule):
     def __init__(
         self,
         extractor: Extractor,
-        channels_last: bool = False,
+        channels_last: bool | str = False,
         volume: VolumeSpec | None = None,
         precision: str | int = "32-true",
     ) -> None:
         super().__init__()
         self.extractor = extractor.freeze()
-        self.channels_last = channels_last
+        self.channels_last = resolve_channels_last(channels_last, extractor)
         self.volume = volume
         self.precision = numeric_precision(precision)
 
     def on_predict_start(self) -> None:
         self.extractor.freeze()
-        if self.channels_last:
-            self.extractor.to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.extractor.to(memory_format=memory_format)  # a no-op when already in that format
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, C, H, W] (volumes [B, D, H, W] when `volume` is set) -> [B, dim]."""
@@ -75,6 +76,25 @@ class FrozenEmbedder(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0):
         return self.embed_images(batch["image"]).float()
+
+
+def is_conv_net(module: torch.nn.Module) -> bool:
+    """True for convolutional backbones (ResNet, DenseNet, VGG, EfficientNet, ConvNeXt), whose
+    many 2D convolutions gain from channels_last; ViTs and Swin have one (the patch embedding)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in module.modules()) > 2
+
+
+def parse_channels_last(setting: bool | str) -> bool | str:
+    """Validate `channels_last` (true / false / auto) before any heavy work."""
+    if isinstance(setting, bool) or str(setting).lower() == "auto":
+        return setting if isinstance(setting, bool) else "auto"
+    raise ConfigError(f"channels_last={setting!r}: use true, false or auto")
+
+
+def resolve_channels_last(setting: bool | str, extractor: torch.nn.Module) -> bool:
+    """`channels_last`: true / false, or "auto" (on for conv nets, see `is_conv_net`)."""
+    setting = parse_channels_last(setting)
+    return is_conv_net(extractor) if setting == "auto" else bool(setting)
 
 
 def numeric_precision(precision: str | int) -> str | None:

@@ -15,7 +15,12 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cbmir.embedding import EmbeddingStoreWriter, FrozenEmbedder, PlannedEntry
+from cbmir.embedding import (
+    EmbeddingStoreWriter,
+    FrozenEmbedder,
+    PlannedEntry,
+    parse_channels_last,
+)
 from cbmir.io_utils import write_json, write_text
 from cbmir.resume import find_finished, job_record
 from cbmir.retrieval.callback import RetrievalCallback
@@ -66,13 +71,14 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
 
     # cheap validation first (dataset, size, files), heavy work (weights, embedding) after
     model_cfg, volume = split_model_config(cfg.model)  # model.volume is not an extractor arg
+    channels_last = parse_channels_last(cfg.get("channels_last", False))
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("predict")
     extractor = instantiate(model_cfg)
     embedder = FrozenEmbedder(
         extractor,
-        channels_last=bool(cfg.get("channels_last", False)),
+        channels_last=channels_last,
         volume=volume if datamodule.is_volume else None,  # 2D keys stay free of volume settings
         precision=cfg.trainer.get("precision", "32-true"),
     )

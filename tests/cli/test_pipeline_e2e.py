@@ -60,7 +60,7 @@ def test_second_run_with_another_distance_reuses_the_store(dirs) -> None:
 def test_channels_last_reuses_the_store_but_bf16_embeds_anew(dirs) -> None:
     run_cbmir(["experiment=offline", "model=resnet18"], dirs)
     entries = sorted(p.name for p in dirs["store"].iterdir())
-    run_cbmir(["experiment=offline", "model=resnet18", "channels_last=true"], dirs)
+    run_cbmir(["experiment=offline", "model=resnet18", "channels_last=false"], dirs)  # auto: on
     assert sorted(p.name for p in dirs["store"].iterdir()) == entries  # speed only: cached
     run_cbmir(["experiment=offline", "model=resnet18", "trainer.precision=bf16-mixed"], dirs)
     new = sorted(set(p.name for p in dirs["store"].iterdir()) - set(entries))
@@ -109,6 +109,7 @@ def test_multirun_sweeps_every_combination_and_survives_a_failing_job(dirs) -> N
         (["data=nosuchdata"], "Available options"),
         (["model=nosuchmodel"], "Available options"),
         (["data.download=false"], "breastmnist.npz"),
+        (["channels_last=sometimes"], "use true, false or auto"),
     ],
 )
 def test_bad_input_is_a_message_not_a_traceback(dirs, args, message) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from cbmir.report.build import build_report
 from cbmir.report.collect import collect
+from cbmir.report.figures import dataset_figure
 
 
 @pytest.fixture
@@ -83,6 +84,11 @@ def test_custom_data_without_a_size_gets_its_own_table(sweep, npz_job) -> None:
     table = (sweep / "report" / "tables" / "other_data.md").read_text()
     assert "| digits | pixels |" in table
     assert "## Other data (no MedMNIST size)" in report.markdown
+    # its bar chart has its bar (a run without a size is a series of its own, not left out)
+    plain = report.done[report.done["setting"] == ""]
+    axes = dataset_figure(plain, "digits").axes[0]
+    heights = [bar.get_height() for bar in axes.patches]
+    assert len(heights) == 1 and 0 < heights[0] <= 100
 
 
 def test_wandb_summary_run_offline_holds_every_job(sweep, monkeypatch, capsys) -> None:

@@ -202,7 +202,7 @@ def build_embedder(cfg: DictConfig, volume: bool) -> Any:
     extractor, spec = instantiate_extractor(cfg.model)
     return FrozenEmbedder(
         extractor,
-        channels_last=bool(cfg.get("channels_last", False)),
+        channels_last=cfg.get("channels_last", False),
         volume=spec if volume else None,
         precision=OmegaConf.select(cfg, "trainer.precision", default="32-true"),
     )

@@ -37,21 +37,30 @@ def _draw(
     legend: bool,
 ) -> None:
     models = sorted(df["model"].unique(), key=model_order)
-    sizes = sorted(int(s) for s in df["size"].dropna().unique())
+    sizes: list[int | None] = sorted(int(s) for s in df["size"].dropna().unique())
+    if df["size"].isna().any():  # custom data (data=npz) keeps its stored size: one more series
+        sizes.append(None)
     width = 0.8 / max(len(sizes), 1)
     x = np.arange(len(models))
     colors = [f"C{i}" for i in range(len(sizes))]
     for i, size in enumerate(sizes):
-        at = df[df["size"] == size].set_index("model")
+        rows = df[df["size"].isna()] if size is None else df[df["size"] == size]
+        at = rows.set_index("model")
         values = np.array([at[col].get(m, np.nan) for m in models], dtype=float)
         low = np.array([at[f"{col}_low"].get(m, np.nan) for m in models], dtype=float)
         high = np.array([at[f"{col}_high"].get(m, np.nan) for m in models], dtype=float)
         err = np.vstack([values - low, high - values])
         err = np.where(np.isnan(err), 0.0, err)
         pos = x - 0.4 + width * (i + 0.5)
-        ax.bar(pos, values, width, color=colors[i], label=f"{size} px")
+        ax.bar(
+            pos,
+            values,
+            width,
+            color=colors[i],
+            label="stored size" if size is None else f"{size} px",
+        )
         ax.errorbar(pos, values, yerr=err, fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
-        if reference is not None:
+        if reference is not None and size is not None:
             ref = reference[reference["size"] == size].set_index("model")[col]
             paper = np.array([ref.get(m, np.nan) for m in models], dtype=float)
             ax.scatter(pos, paper, marker="D", s=14, color="black", zorder=3, label=None)

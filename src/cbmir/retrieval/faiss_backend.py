@@ -69,7 +69,7 @@ def build_index(
 ) -> Any:
     """Build a faiss index over the database rows.
 
-    kind "flat": exact. "ivf": inverted lists, params nlist (default sqrt(N)), train_size
+    kind "flat": exact. "ivf": inverted lists, params nlist (default 4 sqrt(N)), train_size
     (default 64 * nlist rows sampled for k-means), seed, nprobe (default 16). "hnsw": graph,
     params M (32), ef_construction (80), ef_search (64).
     """
@@ -87,7 +87,9 @@ def build_index(
     if kind == "flat":
         index = faiss.index_factory(dim, "Flat", metric)
     elif kind == "ivf":
-        nlist = int(params.get("nlist") or max(1, min(int(math.sqrt(n)), n // 39)))
+        # faiss' guidance is 4-16 sqrt(N) lists; sqrt(N) made lists so long that IVF barely
+        # beat flat (docs/benchmarks.md). At least 39 training rows per list.
+        nlist = int(params.get("nlist") or max(1, min(int(4 * math.sqrt(n)), n // 39)))
         index = faiss.index_factory(dim, f"IVF{nlist},Flat", metric)
         train_size = min(n, int(params.get("train_size") or 64 * nlist))
         rng = np.random.default_rng(params.get("seed", 0))
