@@ -11,13 +11,12 @@ change of summation order, channels_last included, moves its embeddings as much.
 
     python scripts/bench_channels_last.py
     python scripts/bench_channels_last.py --models resnet50 biomedclip --size 224 --batches 2
-    python scripts/bench_channels_last.py --device cuda --precision bf16 --batch-size 128
+    python scripts/bench_channels_last.py --device cuda --precision bf16-mixed --batch-size 128
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import sys
@@ -30,10 +29,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cbmir.embedding import FrozenEmbedder, is_conv_net  # noqa: E402
+from cbmir.embedding import (  # noqa: E402
+    AUTOCAST_DTYPES,
+    FrozenEmbedder,
+    autocast_for,
+    is_conv_net,
+)
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "densenet121", "vgg19", "efficientnetv2_m"]
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(name: str, args: argparse.Namespace):
@@ -50,9 +53,7 @@ def build(name: str, args: argparse.Namespace):
 
 def timed(embedder: FrozenEmbedder, batches: list[torch.Tensor], args) -> tuple[float, np.ndarray]:
     device = torch.device(args.device)
-    dtype = AUTOCAST.get(args.precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast_for(args.precision, device.type):
         first = embedder.embed_images(batches[0])  # warm-up (and the compared embeddings)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -67,7 +68,7 @@ def timed(embedder: FrozenEmbedder, batches: list[torch.Tensor], args) -> tuple[
 
 def rounding_floor(extractor, images, float32_rows, scale: float, args) -> float:
     """max |float32 - float64| / scale on `images` (nan on a GPU or under autocast)."""
-    if args.device != "cpu" or args.precision != "fp32":
+    if args.device != "cpu" or args.precision != "32-true":
         return float("nan")
     reference = copy.deepcopy(extractor).double()
     with torch.inference_mode():
@@ -79,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="fp32", choices=["fp32", *AUTOCAST])
+    parser.add_argument("--precision", default="32-true", choices=["32-true", *AUTOCAST_DTYPES])
     parser.add_argument("--size", type=int, default=64, help="side of the raw uint8 images")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=4)

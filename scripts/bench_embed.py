@@ -18,7 +18,6 @@ and writes float32 rows back to the store.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import tempfile
@@ -31,11 +30,15 @@ import numpy as np
 import torch
 
 from cbmir.data import NpzDataModule
-from cbmir.embedding import EmbeddingStoreWriter, FrozenEmbedder, PlannedEntry
+from cbmir.embedding import (
+    AUTOCAST_DTYPES,
+    EmbeddingStoreWriter,
+    FrozenEmbedder,
+    PlannedEntry,
+    autocast_for,
+)
 from cbmir.extractors import create
 from cbmir.store import EmbeddingStore, make_key
-
-AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def write_npz(path: Path, n: int, size: int, seed: int = 0) -> Path:
@@ -58,8 +61,7 @@ def bare_forward(embedder: FrozenEmbedder, images: torch.Tensor, args) -> float:
         )
         for i in range(0, len(images), args.batch)
     ]
-    dtype = AUTOCAST.get(args.precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    autocast = autocast_for(args.precision, device.type)
     synchronize()
     started = time.perf_counter()
     with torch.inference_mode(), autocast:
@@ -76,8 +78,7 @@ def input_costs(embedder: FrozenEmbedder, datamodule, args) -> tuple[float, floa
     started = time.perf_counter()
     batches = sum(1 for _ in datamodule.predict_dataloader())
     loader = (time.perf_counter() - started) / batches
-    dtype = AUTOCAST.get(args.precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    autocast = autocast_for(args.precision, device.type)
     started = time.perf_counter()
     with torch.inference_mode(), autocast:
         for batch in datamodule.predict_dataloader():
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="32-true", choices=["32-true", *AUTOCAST])
+    parser.add_argument("--precision", default="32-true", choices=["32-true", *AUTOCAST_DTYPES])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -172,11 +173,11 @@ def main() -> None:
         )
         print(f"load average at end {os.getloadavg()}")
         # the store holds what the model computes: rows equal a direct forward of the same images
-        dtype = AUTOCAST.get(args.precision)
-        device = torch.device(args.device)
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        autocast = autocast_for(args.precision, torch.device(args.device).type)
         with torch.inference_mode(), autocast:
-            direct = embedder.embed_images(images[: args.batch].to(device)).float().cpu().numpy()
+            direct = (
+                embedder.embed_images(images[: args.batch].to(args.device)).float().cpu().numpy()
+            )
         gap = float(np.abs(store.load(key).embeddings[: args.batch] - direct).max())
         scale = float(np.abs(direct).max())
         print(f"stored rows vs a direct forward: max |diff| {gap:.2e} (max |value| {scale:.2e})")

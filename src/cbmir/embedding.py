@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,17 @@ def resolve_channels_last(setting: bool | str, extractor: torch.nn.Module) -> bo
     """`channels_last`: true / false, or "auto" (on for conv nets, see `is_conv_net`)."""
     setting = parse_channels_last(setting)
     return is_conv_net(extractor) if setting == "auto" else bool(setting)
+
+
+#: Lightning precision -> the autocast dtype its predict loop runs the model under
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def autocast_for(precision: str | int, device_type: str) -> contextlib.AbstractContextManager:
+    """The autocast that Lightning's `precision` means, for code that embeds outside a Trainer
+    (query embedding, benchmarks); a null context for float32 / float64."""
+    dtype = AUTOCAST_DTYPES.get(numeric_precision(precision) or "32-true")
+    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def numeric_precision(precision: str | int) -> str | None:

@@ -93,12 +93,13 @@ def resume_enabled(cfg: DictConfig) -> bool:
 def file_stamps(paths: Iterable[str | Path]) -> dict[str, dict[str, int]]:
     """{absolute path: {size, mtime_ns}} of each input file: cheap to compare on a re-launch
     (hashing multi-GB weights to decide whether to skip would cost what skipping saves)."""
-    stamps = {}
-    for path in paths:
-        resolved = Path(path).expanduser().resolve()
-        stat = resolved.stat()
-        stamps[str(resolved)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return stamps
+    resolved = [Path(path).expanduser().resolve() for path in paths]
+    return {str(path): _stamp(path) for path in resolved}
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def changed_inputs(job: dict[str, Any]) -> list[str]:
@@ -106,10 +107,10 @@ def changed_inputs(job: dict[str, Any]) -> list[str]:
     changed = []
     for path, stamp in (job.get("inputs") or {}).items():
         try:
-            now = file_stamps([path])[str(Path(path).resolve())]
+            unchanged = _stamp(Path(path)) == stamp
         except OSError:
-            now = None
-        if now != stamp:
+            unchanged = False
+        if not unchanged:
             changed.append(path)
     return changed
 

@@ -10,11 +10,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cbmir.embedding import FrozenEmbedder
+from cbmir.embedding import AUTOCAST_DTYPES, FrozenEmbedder, autocast_for, numeric_precision
 from cbmir.errors import ConfigError, EmbeddingError
-
-#: Lightning precision -> autocast dtype; the run's embeddings were computed under it
-_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -27,14 +24,13 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def _precision(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
-    if precision in _AUTOCAST:
-        return torch.autocast(device.type, dtype=_AUTOCAST[precision])
-    if precision not in ("32-true", "32", "64-true", "64"):
+    # the run's embeddings were computed under this autocast: the queries must be too
+    if numeric_precision(precision) not in (None, "64-true", *AUTOCAST_DTYPES):
         warnings.warn(
             f"the run used trainer.precision={precision}; queries are embedded in float32",
             stacklevel=2,
         )
-    return contextlib.nullcontext()
+    return autocast_for(precision, device.type)
 
 
 def embed_queries(
@@ -83,7 +79,8 @@ def check_reproduces(
     fresh = embed_queries(embedder, [item], cfg, device)[0].astype(np.float64)
     stored = np.asarray(stored, dtype=np.float64)
     error = float(np.linalg.norm(fresh - stored) / max(np.linalg.norm(stored), 1e-12))
-    mixed = str(OmegaConf.select(cfg, "trainer.precision", default="32-true")) in _AUTOCAST
+    precision = OmegaConf.select(cfg, "trainer.precision", default="32-true")
+    mixed = numeric_precision(precision) in AUTOCAST_DTYPES
     limit = TOLERANCE["mixed" if mixed else "exact"]
     if not error <= limit:
         raise EmbeddingError(
