@@ -25,6 +25,7 @@ from cbmir.io_utils import write_json, write_text
 from cbmir.resume import find_finished, job_record
 from cbmir.retrieval.callback import RetrievalCallback
 from cbmir.store import EmbeddingStore
+from cbmir.validation import check_data, validate_job
 from cbmir.viz.gallery import write_gallery
 from cbmir.volumes import split_model_config
 
@@ -61,6 +62,7 @@ def input_files(cfg: DictConfig, datamodule: Any) -> list[Path]:
 
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `metrics.json`)."""
+    settings = validate_job(cfg)  # every setting and path, before any data or weights
     output_dir = Path(cfg.paths.output_dir)
     finished = find_finished(cfg)  # resumable sweeps: same config, results exist -> skip
     if finished is not None:
@@ -75,6 +77,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("predict")
+    check_data(settings, datamodule)  # k vs the database size, labels that rank trivially
     extractor = instantiate(model_cfg)
     embedder = FrozenEmbedder(
         extractor,

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 from cbmir.io_utils import write_json, write_npz
 from cbmir.report.bootstrap import bootstrap_cis
+from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,25 @@ class RetrievalCallback(Callback):
         faiss: dict[str, Any] | None = None,
         embedded_now: list[str] | None = None,
     ) -> None:
+        settings = RetrievalSettings.from_config(
+            {
+                "k": k,
+                "distance": distance,
+                "acc_ks": acc_ks,
+                "device": device,
+                "search": search_kwargs,
+                "backend": backend,
+                "faiss": faiss,
+            }
+        )  # the pipeline checked these before embedding; direct callers get the same rules
         self.store = store
         self.query_key, self.database_key = query_key, database_key
         self.output_dir = Path(output_dir)
-        self.k, self.distance, self.acc_ks = int(k), distance, tuple(acc_ks)
-        self.device = device
-        self.search_kwargs = dict(search_kwargs or {})
-        self.backend = backend
-        self.faiss = dict(faiss or {})
+        self.k, self.distance, self.acc_ks = settings.k, settings.distance, settings.acc_ks
+        self.device = settings.device
+        self.search_kwargs = settings.search
+        self.backend = settings.backend
+        self.faiss = {"kind": settings.faiss_kind, "params": settings.faiss_params}
         self.embedded_now = list(embedded_now or [])
         self.metrics: dict[str, Any] | None = None
         self.per_query: dict[str, np.ndarray] | None = None
@@ -91,7 +103,7 @@ class RetrievalCallback(Callback):
             queries.labels,
             database.labels,
             map_k=self.k,
-            acc_ks=tuple(a for a in self.acc_ks if a <= self.k),
+            acc_ks=self.acc_ks,
             mmv_k=self.k,
             return_per_query=True,
         )

@@ -21,33 +21,27 @@ import numpy as np
 import torch
 
 from cbmir.errors import CbmirError, ConfigError
-from cbmir.retrieval.search import DISTANCES, _as_matrix, check_finite, knn_search
+from cbmir.retrieval.search import _as_matrix, check_finite, knn_search
+from cbmir.retrieval.settings import (
+    FAISS_SEARCH_PARAMS,
+    check_backend,
+    check_distance,
+    check_faiss,
+    check_k,
+)
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "ivf", "hnsw")
-BACKENDS = ("torch", "faiss")
-_BUILD_PARAMS = {
-    "flat": set(),
-    "ivf": {"nlist", "train_size", "seed"},
-    "hnsw": {"M", "ef_construction"},
-}
-_SEARCH_PARAMS = {"nprobe", "ef_search"}
 
-
-def _faiss() -> Any:
+def require_faiss() -> Any:
+    """The faiss module, or a CbmirError saying how to install it (an optional dependency)."""
     try:
         import faiss
-    except ImportError as err:  # optional dependency
+    except ImportError as err:
         raise CbmirError(
             "the faiss backend needs faiss: pip install faiss-cpu (or the cbmir[faiss] extra)"
         ) from err
     return faiss
-
-
-def _check_distance(distance: str) -> None:
-    if distance not in DISTANCES:
-        raise ConfigError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
 
 
 def _prepare(data: np.ndarray | torch.Tensor, name: str, cosine: bool) -> np.ndarray:
@@ -73,14 +67,9 @@ def build_index(
     (default 64 * nlist rows sampled for k-means), seed, nprobe (default 16). "hnsw": graph,
     params M (32), ef_construction (80), ef_search (64).
     """
-    faiss = _faiss()
-    _check_distance(distance)
-    if kind not in KINDS:
-        raise ConfigError(f"unknown faiss index kind {kind!r}; choose one of {', '.join(KINDS)}")
-    unknown = set(params) - _BUILD_PARAMS[kind] - _SEARCH_PARAMS
-    if unknown:
-        allowed = sorted(_BUILD_PARAMS[kind] | _SEARCH_PARAMS)
-        raise ConfigError(f"unknown {kind} index parameters {sorted(unknown)}; allowed {allowed}")
+    faiss = require_faiss()
+    check_distance(distance)
+    check_faiss(kind, params)
     x = _prepare(database, "database", distance == "cosine")
     n, dim = x.shape
     metric = faiss.METRIC_INNER_PRODUCT if distance == "cosine" else faiss.METRIC_L2
@@ -99,13 +88,13 @@ def build_index(
         index = faiss.index_factory(dim, f"HNSW{int(params.get('M', 32))},Flat", metric)
         index.hnsw.efConstruction = int(params.get("ef_construction", 80))
     index.add(x)
-    set_search_params(index, **{k: v for k, v in params.items() if k in _SEARCH_PARAMS})
+    set_search_params(index, **{k: v for k, v in params.items() if k in FAISS_SEARCH_PARAMS})
     return index
 
 
 def set_search_params(index: Any, nprobe: int | None = None, ef_search: int | None = None) -> None:
     """Recall/speed knobs: IVF nprobe (default 16), HNSW efSearch (default 64)."""
-    faiss = _faiss()
+    faiss = require_faiss()
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = int(nprobe or 16)
@@ -117,15 +106,12 @@ def search(
     index: Any, queries: np.ndarray | torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest database rows per query, in the `knn_search` convention (see module doc)."""
-    faiss = _faiss()
+    faiss = require_faiss()
     cosine = index.metric_type == faiss.METRIC_INNER_PRODUCT
     q = _prepare(queries, "queries", cosine)
     if q.shape[1] != index.d:
         raise ConfigError(f"queries have dimension {q.shape[1]} but the index has {index.d}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"k must be a positive integer, got {k!r}")
-    if k > index.ntotal:
-        raise ConfigError(f"k={k} exceeds the {index.ntotal} indexed rows")
+    k = check_k(k, n_database=index.ntotal)
     raw_d, raw_i = index.search(q, int(k))
     d = torch.from_numpy(raw_d.astype(np.float32))
     i = torch.from_numpy(raw_i.astype(np.int64))
@@ -141,7 +127,7 @@ def search(
 
 def save_index(index: Any, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write the index (and optional JSON metadata beside it) atomically: tmp file, os.replace."""
-    faiss = _faiss()
+    faiss = require_faiss()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -163,7 +149,7 @@ def save_index(index: Any, path: str | Path, meta: dict[str, Any] | None = None)
 
 def load_index(path: str | Path) -> Any:
     """Read an index written by `save_index`."""
-    faiss = _faiss()
+    faiss = require_faiss()
     path = Path(path)
     if not path.is_file():
         raise CbmirError(f"no faiss index at {path}")
@@ -199,13 +185,11 @@ def knn_search_backend(
     With faiss and `index_path`, an index saved there for the same kind, distance, parameters
     and database (fingerprint) is reused; otherwise it is built and saved there.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "torch":
+    if check_backend(backend) == "torch":
         return knn_search(queries, database, k, distance, **kw)
-    _check_distance(distance)
+    check_distance(distance)
     db = np.ascontiguousarray(_as_matrix(database, "database").cpu().numpy(), dtype=np.float32)
-    build_params = {key: v for key, v in kw.items() if key not in _SEARCH_PARAMS}
+    build_params = {key: v for key, v in kw.items() if key not in FAISS_SEARCH_PARAMS}
     meta = {
         "kind": faiss_kind,
         "distance": distance,
@@ -227,5 +211,5 @@ def knn_search_backend(
         index = build_index(db, faiss_kind, distance, **build_params)
         if index_path is not None:
             save_index(index, index_path, meta)
-    set_search_params(index, **{key: v for key, v in kw.items() if key in _SEARCH_PARAMS})
+    set_search_params(index, **{key: v for key, v in kw.items() if key in FAISS_SEARCH_PARAMS})
     return search(index, queries, k)

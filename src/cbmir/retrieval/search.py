@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from cbmir.errors import ConfigError, EmbeddingError
+from cbmir.retrieval.settings import DISTANCES, check_distance, check_k  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
 
-DISTANCES = ("euclidean", "cosine")
 BLOCK_BYTES = 128 * 2**20
 """Target size of one score block; query_chunk/db_chunk are derived from it."""
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -392,8 +392,7 @@ def knn_search(
     (torch.float16 / torch.bfloat16) scores in half precision before the exact re-rank;
     `rerank=False` returns the unverified GEMM-based result (faster, not exact).
     """
-    if distance not in DISTANCES:
-        raise ConfigError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+    check_distance(distance)
     if score_dtype is not None and score_dtype not in _HALF_TYPES:
         raise ConfigError(
             f"score_dtype must be torch.float16, torch.bfloat16 or None, got {score_dtype}"
@@ -402,11 +401,7 @@ def knn_search(
     x = _as_matrix(database, "database")
     if q.shape[1] != x.shape[1]:
         raise ConfigError(f"queries have dimension {q.shape[1]} but the database has {x.shape[1]}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"k must be a positive integer, got {k!r}")
-    k = int(k)
-    if k > x.shape[0]:
-        raise ConfigError(f"k={k} exceeds the {x.shape[0]} database rows")
+    k = check_k(k, n_database=x.shape[0])
     query_chunk = _positive_int(query_chunk, "query_chunk")
     db_chunk = _positive_int(db_chunk, "db_chunk")
     q_norms = check_finite(q, "queries")

@@ -1,0 +1,200 @@
+"""Every retrieval setting's rule, stated once.
+
+The pipeline checks a job's `retrieval` config with `RetrievalSettings.from_config` before any
+weights are loaded, and `check_database` once the database split's size is known, so a typo
+costs seconds, not an embedding run. `knn_search`, the faiss backend, the retrieval callback and
+the query tool call the same functions on their arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cbmir.errors import ConfigError
+
+DISTANCES = ("euclidean", "cosine")
+BACKENDS = ("torch", "faiss")
+FAISS_KINDS = ("flat", "ivf", "hnsw")
+#: faiss index parameters per kind (build time) and for every kind (search time)
+FAISS_BUILD_PARAMS: dict[str, frozenset[str]] = {
+    "flat": frozenset(),
+    "ivf": frozenset({"nlist", "train_size", "seed"}),
+    "hnsw": frozenset({"M", "ef_construction"}),
+}
+FAISS_SEARCH_PARAMS = frozenset({"nprobe", "ef_search"})
+#: `retrieval.search` keys (knn_search options a config can set) and their value rules
+SEARCH_OPTIONS = ("query_chunk", "db_chunk", "score_dtype", "rerank")
+SCORE_DTYPES = ("float16", "bfloat16")
+SEARCH_DEVICES = ("auto", "cpu", "cuda")
+
+
+def is_int(value: Any) -> bool:
+    """A real integer (a bool, float or numeric string is not)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def positive_int(value: Any, key: str) -> int:
+    if not is_int(value) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_distance(distance: Any, key: str = "distance") -> str:
+    if distance not in DISTANCES:
+        raise ConfigError(f"unknown {key} {distance!r}; choose one of {', '.join(DISTANCES)}")
+    return str(distance)
+
+
+def check_k(k: Any, n_database: int | None = None, key: str = "k") -> int:
+    """k >= 1, and at most the database rows when their number is known."""
+    k = positive_int(k, key)
+    if n_database is not None and k > n_database:
+        raise ConfigError(f"{key}={k} exceeds the {n_database} database rows")
+    return k
+
+
+def check_backend(backend: Any) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return str(backend)
+
+
+def check_acc_ks(acc_ks: Any, k: int, key: str = "acc_ks") -> tuple[int, ...]:
+    """ACC@a needs a neighbours: every a is a positive integer <= k (never silently dropped)."""
+    if isinstance(acc_ks, str | bytes) or not isinstance(acc_ks, Sequence):
+        raise ConfigError(f"{key} must be a list of positive integers, got {acc_ks!r}")
+    values = tuple(positive_int(a, f"every {key} entry") for a in acc_ks)
+    beyond = [a for a in values if a > k]
+    if beyond:
+        kept = [a for a in values if a <= k]
+        raise ConfigError(
+            f"{key}={list(values)} asks for acc@{beyond[0]} but only k={k} neighbours are "
+            f"retrieved; raise k or set {key}={kept}"
+        )
+    return values
+
+
+def check_faiss(kind: Any, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A known index kind and only its own parameters, each an integer of the right range."""
+    if kind not in FAISS_KINDS:
+        raise ConfigError(
+            f"unknown faiss index kind {kind!r}; choose one of {', '.join(FAISS_KINDS)}"
+        )
+    params = dict(params or {})
+    allowed = FAISS_BUILD_PARAMS[kind] | FAISS_SEARCH_PARAMS
+    unknown = set(params) - allowed
+    if unknown:
+        raise ConfigError(
+            f"unknown {kind} index parameters {sorted(unknown)}; allowed {sorted(allowed)}"
+        )
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name == "seed":
+            if not is_int(value) or value < 0:
+                raise ConfigError(f"faiss seed must be an integer >= 0, got {value!r}")
+        else:
+            positive_int(value, f"faiss {name}")
+    return params
+
+
+def check_faiss_database(kind: str, params: Mapping[str, Any], n_database: int) -> None:
+    """IVF trains one centroid per list on database rows: it cannot have more lists than rows."""
+    nlist = params.get("nlist")
+    if kind == "ivf" and nlist is not None and nlist > n_database:
+        raise ConfigError(
+            f"faiss nlist={nlist} exceeds the {n_database} database rows; lower it or leave it "
+            "unset (default 4 sqrt(N))"
+        )
+
+
+def search_options(options: Mapping[str, Any] | None, key: str = "search") -> dict[str, Any]:
+    """`retrieval.search` as knn_search keyword arguments (score_dtype named -> torch dtype)."""
+    import torch
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(SEARCH_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown {key} option(s) {unknown}; allowed {list(SEARCH_OPTIONS)}")
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in ("query_chunk", "db_chunk"):
+            out[name] = positive_int(value, f"{key}.{name}")
+        elif name == "rerank":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}.rerank must be true or false, got {value!r}")
+            out[name] = value
+        elif isinstance(value, torch.dtype) and str(value).removeprefix("torch.") in SCORE_DTYPES:
+            out[name] = value  # already converted (a second check of the same settings)
+        else:
+            if value not in SCORE_DTYPES:
+                raise ConfigError(
+                    f"{key}.score_dtype must be {', '.join(SCORE_DTYPES)} or null, got {value!r}"
+                )
+            out[name] = getattr(torch, value)
+    return out
+
+
+def check_device(device: Any, key: str = "device") -> str:
+    """auto, cpu, cuda or cuda:N; cuda only where a CUDA device is present."""
+    import torch
+
+    name = str(device)
+    if name.split(":")[0] not in SEARCH_DEVICES or (":" in name and not name.startswith("cuda:")):
+        raise ConfigError(f"{key}={device!r}; choose one of {', '.join(SEARCH_DEVICES)} (cuda:N)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name} but no CUDA device is available; use auto or cpu")
+    return name
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """A validated `retrieval` config (see configs/retrieval/paper.yaml)."""
+
+    k: int = 5
+    distance: str = "euclidean"
+    acc_ks: tuple[int, ...] = (1, 3, 5)
+    device: str = "auto"
+    backend: str = "torch"
+    search: dict[str, Any] = field(default_factory=dict)
+    faiss_kind: str = "flat"
+    faiss_params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, conf: Mapping[str, Any]) -> RetrievalSettings:
+        """Check every key of a `retrieval` config (a DictConfig or dict); ConfigError names it."""
+        from cbmir.config import to_plain
+
+        conf = dict(to_plain(conf))
+        k = check_k(conf.get("k", 5), key="retrieval.k")
+        faiss = conf.get("faiss") or {}
+        if not isinstance(faiss, Mapping):
+            raise ConfigError(f"retrieval.faiss must be a mapping, got {faiss!r}")
+        kind = faiss.get("kind", "flat")
+        backend = check_backend(conf.get("backend", "torch"))
+        if backend == "faiss":
+            from cbmir.retrieval.faiss_backend import require_faiss
+
+            require_faiss()  # not installed: say so now, not after the embedding
+        return cls(
+            k=k,
+            distance=check_distance(conf.get("distance", "euclidean"), "retrieval.distance"),
+            acc_ks=check_acc_ks(conf.get("acc_ks", (1, 3, 5)), k, "retrieval.acc_ks"),
+            device=check_device(conf.get("device", "auto"), "retrieval.device"),
+            backend=backend,
+            search=search_options(conf.get("search"), "retrieval.search"),
+            faiss_kind=kind,
+            faiss_params=check_faiss(kind, faiss.get("params")),
+        )
+
+    def check_database(self, n_database: int) -> None:
+        """The rules that need the database split's size."""
+        check_k(self.k, n_database, key="retrieval.k")
+        if self.backend == "faiss":
+            check_faiss_database(self.faiss_kind, self.faiss_params, n_database)

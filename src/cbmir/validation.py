@@ -1,0 +1,169 @@
+"""A retrieval job's settings, checked before any weights are loaded or images embedded.
+
+Three stages, cheapest first, each raising a `CbmirError` that names the key and what it
+accepts (`cli.run_job` prints it as one line, exit code 2):
+
+1. `check_config`: values only (retrieval, trainer, data loader, seed, resume, gallery,
+   channels_last, model.volume); no file is touched.
+2. `check_paths`: the embedding store and the job's output folder are writable directories
+   (a probe file is created and removed: permission bits say nothing for root).
+3. `check_data`: rules that need the data: k against the database split's size, and a
+   database whose labels make every ranking score the same (the metrics would describe the
+   labels, not the model).
+
+Docs: docs/validation-section.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cbmir.errors import ConfigError, DataError
+from cbmir.retrieval.settings import RetrievalSettings, is_int
+
+log = logging.getLogger(__name__)
+
+
+def lightning_precisions() -> tuple[Any, ...]:
+    """Every `trainer.precision` Lightning accepts (its own list, so new ones appear here)."""
+    from lightning.fabric.plugins.precision.precision import (
+        _PRECISION_INPUT_INT,
+        _PRECISION_INPUT_STR,
+        _PRECISION_INPUT_STR_ALIAS,
+    )
+
+    return (
+        get_args(_PRECISION_INPUT_STR)
+        + get_args(_PRECISION_INPUT_STR_ALIAS)
+        + get_args(_PRECISION_INPUT_INT)
+    )
+
+
+def check_precision(precision: Any) -> None:
+    """One of Lightning's precisions (None: its default)."""
+    choices = lightning_precisions()
+    if precision is not None and precision not in choices:
+        shown = ", ".join(str(c) for c in dict.fromkeys(str(c) for c in choices))
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not a precision; choose one of {shown}"
+        )
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """auto, or an accelerator Lightning knows and this machine has (gpu: CUDA or MPS)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    name = str(accelerator)
+    if name == "auto":
+        return
+    known = sorted(AcceleratorRegistry.available_accelerators())
+    if name == "gpu":
+        available = torch.cuda.is_available() or AcceleratorRegistry["mps"].is_available()
+    elif name in known:
+        available = AcceleratorRegistry[name].is_available()
+    else:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r}; choose one of auto, gpu, {', '.join(known)}"
+        )
+    if not available:
+        raise ConfigError(f"trainer.accelerator={name} but this machine has none; use auto or cpu")
+
+
+def check_int(value: Any, key: str, minimum: int) -> int:
+    if not is_int(value) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+    return int(value)
+
+
+def check_config(cfg: DictConfig) -> RetrievalSettings:
+    """Stage 1: every setting's value; returns the validated retrieval settings."""
+    from cbmir.embedding import parse_channels_last
+    from cbmir.resume import resume_enabled
+    from cbmir.volumes import split_model_config
+
+    seed = cfg.get("seed", 0)
+    if not is_int(seed):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    resume_enabled(cfg)  # auto / true / false
+    check_int(cfg.data.get("batch_size", 1), "data.batch_size", 1)
+    check_int(cfg.data.get("num_workers", 0), "data.num_workers", 0)
+    n_gallery = OmegaConf.select(cfg, "gallery.n_queries", default=0)
+    check_int(0 if n_gallery is None else n_gallery, "gallery.n_queries (0: no gallery)", 0)
+    parse_channels_last(cfg.get("channels_last", False))
+    split_model_config(cfg.model)  # model.volume
+    check_precision(cfg.trainer.get("precision", "32-true"))
+    check_accelerator(cfg.trainer.get("accelerator", "auto"))
+    return RetrievalSettings.from_config(cfg.retrieval)
+
+
+def writable_dir(path: str | os.PathLike, key: str, hint: str) -> Path:
+    """Create `path` if needed and prove it takes files (a probe, created and removed)."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".cbmir-probe-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{key}={path} is not a writable directory ({reason}); {hint}") from None
+    return path
+
+
+#: where a job's output folder comes from (Hydra's run/sweep dir under paths.log_dir)
+OUTPUT_HINT = "set paths.log_dir=DIR (or CBMIR_LOG_DIR) to a writable folder"
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Stage 2: where the job writes: embeddings and its own results."""
+    writable_dir(
+        cfg.paths.store, "paths.store", "set paths.store=DIR (or CBMIR_STORE) to a writable folder"
+    )
+    writable_dir(cfg.paths.output_dir, "paths.output_dir", OUTPUT_HINT)
+
+
+def check_data(settings: RetrievalSettings, datamodule: Any) -> None:
+    """Stage 3: the rules that need the prepared data (labels only; no image is read)."""
+    database = datamodule.labels(datamodule.database_split)
+    settings.check_database(len(database))
+    queries = datamodule.labels(datamodule.query_split)
+    if ranking_is_irrelevant(queries, database, bool(datamodule.multilabel)):
+        n_classes = len(np.unique(np.asarray(database).reshape(len(database), -1), axis=0))
+        raise DataError(
+            f"the {datamodule.database_split} database split of {datamodule.name} has "
+            f"{n_classes} distinct label(s) and to each {datamodule.query_split} query either "
+            "every database image is relevant or none is: every ranking scores the same, so "
+            "the metrics would not depend on the model. Use data with two or more classes in "
+            "the database (data.database_split, or another file)"
+        )
+
+
+def ranking_is_irrelevant(
+    query_labels: np.ndarray, database_labels: np.ndarray, multilabel: bool
+) -> bool:
+    """True when, for every query, the database items are all relevant or all irrelevant
+    (e.g. a one-class database): then map, mmv and acc are the same for any ranking."""
+    from cbmir.retrieval.labels import encode_pair
+
+    q_rows = np.unique(np.asarray(query_labels).reshape(len(query_labels), -1), axis=0)
+    d_rows = np.unique(np.asarray(database_labels).reshape(len(database_labels), -1), axis=0)
+    if len(d_rows) <= 1:
+        return True
+    q, d = encode_pair(q_rows, d_rows, multilabel=multilabel)
+    relevant = (q[:, None, :] & d[None, :, :]).any(dim=-1)  # [distinct queries, distinct items]
+    return bool((relevant.all(dim=1) | ~relevant.any(dim=1)).all())
+
+
+def validate_job(cfg: DictConfig) -> RetrievalSettings:
+    """Stages 1 and 2, in that order: the checks that need no data."""
+    settings = check_config(cfg)
+    check_paths(cfg)
+    return settings
