@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cbmir.config import config_dir
@@ -61,6 +62,30 @@ def _user_error(exc: BaseException) -> CbmirError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+class OutputDirCheck(Callback):
+    """Hydra creates a job's folder before any cbmir code runs, and an unwritable one (a
+    `paths.log_dir` under a file, a read-only disk) ends in its traceback: check it first."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        _check_hydra_dir(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        _check_hydra_dir(config, "hydra.sweep.dir")
+
+
+def _check_hydra_dir(config: DictConfig, key: str) -> None:
+    """One line on stderr and exit code 2 when the folder at `key` cannot take files."""
+    from omegaconf import OmegaConf
+
+    from cbmir.validation import OUTPUT_HINT, writable_dir
+
+    try:
+        writable_dir(str(OmegaConf.select(config, key)), key, OUTPUT_HINT)
+    except CbmirError as exc:
+        print(f"cbmir: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")

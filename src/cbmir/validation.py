@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, get_args
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cbmir.errors import ConfigError, DataError
@@ -65,10 +64,14 @@ def check_accelerator(accelerator: Any) -> None:
     if name == "auto":
         return
     known = sorted(AcceleratorRegistry.available_accelerators())
+
+    def present(kind: str) -> bool:
+        return bool(AcceleratorRegistry[kind]["accelerator"].is_available())
+
     if name == "gpu":
-        available = torch.cuda.is_available() or AcceleratorRegistry["mps"].is_available()
+        available = present("cuda") or present("mps")
     elif name in known:
-        available = AcceleratorRegistry[name].is_available()
+        available = present(name)
     else:
         raise ConfigError(
             f"trainer.accelerator={accelerator!r}; choose one of auto, gpu, {', '.join(known)}"

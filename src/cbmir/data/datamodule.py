@@ -319,7 +319,14 @@ class MedMNISTDataModule(RetrievalDataModule):
         if self.npz_file.is_file():
             return
         if self.synthetic:
-            write_synthetic_medmnist(self.root, self.flag, self._size, seed=self.seed)
+            try:
+                write_synthetic_medmnist(self.root, self.flag, self._size, seed=self.seed)
+            except OSError as exc:
+                raise DataError(
+                    f"Cannot write the synthetic {self.flag} file into {self.root} "
+                    f"({exc.strerror or exc}); set paths.synthetic_root=DIR (or "
+                    f"CBMIR_SYNTHETIC_ROOT) to a writable folder."
+                ) from None
         elif self.download:
             download_npz(self.flag, self._size, self.root)
         else:

@@ -371,8 +371,8 @@ def convert_npz_to_npy(
         tmp.mkdir()  # not mkdtemp: its 0700 mode would hide shared data from other users
     except OSError as exc:
         raise DataError(
-            f"Cannot write the converted arrays next to {src} ({exc}). Set data.cache_dir "
-            f"(cache_dir=) to a writable folder."
+            f"Cannot write the converted arrays next to {src} ({exc}). Put them in a writable "
+            f"folder: ++data.cache_dir=DIR (the cache_dir argument in Python)."
         ) from None
     try:
         _convert_into(src, tmp, volumes, expected_n)

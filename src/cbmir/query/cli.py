@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cbmir.errors import CbmirError, ConfigError, DataError
+from cbmir.retrieval.settings import DISTANCES, check_k
 
 DEFAULT_OUT = Path("cbmir-query.png")
 
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-k", type=int, default=None, help="neighbours (default: the run's k)")
     parser.add_argument(
         "--distance",
-        choices=("euclidean", "cosine"),
+        choices=DISTANCES,
         default=None,
         help="default: the run's distance",
     )
@@ -98,8 +99,8 @@ def _check_args(args: argparse.Namespace, files: list[Path]) -> None:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise DataError(f"query file(s) not found: {', '.join(missing)}")
-    if args.k is not None and args.k < 1:
-        raise ConfigError(f"-k must be a positive integer, not {args.k}")
+    if args.k is not None:
+        check_k(args.k, key="-k")  # against the database size once it is open
     if args.tile < 8:
         raise ConfigError(f"--tile must be at least 8 pixels, not {args.tile}")
     if args.run is not None and not args.run.is_dir():
