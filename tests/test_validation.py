@@ -267,3 +267,16 @@ def test_unwritable_store_and_output_dir_are_one_line(tmp_path) -> None:
     _assert_one_line_error(proc, f"hydra.run.dir={afile}/logs/retrieval/runs/")
     assert "set paths.log_dir=DIR" in proc.stderr
     assert _store_entries(tmp_path) == []
+
+
+def test_ivf_lists_beyond_the_database_rows_are_an_error() -> None:
+    pytest.importorskip("faiss")
+    from cbmir.retrieval.settings import RetrievalSettings
+
+    def settings(nlist: int) -> RetrievalSettings:
+        faiss = {"kind": "ivf", "params": {"nlist": nlist}}
+        return RetrievalSettings.from_config({"backend": "faiss", "faiss": faiss})
+
+    with pytest.raises(ConfigError, match="faiss nlist=547 exceeds the 546 database rows"):
+        settings(547).check_database(546)
+    settings(546).check_database(546)
