@@ -85,6 +85,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     volume_meta = {"volume": volume.identity()} if embedder.volume is not None else {}
 
     store = EmbeddingStore(cfg.paths.store)
+    store.remove_stale_temps()  # entries a killed run left half-written (never a live run's)
     splits = [datamodule.query_split, datamodule.database_split]
     keys = {split: embedder.store_key(datamodule.identity(split)) for split in splits}
     missing = [s for s in dict.fromkeys(splits) if not store.has(keys[s])]
