@@ -22,7 +22,7 @@ from cbmir.embedding import (
     parse_channels_last,
 )
 from cbmir.io_utils import write_json, write_text
-from cbmir.resume import find_finished, job_record
+from cbmir.resume import find_finished, hold_job_dir, job_record
 from cbmir.retrieval.callback import RetrievalCallback
 from cbmir.store import EmbeddingStore
 from cbmir.viz.gallery import write_gallery
@@ -60,7 +60,13 @@ def input_files(cfg: DictConfig, datamodule: Any) -> list[Path]:
 
 
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job and return its metrics (also written to `metrics.json`)."""
+    """Run one job and return its metrics (also written to `metrics.json`), holding its output
+    directory so that no other process runs a job there meanwhile (`cbmir.resume`)."""
+    with hold_job_dir(Path(cfg.paths.output_dir)):
+        return _run_retrieval(cfg)
+
+
+def _run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     finished = find_finished(cfg)  # resumable sweeps: same config, results exist -> skip
     if finished is not None:
@@ -144,5 +150,6 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(loggers, status)
     metrics = dict(retrieval.metrics or {})
     log.info("job finished in %.1fs -> %s", time.perf_counter() - started, output_dir)
+    # the commit record, last: it names the digests of metrics.json and config_resolved.yaml
     write_json(output_dir / "job.json", job_record(cfg, status, input_files(cfg, datamodule)))
     return metrics

@@ -12,6 +12,7 @@ import pytest
 from cbmir.report.build import build_report
 from cbmir.report.collect import collect
 from cbmir.report.figures import dataset_figure
+from cbmir.resume import sha256_file
 
 
 @pytest.fixture
@@ -26,6 +27,11 @@ def test_intervals_recomputed_from_per_query_match_the_stored_ones(sweep) -> Non
     metrics = json.loads(metrics_path.read_text())
     del metrics["ci95"]  # a job from before intervals were stored
     metrics_path.write_text(json.dumps(metrics))
+    # ... committed as such: its record names the digest of this metrics.json
+    record_path = metrics_path.parent / "job.json"
+    record = json.loads(record_path.read_text())
+    record["files"]["metrics.json"] = sha256_file(metrics_path)
+    record_path.write_text(json.dumps(record))
     recomputed = collect(sweep).set_index("job")
     for col in ("map_at_5", "mmv_at_5", "acc_at_1", "acc_at_3", "acc_at_5"):
         for bound in ("_low", "_high"):
