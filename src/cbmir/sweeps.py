@@ -15,6 +15,7 @@ imported by `cbmir.config` to register the resolvers.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable
 
@@ -102,7 +103,13 @@ def launch_fingerprint(root: DictConfig) -> str:
     job = OmegaConf.create(tree)
     if OmegaConf.select(job, "paths.output_dir") is not None:
         job.paths.output_dir = ""  # ${hydra:runtime.output_dir}: what is being decided
-    return fingerprint(job)
+    try:
+        return fingerprint(job)
+    except Exception:  # noqa: BLE001
+        # a config that does not resolve fails inside its job, with its own error.json; its
+        # directory is still its own: named by the unresolved config
+        text = json.dumps(tree, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def hydra_job_subdir(run_name: str, _root_: DictConfig) -> str:

@@ -137,6 +137,7 @@ def job_row(job: Path, sweep_dir: Path) -> dict[str, Any]:
         "pretrained": bool(_select(cfg, "model.pretrained", True)),
         "status": status,
         "error": "" if error is None else f"{error.get('type', 'Error')}: {error.get('error', '')}",
+        "committed_at": (job / RECORD).stat().st_mtime if status == "finished" else None,
     }
     if metrics is not None:
         cis = _intervals(job, metrics)
@@ -184,8 +185,9 @@ def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def finished(df: pd.DataFrame) -> pd.DataFrame:
-    """Finished jobs, one per (size, dataset, model, setting): the last one listed wins."""
-    done = df[df["status"] == "finished"]
+    """Finished jobs, one per (size, dataset, model, setting): the most recently committed wins
+    (e.g. the same job re-run under a later cbmir, in a new directory)."""
+    done = df[df["status"] == "finished"].sort_values("committed_at", kind="stable")
     keys = ["size", "dataset", "model", "setting"]
     duplicated = done.duplicated(keys, keep=False)
     if duplicated.any():
@@ -194,4 +196,5 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
             int(duplicated.sum()),
             ", ".join(done.loc[duplicated, "job"]),
         )
-    return done.drop_duplicates(keys, keep="last").reset_index(drop=True)
+    kept = done.drop_duplicates(keys, keep="last")
+    return kept.loc[df.index.intersection(kept.index)].reset_index(drop=True)
