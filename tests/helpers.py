@@ -28,12 +28,10 @@ def config_options(group: str) -> list[str]:
     )
 
 
-def run_cbmir(
-    args: Sequence[str], root: Path, check: bool = True, timeout: int = 900
-) -> subprocess.CompletedProcess:
-    """The real `cbmir` in a subprocess, offline, every path under `root` (data/, synthetic/,
-    store/, logs/)."""
-    env = {
+def cbmir_env(root: Path) -> dict[str, str]:
+    """The environment of a test `cbmir` process: offline, every path under `root` (data/,
+    synthetic/, store/, logs/)."""
+    return {
         **os.environ,
         "MEDMNIST_ROOT": str(root / "data"),
         "CBMIR_SYNTHETIC_ROOT": str(root / "synthetic"),
@@ -43,9 +41,19 @@ def run_cbmir(
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
     }
+
+
+def cbmir_command(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "cbmir.cli", *args]
+
+
+def run_cbmir(
+    args: Sequence[str], root: Path, check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """The real `cbmir` in a subprocess (`cbmir_env`: offline, every path under `root`)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "cbmir.cli", *args],
-        env=env,
+        cbmir_command(args),
+        env=cbmir_env(root),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -80,3 +85,53 @@ def test_interrupted_writer_left_on_disk_is_not_trusted(tmp_path) -> None:
     # the process dies here: no commit, no abort
     assert not store.has("crash")
     assert writer.tmp.exists() and writer.tmp.name.startswith(".tmp-")
+
+
+#: a real writer in another process: opens an entry, says where, then waits for "commit"
+_WRITER = """
+import sys, numpy as np
+from cbmir.store import EmbeddingStore
+store = EmbeddingStore(sys.argv[1])
+writer = store.open_writer(sys.argv[2], 2, 2, np.zeros(2), {})
+writer.write(np.array([0]), np.ones((1, 2)))
+print(writer.tmp, flush=True)
+if sys.stdin.readline().strip() == "commit":
+    writer.write(np.array([1]), np.ones((1, 2)))
+    writer.commit()
+"""
+
+
+def _start_writer(store_root, key: str) -> tuple[subprocess.Popen, Path]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(store_root), key],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_stale_temp_of_a_killed_writer_goes_a_live_writers_stays(tmp_path) -> None:
+    store = EmbeddingStore(tmp_path)
+    killed, killed_tmp = _start_writer(tmp_path, "killed")
+    live, live_tmp = _start_writer(tmp_path, "live")
+    in_process = store.open_writer("mine", 1, 2, np.zeros(1), {})  # live, in this process
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        assert killed_tmp.is_dir()  # what `kill -9` leaves behind
+        assert store.remove_stale_temps() == [killed_tmp]
+        assert not killed_tmp.exists() and live_tmp.is_dir() and in_process.tmp.is_dir()
+        # the live writers finish undisturbed
+        live.communicate("commit\n", timeout=60)
+        assert live.returncode == 0 and store.has("live")
+        in_process.write(np.array([0]), np.ones((1, 2)))
+        in_process.commit()
+        assert store.has("mine")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "mine"]
+    finally:
+        for proc in (killed, live):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

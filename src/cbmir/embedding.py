@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from cbmir.errors import ConfigError
+from cbmir.errors import ConfigError, EmbeddingError
 from cbmir.extractors.base import Extractor
 from cbmir.store import EmbeddingStore, EntryWriter, make_key
 from cbmir.volumes import VolumeSpec, embed_volumes
@@ -134,26 +134,25 @@ class PlannedEntry:
 class EmbeddingStoreWriter(BasePredictionWriter):
     """Writes each predict dataloader's embeddings into its store entry, batch by batch.
 
-    Entries are published only at the end of a complete epoch; on any exception they are
-    deleted, so nothing half-written survives.
+    Each entry is published as soon as its last row is written, so a run that dies while
+    embedding the database split keeps the finished query split. On any exception the entries
+    not yet published are deleted, so nothing half-written survives.
     """
 
     def __init__(self, store: EmbeddingStore, plan: list[PlannedEntry]) -> None:
         super().__init__(write_interval="batch")
         self.store = store
         self.plan = plan
-        self.writers: list[EntryWriter] = []
+        self.writers: list[EntryWriter | None] = []
         self.seconds: dict[str, float] = {}
-        self._started = 0.0
-        self._finished: list[float] = []
+        self._last_end = 0.0
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.writers = [
             self.store.open_writer(p.key, p.n_rows, p.dim, p.labels, {**p.meta, "dim": p.dim})
             for p in self.plan
         ]
-        self._started = time.perf_counter()
-        self._finished = [self._started] * len(self.plan)
+        self._last_end = time.perf_counter()
 
     def write_on_batch_end(
         self,
@@ -165,22 +164,38 @@ class EmbeddingStoreWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        writer = self.writers[dataloader_idx]
+        if writer is None:
+            raise EmbeddingError(
+                f"predict dataloader {dataloader_idx} yielded rows after its entry was complete"
+            )
         rows = batch["index"].detach().cpu().numpy()
-        self.writers[dataloader_idx].write(rows, prediction.detach().cpu().numpy())
-        self._finished[dataloader_idx] = time.perf_counter()
+        writer.write(rows, prediction.detach().cpu().numpy())
+        if writer.complete:
+            self._publish(dataloader_idx)
+
+    def _publish(self, index: int) -> None:
+        """Publish one finished entry; dataloaders run one after another, so its time runs
+        from the previous one's end."""
+        writer, planned = self.writers[index], self.plan[index]
+        assert writer is not None
+        now = time.perf_counter()
+        writer.meta["embed_seconds"] = self.seconds[planned.split] = now - self._last_end
+        writer.commit()
+        self.writers[index] = None
+        self._last_end = now
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # dataloaders run one after another: each split's time runs from the previous end
-        previous = self._started
-        for planned, writer, finished in zip(self.plan, self.writers, self._finished, strict=True):
-            writer.meta["embed_seconds"] = self.seconds[planned.split] = finished - previous
-            writer.commit()
-            previous = finished
+        # every entry is complete by now; one that is not raises (rows never embedded)
+        for index, writer in enumerate(self.writers):
+            if writer is not None:
+                self._publish(index)
         self.writers = []
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         for writer in self.writers:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
         self.writers = []

@@ -22,8 +22,9 @@ from cbmir.embedding import (
     parse_channels_last,
 )
 from cbmir.io_utils import write_json, write_text
-from cbmir.resume import find_finished, job_record
+from cbmir.resume import find_finished, hold_job_dir, job_record
 from cbmir.retrieval.callback import RetrievalCallback
+from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.store import EmbeddingStore
 from cbmir.validation import check_data, validate_job
 from cbmir.viz.gallery import write_gallery
@@ -61,8 +62,14 @@ def input_files(cfg: DictConfig, datamodule: Any) -> list[Path]:
 
 
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job and return its metrics (also written to `metrics.json`)."""
+    """Run one job and return its metrics (also written to `metrics.json`), holding its output
+    directory so that no other process runs a job there meanwhile (`cbmir.resume`)."""
     settings = validate_job(cfg)  # every setting and path, before any data or weights
+    with hold_job_dir(Path(cfg.paths.output_dir)):
+        return _run_retrieval(cfg, settings)
+
+
+def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     finished = find_finished(cfg)  # resumable sweeps: same config, results exist -> skip
     if finished is not None:
@@ -88,6 +95,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     volume_meta = {"volume": volume.identity()} if embedder.volume is not None else {}
 
     store = EmbeddingStore(cfg.paths.store)
+    store.remove_stale_temps()  # entries a killed run left half-written (never a live run's)
     splits = [datamodule.query_split, datamodule.database_split]
     keys = {split: embedder.store_key(datamodule.identity(split)) for split in splits}
     missing = [s for s in dict.fromkeys(splits) if not store.has(keys[s])]
@@ -146,5 +154,6 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(loggers, status)
     metrics = dict(retrieval.metrics or {})
     log.info("job finished in %.1fs -> %s", time.perf_counter() - started, output_dir)
+    # the commit record, last: it names the digests of metrics.json and config_resolved.yaml
     write_json(output_dir / "job.json", job_record(cfg, status, input_files(cfg, datamodule)))
     return metrics

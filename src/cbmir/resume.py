@@ -1,11 +1,20 @@
 """Resumable sweeps: a job whose results already exist for the same resolved config is skipped.
 
-A finished job leaves `metrics.json` and a `job.json` holding ``status: success`` and the
-*fingerprint* of its config: a hash of the resolved config without the keys that never change
-a result (paths, loggers, batch size, workers, ...). Re-launching a sweep into the same sweep
-directory (the presets set one without a timestamp) finds those files and returns the stored
-metrics instead of running again; a job with no results, an error, or another fingerprint
-runs. Embeddings are reused through the store either way, so a re-run costs a search.
+A finished job leaves `metrics.json` and then, last and atomically, its commit record
+`job.json`: ``status: success``, the *fingerprint* of its config (a hash of the resolved config
+without the keys that never change a result: paths, loggers, batch size, workers, ...) and
+the sha256 of the `metrics.json` and `config_resolved.yaml` it commits. A job is finished only
+when that record is there and both files still have those digests (`committed`): a job killed
+before its record, or whose files another process rewrote, is unfinished, for resume and for
+`cbmir-report` alike. Re-launching a sweep into the same sweep directory finds those records
+and returns the stored metrics instead of running again; a job with no record, an error, or
+another fingerprint runs. Embeddings are reused through the store either way, so a re-run
+costs a search.
+
+Job directories carry the fingerprint in their name (`cbmir.sweeps`), so jobs of different
+configs never share one, and a job holds a lock on its directory while it runs
+(`hold_job_dir`): a second launch that reaches the same job waits for the first, then finds
+its results.
 
 A config names files, it does not pin their contents: the data file and a `model.checkpoint`
 can be replaced at the same path. `job.json` therefore also records the size and mtime of the
@@ -18,11 +27,12 @@ store keys hash the new contents, so it embeds afresh rather than reusing stale 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import cbmir
 from cbmir.errors import ConfigError
+from cbmir.io_utils import release, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +64,14 @@ VOLATILE_PATHS: tuple[str, ...] = (
     "gallery",  # pictures only; metrics do not depend on it
     "channels_last",  # memory format: speed only
 )
-#: a job's own files that say whether (and how) it finished
-MARKERS = ("job.json", "metrics.json", "error.json")
+#: a job's commit record, written last: status, fingerprint, inputs, digests of RESULT_FILES
+RECORD = "job.json"
+#: the files a successful record commits (by sha256): the results and the config they are of
+RESULT_FILES = ("metrics.json", "config_resolved.yaml")
+#: a job's own files that say whether (and how) it finished; the record goes first
+MARKERS = (RECORD, "metrics.json", "error.json")
+#: held (flock) by the process running the job in this directory
+JOB_LOCK = ".cbmir-job.lock"
 
 
 def fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
@@ -115,21 +132,44 @@ def changed_inputs(job: dict[str, Any]) -> list[str]:
     return changed
 
 
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def committed(job_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(record, metrics) of a successfully finished job, or None.
+
+    Finished means: `job.json` says success and names the sha256 of every result file, and
+    the files on disk still have those digests. What `cbmir-report` and resume both count.
+    """
+    try:
+        record = json.loads((job_dir / RECORD).read_text())
+        digests = record.get("files") or {}
+        if record.get("status") != "success" or sorted(digests) != sorted(RESULT_FILES):
+            return None  # a failure, or a record from before digests (unverifiable)
+        if any(sha256_file(job_dir / name) != digest for name, digest in digests.items()):
+            return None
+        metrics = json.loads((job_dir / "metrics.json").read_text())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (record, metrics) if isinstance(metrics, dict) else None
+
+
 def finished_metrics(job_dir: Path, wanted: str) -> dict[str, Any] | None:
     """The stored metrics of `job_dir` if it finished successfully with fingerprint `wanted`
     and its input files are as they were."""
-    try:
-        job = json.loads((job_dir / "job.json").read_text())
-        if job.get("status") != "success" or job.get("fingerprint") != wanted:
-            return None
-        changed = changed_inputs(job)
-        if changed:
-            log.info("%s: input changed since it finished (%s): running again",
-                     job_dir.name, ", ".join(changed))  # fmt: skip
-            return None
-        return json.loads((job_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+    found = committed(job_dir)
+    if found is None:
         return None
+    record, metrics = found
+    if record.get("fingerprint") != wanted:
+        return None
+    changed = changed_inputs(record)
+    if changed:
+        log.info("%s: input changed since it finished (%s): running again",
+                 job_dir.name, ", ".join(changed))  # fmt: skip
+        return None
+    return metrics
 
 
 def find_finished(cfg: DictConfig) -> dict[str, Any] | None:
@@ -158,11 +198,37 @@ def find_finished(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def job_record(cfg: DictConfig, status: str, inputs: Iterable[str | Path] = ()) -> dict[str, Any]:
-    """What `job.json` holds: the status, the run name, the config's fingerprint and the
-    stamps of the input files (data file, local weights) the results were computed from."""
-    return {
+    """What `job.json` holds: the status, the run name, the config's fingerprint, the stamps
+    of the input files (data file, local weights) the results were computed from and, for a
+    success, the sha256 of the result files it commits (read from the job's output dir)."""
+    record: dict[str, Any] = {
         "status": status,
         "run_name": cfg.get("run_name"),
         "fingerprint": fingerprint(cfg),
         "inputs": file_stamps(inputs),
     }
+    if status == "success":
+        out = Path(cfg.paths.output_dir)
+        record["files"] = {name: sha256_file(out / name) for name in RESULT_FILES}
+    return record
+
+
+@contextlib.contextmanager
+def hold_job_dir(job_dir: Path) -> Iterator[None]:
+    """Hold `job_dir` for one job: a second process that reaches the same directory (another
+    launch into the same sweep) waits here until the first is done, then resumes from its
+    record. The lock dies with its process, so a killed run never blocks the next one."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    lock = job_dir / JOB_LOCK
+    lock.touch()
+    fd = try_lock(lock)
+    if fd is None:
+        log.warning("%s: another live cbmir run is running this job; waiting for it to end",
+                    job_dir)  # fmt: skip
+    while fd is None:  # cbmir never removes the lock file; retry if someone else did
+        lock.touch()
+        fd = try_lock(lock, wait=True)
+    try:
+        yield
+    finally:
+        release(fd)

@@ -3,17 +3,20 @@
 An entry is a directory `<root>/<key>/` holding `embeddings.npy` (float32 [N, D]),
 `labels.npy` and `manifest.json`. Entries are written into a temporary directory and renamed
 into place only once complete and checked, so an interrupted run never leaves an entry that a
-later run would trust. `embeddings.npy` is read memory-mapped: a new distance or k costs a file
-open, not a re-embedding.
+later run would trust. The writing process holds a lock on its temporary directory
+(`cbmir.io_utils.owned_tempdir`); one left by a killed run has no live holder and is removed
+by the next run (`EmbeddingStore.remove_stale_temps`), a concurrent run's is left alone.
+`embeddings.npy` is read memory-mapped: a new distance or k costs a file open, not a
+re-embedding.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +26,15 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from cbmir.errors import CbmirError, EmbeddingError
+from cbmir.io_utils import owned_tempdir, release, remove_stale
+
+log = logging.getLogger(__name__)
 
 #: bump when the meaning of stored embeddings changes (invalidates every old entry)
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
+#: prefix of an entry being written: `.tmp-<key>-<random>`
+TEMP_PREFIX = ".tmp-"
 
 
 def canonical_json(obj: Any) -> str:
@@ -79,6 +87,16 @@ class EmbeddingStore:
     ) -> EntryWriter:
         return EntryWriter(self, key, n_rows, dim, labels, meta)
 
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete the temporary entries of runs that died while writing (their writer's lock
+        is gone); those of live runs, in this process or another, stay."""
+        if not self.root.is_dir():
+            return []
+        removed = remove_stale(sorted(self.root.glob(f"{TEMP_PREFIX}*")))
+        if removed:
+            log.info("removed %d unfinished store entries left by killed runs", len(removed))
+        return removed
+
 
 class EntryWriter:
     """Fills one entry batch by batch, then publishes it atomically (or throws it away)."""
@@ -94,9 +112,9 @@ class EntryWriter:
     ) -> None:
         if len(labels) != n_rows:
             raise ValueError(f"{len(labels)} labels for {n_rows} rows")
-        store.root.mkdir(parents=True, exist_ok=True)
         self.store, self.key, self.meta, self.dim = store, key, meta, int(dim)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=store.root))
+        # locked while this writer lives: `remove_stale_temps` of another run keeps it
+        self.tmp, self._lock = owned_tempdir(store.root, prefix=f"{TEMP_PREFIX}{key}-")
         self.array = open_memmap(
             self.tmp / "embeddings.npy", mode="w+", dtype=np.float32, shape=(n_rows, dim)
         )
@@ -121,6 +139,11 @@ class EntryWriter:
         self.array[rows] = values
         self.written[rows] = True
 
+    @property
+    def complete(self) -> bool:
+        """True once every row has been written."""
+        return bool(self.written.all())
+
     def commit(self) -> Path:
         missing = int((~self.written).sum())
         if missing:
@@ -140,11 +163,18 @@ class EntryWriter:
         try:
             os.rename(self.tmp, final)
         except OSError:
+            if not self.store.has(self.key):
+                raise
             # another job published the same entry first: identical content, keep theirs
             shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            release(self._lock)
+            self._lock = None
         return final
 
     def abort(self) -> None:
         if hasattr(self, "array"):
             del self.array
         shutil.rmtree(self.tmp, ignore_errors=True)
+        release(self._lock)
+        self._lock = None

@@ -4,19 +4,25 @@ Hydra's basic sweeper only takes Cartesian products, but the paper's grid is not
 sets have no 128/224 px files. A *cell* (``breastmnist@28``) names one dataset at one size, so
 ``cell`` x ``model`` covers the whole grid in one sweep (``experiment=paper``).
 
-Job directories are named after the job (``vgg19-breastmnist-28``), not its number, so
-re-launching a sweep lands every job in the directory that already holds its results (see
-`cbmir.resume`). Light on purpose: imported by `cbmir.config` to register the resolvers.
+Job directories are named after the job and its config, not its number
+(``vgg19-breastmnist-28-3f9c0a1b2d``: run name, result-changing overrides, the first digits of
+the resume fingerprint), so re-launching a sweep lands every job in the directory that already
+holds its results (see `cbmir.resume`), and jobs of different configs (two grids launched into
+one sweep directory, a preset with other defaults) never share a directory. Light on purpose:
+imported by `cbmir.config` to register the resolvers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable
 
+from omegaconf import DictConfig, OmegaConf
+
 from cbmir.errors import ConfigError
-from cbmir.resume import VOLATILE_PATHS
+from cbmir.resume import VOLATILE_PATHS, fingerprint
 
 #: overrides already spelled out by the run name (model-dataset-size) or chosen by the preset
 IDENTITY_KEYS = frozenset({"model", "model.name", "data", "data.flag", "data.size", "cell"})
@@ -25,6 +31,8 @@ IDENTITY_KEYS = frozenset({"model", "model.name", "data", "data.flag", "data.siz
 VOLATILE_KEYS = frozenset(VOLATILE_PATHS) | {"experiment"}
 VOLATILE_PREFIXES = ("paths.", "logger.", "hydra.", "hydra/")
 MAX_SUBDIR = 120
+#: hex digits of the fingerprint in a job directory's name
+FINGERPRINT_CHARS = 10
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@-]+")
 
 
@@ -85,11 +93,32 @@ def job_subdir(run_name: str, overrides: Iterable[str]) -> str:
     return f"{name}__{tail}"
 
 
-def hydra_job_subdir(run_name: str) -> str:
-    """Resolver ``${cbmir_job_subdir:${run_name}}`` for ``hydra.sweep.subdir``."""
+def launch_fingerprint(root: DictConfig) -> str:
+    """The resume fingerprint of a job, computed from the whole config (hydra node included)
+    while Hydra is still choosing its output directory: the same as `fingerprint` of the job's
+    config later on (the hydra node and every path are left out of both)."""
+    tree = OmegaConf.to_container(root, resolve=False)
+    assert isinstance(tree, dict)
+    tree.pop("hydra", None)
+    job = OmegaConf.create(tree)
+    if OmegaConf.select(job, "paths.output_dir") is not None:
+        job.paths.output_dir = ""  # ${hydra:runtime.output_dir}: what is being decided
+    try:
+        return fingerprint(job)
+    except Exception:  # noqa: BLE001
+        # a config that does not resolve fails inside its job, with its own error.json; its
+        # directory is still its own: named by the unresolved config
+        text = json.dumps(tree, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def hydra_job_subdir(run_name: str, _root_: DictConfig) -> str:
+    """Resolver ``${cbmir_job_subdir:${run_name}}`` for ``hydra.sweep.subdir``: the job's
+    readable name plus the start of its config's fingerprint."""
     from hydra.core.hydra_config import HydraConfig
 
     overrides: list[str] = []
     if HydraConfig.initialized():
         overrides = list(HydraConfig.get().overrides.task)
-    return job_subdir(run_name, overrides)
+    digest = launch_fingerprint(_root_)[:FINGERPRINT_CHARS]
+    return f"{job_subdir(run_name, overrides)}-{digest}"

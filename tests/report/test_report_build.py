@@ -4,6 +4,7 @@ unfinished jobs are listed, and the W&B summary run (offline) holds the jobs' ta
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pandas as pd
@@ -12,6 +13,7 @@ import pytest
 from cbmir.report.build import build_report
 from cbmir.report.collect import collect
 from cbmir.report.figures import dataset_figure
+from cbmir.resume import sha256_file
 
 
 @pytest.fixture
@@ -26,6 +28,11 @@ def test_intervals_recomputed_from_per_query_match_the_stored_ones(sweep) -> Non
     metrics = json.loads(metrics_path.read_text())
     del metrics["ci95"]  # a job from before intervals were stored
     metrics_path.write_text(json.dumps(metrics))
+    # ... committed as such: its record names the digest of this metrics.json
+    record_path = metrics_path.parent / "job.json"
+    record = json.loads(record_path.read_text())
+    record["files"]["metrics.json"] = sha256_file(metrics_path)
+    record_path.write_text(json.dumps(record))
     recomputed = collect(sweep).set_index("job")
     for col in ("map_at_5", "mmv_at_5", "acc_at_1", "acc_at_3", "acc_at_5"):
         for bound in ("_low", "_high"):
@@ -126,3 +133,25 @@ def test_sweep_callback_logs_to_wandb_only_when_the_jobs_did_and_never_raises(
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "missing")}}})
     SweepReport().on_multirun_end(config)  # no jobs there: a warning, not a failed sweep
     assert "sweep report failed" in caplog.text
+
+
+def test_of_two_finished_copies_of_a_job_the_tables_keep_the_latest_commit(sweep) -> None:
+    from cbmir.report.collect import finished
+
+    original = sweep / "pixels-breastmnist-28"
+    rerun = shutil.copytree(original, sweep / "pixels-breastmnist-28-rerun")
+    metrics = json.loads((rerun / "metrics.json").read_text())
+    (rerun / "metrics.json").write_text(json.dumps({**metrics, "acc@1": 0.0}))
+    record = json.loads((rerun / "job.json").read_text())
+    record["files"]["metrics.json"] = sha256_file(rerun / "metrics.json")
+    (rerun / "job.json").write_text(json.dumps(record))
+
+    def kept_acc1() -> float:
+        rows = finished(collect(sweep))
+        return rows[rows["job"].str.startswith("pixels-breastmnist-28")]["acc_at_1"].item()
+
+    stamp = (original / "job.json").stat().st_mtime
+    os.utime(rerun / "job.json", (stamp - 60, stamp - 60))  # committed before the original
+    assert kept_acc1() == pytest.approx(100 * metrics["acc@1"])
+    os.utime(rerun / "job.json", (stamp + 60, stamp + 60))  # committed after it
+    assert kept_acc1() == 0.0

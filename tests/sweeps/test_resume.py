@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from cbmir.errors import ConfigError
 from cbmir.io_utils import write_json
@@ -50,10 +51,16 @@ def test_fingerprint_ignores_where_and_how_but_not_what(tmp_path) -> None:
         assert fingerprint(_cfg(tmp_path / "a", change)) != base, change
 
 
-def _finish(cfg, metrics: dict) -> None:
+def _write_results(cfg, metrics: dict) -> None:
+    """The result files a job writes before its commit record."""
     out = Path(cfg.paths.output_dir)
     write_json(out / "metrics.json", metrics)
-    write_json(out / "job.json", job_record(cfg, "success"))
+    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _finish(cfg, metrics: dict) -> None:
+    _write_results(cfg, metrics)
+    write_json(Path(cfg.paths.output_dir) / "job.json", job_record(cfg, "success"))
 
 
 def test_find_finished_returns_stored_metrics_of_the_same_config(tmp_path) -> None:
@@ -104,7 +111,7 @@ def test_a_replaced_or_vanished_input_file_reruns_a_finished_job(tmp_path) -> No
     data.write_bytes(b"first contents")
     job = tmp_path / "sweep" / "job"
     cfg = _cfg(job)
-    write_json(job / "metrics.json", {"acc@1": 0.5})
+    _write_results(cfg, {"acc@1": 0.5})
     write_json(job / "job.json", job_record(cfg, "success", [data]))
     assert find_finished(cfg) == {"acc@1": 0.5}
 
@@ -113,7 +120,57 @@ def test_a_replaced_or_vanished_input_file_reruns_a_finished_job(tmp_path) -> No
     os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
     assert find_finished(cfg) is None
 
-    write_json(job / "metrics.json", {"acc@1": 0.5})
+    _write_results(cfg, {"acc@1": 0.5})
     write_json(job / "job.json", job_record(cfg, "success", [data]))
     data.unlink()
+    assert find_finished(cfg) is None
+
+
+@pytest.fixture
+def real_job(tmp_path, synthetic_root) -> tuple[Path, object]:
+    """One job run by the pipeline (raw pixels, synthetic BreastMNIST): its dir and config."""
+    from cbmir.pipeline import run_retrieval
+
+    cfg = _cfg(
+        tmp_path / "sweep" / "job",
+        "data.synthetic=true",
+        "data.download=false",
+        f"paths.synthetic_root={synthetic_root}",
+        f"paths.store={tmp_path / 'store'}",
+        "gallery.n_queries=0",
+    )
+    run_retrieval(cfg)
+    return Path(cfg.paths.output_dir), cfg
+
+
+def _report_status(job: Path) -> str:
+    from cbmir.report.collect import collect
+
+    return collect(job.parent).set_index("job").loc[job.name, "status"]
+
+
+def test_resume_and_report_agree_a_job_is_finished_only_when_its_record_vouches_for_it(
+    real_job,
+) -> None:
+    job, cfg = real_job
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert find_finished(cfg) == metrics and _report_status(job) == "finished"
+    record = (job / "job.json").read_text()
+
+    # killed between metrics.json and job.json: unfinished for both
+    (job / "job.json").unlink()
+    assert _report_status(job) == "incomplete"
+    assert find_finished(cfg) is None and not (job / "metrics.json").exists()
+
+    # metrics.json rewritten by another process after the record: not this record's results
+    (job / "job.json").write_text(record)
+    write_json(job / "metrics.json", {**metrics, "acc@1": 1.0})
+    assert _report_status(job) == "incomplete"
+    assert find_finished(cfg) is None
+
+    # a record from before digests: nothing ties it to its files, so it is not trusted either
+    write_json(job / "metrics.json", metrics)
+    legacy = {k: v for k, v in json.loads(record).items() if k != "files"}
+    write_json(job / "job.json", legacy)
+    assert _report_status(job) == "incomplete"
     assert find_finished(cfg) is None

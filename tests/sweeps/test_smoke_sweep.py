@@ -4,6 +4,7 @@ what is missing, lists failures, and ends with its report written by the Hydra c
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,21 @@ JOBS = [
 ]
 
 
+def _run_name(job_dir: Path) -> str:
+    """A job directory is named RUN_NAME-FINGERPRINT (10 hex digits)."""
+    name, _, digest = job_dir.name.rpartition("-")
+    assert re.fullmatch(r"[0-9a-f]{10}", digest), job_dir.name
+    return name
+
+
+def _job_dir(sweep: Path, run_name: str) -> Path:
+    (found,) = [p for p in sweep.iterdir() if p.is_dir() and p.name.startswith(run_name + "-")
+                and _run_name(p) == run_name]  # fmt: skip
+    return found
+
+
 def _mtimes(sweep: Path) -> dict[str, int]:
-    return {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json")}
+    return {_run_name(p.parent): p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json")}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +48,7 @@ def smoke(tmp_path_factory) -> dict:
     report_made = (sweep / "report" / "report.md").is_file()
     second = run_cbmir(["-m", "experiment=smoke"], root)
     after_second = _mtimes(sweep)
-    (sweep / "resnet18-retinamnist-28" / "metrics.json").unlink()
+    (_job_dir(sweep, "resnet18-retinamnist-28") / "metrics.json").unlink()
     cells = "cell=breastmnist@28,breastmnist@64,retinamnist@28,retinamnist@64,breastmnist@100"
     third = run_cbmir(["-m", "experiment=smoke", cells], root, check=False)
     return {
@@ -51,7 +65,7 @@ def test_smoke_sweep_runs_every_job_into_a_named_directory(smoke) -> None:
     sweep = smoke["sweep"]
     assert sorted(smoke["mtimes"][0]) == sorted(JOBS)
     for job in JOBS:
-        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        metrics = json.loads((_job_dir(sweep, job) / "metrics.json").read_text())
         assert metrics["n_queries"] == (156 if "breast" in job else 400)
         for key in ("map@5", "mmv@5", "acc@1", "acc@3", "acc@5"):
             low, high = metrics["ci95"][key]
@@ -75,7 +89,8 @@ def test_deleted_results_rerun_alone_and_reuse_the_store(smoke) -> None:
     before, after = smoke["mtimes"][0], smoke["mtimes"][2]
     changed = {job for job in JOBS if after[job] != before[job]}
     assert changed == {"resnet18-retinamnist-28"}
-    metrics = json.loads((smoke["sweep"] / "resnet18-retinamnist-28" / "metrics.json").read_text())
+    job = _job_dir(smoke["sweep"], "resnet18-retinamnist-28")
+    metrics = json.loads((job / "metrics.json").read_text())
     assert metrics["embedded_now"] == []  # embeddings came from the store
     assert sorted(p.name for p in (smoke["root"] / "store").iterdir()) == smoke["store_entries"]
 
@@ -84,7 +99,8 @@ def test_an_invalid_cell_fails_alone_with_a_message(smoke) -> None:
     third = smoke["logs"][2]
     assert third.returncode == 1
     for model in ("pixels", "resnet18"):
-        error = json.loads((smoke["sweep"] / f"{model}-breastmnist-100" / "error.json").read_text())
+        job = _job_dir(smoke["sweep"], f"{model}-breastmnist-100")
+        error = json.loads((job / "error.json").read_text())
         assert "28, 64, 128, 224" in error["error"]
     assert "Traceback" not in third.stdout + third.stderr
 

@@ -1,7 +1,8 @@
 """Gather every job of a sweep directory into one table (one row per job, failed ones too).
 
 A job directory is any directory holding `config_resolved.yaml`, `metrics.json` or
-`error.json` (the files `cbmir` writes). Metrics become percentages, as in the paper; each gets
+`error.json` (the files `cbmir` writes); it is finished when its commit record `job.json`
+vouches for its files, as for resume (`cbmir.resume.committed`). Metrics become percentages, as in the paper; each gets
 its 95% bootstrap interval from `metrics.json` (``ci95``) or, for older jobs, recomputed from
 `per_query.npz`.
 """
@@ -26,6 +27,7 @@ from cbmir.report.names import (
     model_order,
     model_paper_name,
 )
+from cbmir.resume import RECORD, committed
 from cbmir.sweeps import extra_overrides
 
 log = logging.getLogger(__name__)
@@ -88,17 +90,19 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _status(job: Path) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
-    """(status, metrics, error) of a job directory; the newest of metrics/error wins."""
-    metrics_path, error_path = job / "metrics.json", job / "error.json"
-    metrics = _read_json(metrics_path) if metrics_path.is_file() else None
+    """(status, metrics, error) of a job directory: finished exactly when resume would skip
+    it (a commit record naming the digests of its files, `cbmir.resume.committed`); failed
+    when it left an error newer than any such record; incomplete otherwise (killed, or files
+    that no record vouches for)."""
+    error_path = job / "error.json"
     error = _read_json(error_path) if error_path.is_file() else None
-    record = _read_json(job / "job.json") or {}
+    done = committed(job)
     if error is not None and (
-        metrics is None or error_path.stat().st_mtime >= metrics_path.stat().st_mtime
+        done is None or error_path.stat().st_mtime >= (job / RECORD).stat().st_mtime
     ):
         return "failed", None, error
-    if metrics is not None and record.get("status", "success") == "success":
-        return "finished", metrics, None
+    if done is not None:
+        return "finished", done[1], None
     return "incomplete", None, None
 
 
@@ -133,6 +137,7 @@ def job_row(job: Path, sweep_dir: Path) -> dict[str, Any]:
         "pretrained": bool(_select(cfg, "model.pretrained", True)),
         "status": status,
         "error": "" if error is None else f"{error.get('type', 'Error')}: {error.get('error', '')}",
+        "committed_at": (job / RECORD).stat().st_mtime if status == "finished" else None,
     }
     if metrics is not None:
         cis = _intervals(job, metrics)
@@ -180,8 +185,9 @@ def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def finished(df: pd.DataFrame) -> pd.DataFrame:
-    """Finished jobs, one per (size, dataset, model, setting): the last one listed wins."""
-    done = df[df["status"] == "finished"]
+    """Finished jobs, one per (size, dataset, model, setting): the most recently committed wins
+    (e.g. the same job re-run under a later cbmir, in a new directory)."""
+    done = df[df["status"] == "finished"].sort_values("committed_at", kind="stable")
     keys = ["size", "dataset", "model", "setting"]
     duplicated = done.duplicated(keys, keep=False)
     if duplicated.any():
@@ -190,4 +196,5 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
             int(duplicated.sum()),
             ", ".join(done.loc[duplicated, "job"]),
         )
-    return done.drop_duplicates(keys, keep="last").reset_index(drop=True)
+    kept = done.drop_duplicates(keys, keep="last")
+    return kept.loc[df.index.intersection(kept.index)].reset_index(drop=True)
