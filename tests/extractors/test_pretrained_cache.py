@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 from tests.helpers import run_cbmir
-from tests.hub_cache import add_file, hub_cache, safetensors_bytes, torch_bytes  # noqa: F401
+from tests.hub_cache import add_file, safetensors_bytes, torch_bytes
 
 from cbmir.extractors import create, weights_file
 from cbmir.extractors.checkpoint import CheckpointError, UnreadableWeightsError
