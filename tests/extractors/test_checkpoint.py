@@ -12,6 +12,7 @@ import torch
 from lightning.fabric.utilities.data import AttributeDict
 from safetensors.torch import save_file
 from tests.hub_cache import add_file, safetensors_bytes, torch_bytes
+from tests.swin_names import hf_swin_names
 
 from cbmir.extractors import create
 from cbmir.extractors.checkpoint import (
@@ -181,39 +182,7 @@ def test_medclip_loads_hugging_face_swin_names(tmp_path) -> None:
     """MedCLIP's file uses transformers' Swin names; they map onto the timm network."""
     torch.manual_seed(6)
     source = create("medclip", pretrained=False).freeze()
-    timm_state = source.vision_model.model.state_dict()
-    hf: dict[str, torch.Tensor] = {}
-    for k, v in timm_state.items():
-        if k.startswith("patch_embed.proj."):
-            hf["embeddings.patch_embeddings.projection." + k.rsplit(".", 1)[1]] = v
-        elif k.startswith("patch_embed.norm."):
-            hf["embeddings.norm." + k.rsplit(".", 1)[1]] = v
-        elif k.startswith("norm."):
-            hf["layernorm." + k.rsplit(".", 1)[1]] = v
-        elif ".downsample." in k:
-            stage, rest = k.split(".downsample.")
-            hf[f"encoder.layers.{int(stage.split('.')[1]) - 1}.downsample.{rest}"] = v
-        else:
-            stage, block, inner = k.split(".", 4)[1], k.split(".", 4)[3], k.split(".", 4)[4]
-            base = f"encoder.layers.{stage}.blocks.{block}."
-            if inner.startswith("attn.qkv."):
-                q, kk, vv = v.chunk(3, dim=0)
-                leaf = inner.rsplit(".", 1)[1]
-                for name, t in (("query", q), ("key", kk), ("value", vv)):
-                    hf[f"{base}attention.self.{name}.{leaf}"] = t
-            else:
-                names = {
-                    "norm1": "layernorm_before",
-                    "norm2": "layernorm_after",
-                    "attn.proj": "attention.output.dense",
-                    "attn.relative_position_bias_table": "attention.self.relative_position_bias_table",
-                    "mlp.fc1": "intermediate.dense",
-                    "mlp.fc2": "output.dense",
-                }
-                for t_name, h_name in names.items():
-                    if inner == t_name or inner.startswith(t_name + "."):
-                        hf[base + h_name + inner[len(t_name) :]] = v
-                        break
+    hf = hf_swin_names(source.vision_model.model.state_dict())
     state = {f"vision_model.model.{k}": v for k, v in hf.items()}
     state["vision_model.projection_head.weight"] = source.vision_model.projection_head.weight
     state["text_model.projection_head.weight"] = torch.zeros(512, 768)

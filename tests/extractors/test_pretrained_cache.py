@@ -26,6 +26,7 @@ from cbmir.extractors.checkpoint import CheckpointError, UnreadableWeightsError
 from cbmir.extractors.hub import HubError
 
 RESNET_REPO = "timm/resnet18.tv_in1k"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGES = torch.randint(
     0, 256, (4, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
 )
@@ -67,6 +68,7 @@ def test_hub_weights_rewritten_in_place_are_embedded_again(hub_cache, tmp_path) 
     assert weights["repo"] == RESNET_REPO and weights["file"] == "model.safetensors"
     assert weights["revision"] == link.parent.name and weights["size"] == blob.stat().st_size
     assert weights["sha256"] == blob.name  # the hub names blobs by their sha256
+    _assert_stored_match_timm(tmp_path)
 
     # other weights written into the same file: same path, inode, size and mtime
     before = blob.stat()
@@ -90,6 +92,29 @@ def test_hub_weights_rewritten_in_place_are_embedded_again(hub_cache, tmp_path) 
     assert sorted(metrics2["embedded_now"]) == ["test", "train"]
     assert metrics2["map@5"] != metrics1["map@5"] or metrics2["acc@1"] != metrics1["acc@1"]
     assert len(list((tmp_path / "store").glob("*/manifest.json"))) == 4
+
+
+def _assert_stored_match_timm(root: Path) -> None:
+    """Stored test embeddings == timm's own loading of the tag from the same cache, fed the
+    paper's CNN input (28 px upsized to 32, bilinear, ImageNet statistics)."""
+    stored, _ = _stored(root / "store", "test")
+    (npz,) = (root / "synthetic").rglob("breastmnist*.npz")
+    pixels = torch.from_numpy(np.load(npz)["test_images"]).float().div(255)[:, None]
+    x = torch.nn.functional.interpolate(
+        pixels.expand(-1, 3, -1, -1), size=(32, 32), mode="bilinear"
+    )
+    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    model = timm.create_model("resnet18.tv_in1k", pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        reference = model(x).numpy()
+    rel = np.linalg.norm(stored - reference) / np.linalg.norm(reference)
+    assert rel <= 1e-4, rel
+    dist = ((stored[:, None] - stored[None]) ** 2).sum(-1)
+    ref_dist = ((reference[:, None] - reference[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(
+        np.argsort(dist, axis=1, kind="stable")[:, :6],
+        np.argsort(ref_dist, axis=1, kind="stable")[:, :6],
+    )
 
 
 def test_sha256_cache_is_not_fooled_by_a_restored_mtime(tmp_path, monkeypatch) -> None:

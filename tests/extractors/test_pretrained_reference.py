@@ -175,3 +175,139 @@ def test_open_clip_pretrained_tag_matches_create_model_and_transforms(
         reference = model.eval().encode_image(x)  # the paper: not normalised
     assert_matches(ours(extractor, batch), reference)
     assert extractor.identity()["weights"]["open_clip_tag"] == tag
+
+
+# -- CONCH: MahmoodLab/conch pytorch_model.bin (gated), a tiny CoCa standing in ---------------
+TINY_CONCH = {  # cbmir's `architecture` of the tiny CoCa below (CONCH: 768 wide, 12 deep, 448 px)
+    "width": 64,
+    "depth": 2,
+    "heads": 2,
+    "embed_dim": 32,
+    "pooler_heads": 8,
+    "image_size": 32,
+    "patch_size": 8,
+}
+TINY_COCA = {  # conch-fork's conch_ViT-B-16.json, scaled down
+    "embed_dim": 32,
+    "embed_dim_caption": 32,
+    "vision_cfg": {
+        "image_size": 32,
+        "patch_size": 8,
+        "width": 64,
+        "layers": 2,
+        "num_heads": 2,
+        "attentional_pool_caption": True,
+        "attentional_pool_contrast": True,
+        "n_queries_contrast": 1,
+        "n_queries_caption": 4,
+        "output_tokens": True,
+    },
+    "text_cfg": {
+        "context_length": 8,
+        "vocab_size": 50,
+        "width": 32,
+        "heads": 2,
+        "layers": 1,
+        "embed_cls": True,
+        "output_tokens": True,
+    },
+    "multimodal_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def conch_overrides() -> list[str]:
+    arch = ",".join(f"{k}:{v}" for k, v in TINY_CONCH.items())
+    return ["model=conch", f"+model.architecture={{{arch}}}", "model.input_size=32"]
+
+
+def test_conch_weights_from_the_hub_cache(hub_cache, tmp_path) -> None:
+    from cbmir.extractors.conch import ConchVisual, _Tower
+
+    torch.manual_seed(3)
+    tower = _Tower(ConchVisual(**TINY_CONCH))
+    state = {**tower.state_dict(), "text.token_embedding.weight": torch.zeros(50, 32)}
+    state["visual.attn_pool_caption.query"] = torch.zeros(4, 32)
+    link = add_file(
+        hub_cache, "MahmoodLab/conch", "pytorch_model.bin", torch_bytes(state, tmp_path / "w")
+    )
+    extractor = build(conch_overrides())
+    batch = images(12, 32)
+    with torch.no_grad():
+        x = extractor.preprocess(batch)
+        reference = tower.visual.eval().forward_no_head(x, normalize=True)
+    assert_matches(ours(extractor, batch), reference)
+    assert extractor.identity()["weights"]["sha256"] == link.resolve().name
+
+
+def test_conch_matches_conch_fork_loading(hub_cache, tmp_path) -> None:
+    """CONCH's own code (`pip install conch-fork`): create_model + its eval transform on PIL."""
+    pytest.importorskip("conch.open_clip_custom", reason="conch-fork is not installed")
+    from conch.open_clip_custom import CoCa, create_model
+    from conch.open_clip_custom.transform import image_transform
+
+    torch.manual_seed(4)
+    coca_state = CoCa(**TINY_COCA).state_dict()
+    link = add_file(
+        hub_cache, "MahmoodLab/conch", "pytorch_model.bin", torch_bytes(coca_state, tmp_path / "w")
+    )
+    extractor = build(conch_overrides())
+    batch = images(12, 32)
+    model = create_model(json.loads(json.dumps(TINY_COCA)), checkpoint_path=str(link)).eval()
+    transform = image_transform(32, mean=(0.48145466, 0.4578275, 0.40821073),
+                                std=(0.26862954, 0.26130258, 0.27577711))  # fmt: skip
+    with torch.no_grad():
+        x = torch.stack([transform(im) for im in pil(batch)])
+        reference = model.encode_image(x, proj_contrast=False, normalize=True)
+    assert_matches(ours(extractor, batch), reference)
+
+
+# -- MedCLIP: medclip-vit-pretrained.zip's pytorch_model.bin (transformers' Swin names) --------
+def test_medclip_cached_download_is_loaded_and_keyed_by_its_file(hub_cache, tmp_path) -> None:
+    from tests.swin_names import hf_swin_names
+
+    from cbmir.extractors.checkpoint import UnreadableWeightsError
+
+    torch.manual_seed(5)
+    from cbmir.extractors import create
+
+    source = create("medclip", pretrained=False).freeze()
+    state = {
+        f"vision_model.model.{k}": v
+        for k, v in hf_swin_names(source.vision_model.model.state_dict()).items()
+    }
+    state["vision_model.projection_head.weight"] = source.vision_model.projection_head.weight
+    state["text_model.projection_head.weight"] = torch.zeros(512, 768)
+    target = tmp_path / "cbmir-cache" / "medclip-vit" / "pytorch_model.bin"  # CBMIR_CACHE
+    target.parent.mkdir(parents=True)
+    target.write_bytes(torch_bytes(state, tmp_path / "w"))
+    extractor = build(["model=medclip"])
+    batch = images(6, 224)
+    assert_matches(ours(extractor, batch), ours(source, batch))
+    weights = extractor.identity()["weights"]
+    assert weights["source"] == "medclip-vit-pretrained"
+    assert weights["size"] == target.stat().st_size and len(weights["sha256"]) == 64
+    target.write_bytes(target.read_bytes()[:2000])  # a truncated download
+    with pytest.raises(UnreadableWeightsError, match=f"rm {target}"):
+        create("medclip")
+
+
+def test_medclip_matches_transformers_swin(hub_cache, tmp_path) -> None:
+    """MedCLIP's own network: transformers' SwinModel + projection, L2-normalised."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from cbmir.extractors.medclip import swin_config
+
+    torch.manual_seed(6)
+    swin = transformers.SwinModel(transformers.SwinConfig(**swin_config())).eval()
+    projection = torch.nn.Linear(768, 512, bias=False)
+    state = {f"vision_model.model.{k}": v for k, v in swin.state_dict().items()}
+    state["vision_model.projection_head.weight"] = projection.weight.detach()
+    target = tmp_path / "cbmir-cache" / "medclip-vit" / "pytorch_model.bin"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(torch_bytes(state, tmp_path / "w"))
+    extractor = build(["model=medclip"])
+    batch = images(6, 224)
+    with torch.no_grad():
+        x = extractor.preprocess(batch)
+        pooled = swin(pixel_values=x).pooler_output
+        reference = torch.nn.functional.normalize(projection(pooled), dim=-1)
+    assert_matches(ours(extractor, batch), reference)
