@@ -4,12 +4,12 @@ embedding-store identity; mismatched keys list what did not fit."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 
 import pytest
 import torch
-from lightning.fabric.utilities.data import AttributeDict
 from safetensors.torch import save_file
 from tests.hub_cache import add_file, safetensors_bytes, torch_bytes
 from tests.swin_names import hf_swin_names
@@ -344,7 +344,11 @@ def test_lightning_checkpoint_with_plain_hyper_parameters_loads_by_default(tmp_p
     torch.save(
         {
             "state_dict": {f"extractor.{k}": v for k, v in source.model.state_dict().items()},
-            "hyper_parameters": AttributeDict(lr=1e-4, out_dir=pathlib.Path("/runs/x")),
+            "hyper_parameters": {  # as Lightning writes them: dict(model.hparams)
+                "lr": 1e-4,
+                "out_dir": pathlib.Path("/runs/x"),
+                "args": argparse.Namespace(epochs=3),
+            },
             "pytorch-lightning_version": "2.6.0",
         },
         path,

@@ -12,10 +12,14 @@ One loader for every family (timm, open_clip, CONCH, MedCLIP):
 - a family-specific `convert` maps foreign layouts (timm's own `checkpoint_filter_fn`, MedCLIP's
   Hugging Face Swin names) onto the network's.
 - anything still missing, unexpected or of the wrong shape raises `CheckpointError` listing the
-  first keys of each kind.
+  first keys of each kind; an unreadable file `UnreadableWeightsError`.
+- safety: torch files are unpickled with `weights_only=True` (plus a few plain-data types that
+  Lightning checkpoints hold); a file that needs more raises `UntrustedCheckpointError` unless
+  the caller trusts it (`model.trust_checkpoint=true`), since unpickling can run any code.
 
-`weights_identity(path)` is the file's sha256: it goes into the extractor's `identity()` and so
-into the embedding-store key, so a new checkpoint never reuses old embeddings.
+`weights_identity(path)` is the file's sha256 (cached per file version, see `weights_file`): it
+goes into the extractor's `identity()` and so into the embedding-store key, so a new checkpoint
+never reuses old embeddings.
 """
 
 from __future__ import annotations
@@ -109,20 +113,15 @@ def safe_types() -> list[Any]:
     import argparse
     import pathlib
 
-    types: list[Any] = [
+    # Lightning saves hyper-parameters as a plain dict (`dict(model.hparams)`); its
+    # AttributeDict, a dict subclass, could not be rebuilt by the weights_only unpickler anyway
+    return [
         argparse.Namespace,
         pathlib.PosixPath,
         pathlib.PurePosixPath,
         pathlib.WindowsPath,
         pathlib.PureWindowsPath,
     ]
-    try:
-        from lightning.fabric.utilities.data import AttributeDict
-
-        types.append(AttributeDict)
-    except ImportError:  # pragma: no cover - lightning is a dependency
-        pass
-    return types
 
 
 def load_torch_file(path: str | Path, trust: bool = False) -> Any:
@@ -159,11 +158,19 @@ def load_torch_file(path: str | Path, trust: bool = False) -> Any:
         raise UnreadableWeightsError(f"could not read {path} ({_reason(exc)})") from exc
 
 
+#: what torch's weights_only unpickler says when a well-formed file holds objects it refuses
+#: (a garbage file fails otherwise: "Unsupported operand", a zip error, ...)
+_REFUSALS = (
+    "unsupported global",
+    "reduce for unrecognized function",
+    "can only ",  # create / build / setitems / append: an object or container it does not allow
+)
+
+
 def _refused_by_weights_only(exc: BaseException) -> bool:
-    """True when torch read the file but its weights_only unpickler refused a type."""
-    return isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in str(
-        exc
-    ).lower().replace("weights_only", "weights only")
+    """True when torch read the file but its weights_only unpickler refused an object."""
+    text = str(exc).lower()
+    return isinstance(exc, pickle.UnpicklingError) and any(r in text for r in _REFUSALS)
 
 
 def _unsafe_types(path: Path) -> str:
@@ -178,8 +185,12 @@ def _unsafe_types(path: Path) -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    """Type and first line of an error; for torch's weights_only unpickler, its actual
+    complaint (its first lines only advise loading with weights_only=False)."""
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _is_tensor_dict(obj: Any) -> bool:
