@@ -311,3 +311,30 @@ def test_medclip_matches_transformers_swin(hub_cache, tmp_path) -> None:
         pooled = swin(pixel_values=x).pooler_output
         reference = torch.nn.functional.normalize(projection(pooled), dim=-1)
     assert_matches(ours(extractor, batch), reference)
+
+
+# -- timm: weights published at a URL only (torch hub's cache) -------------------------------
+def test_timm_url_only_tag_matches_timm_loading_and_keys_by_the_file(hub_cache, tmp_path) -> None:
+    from cbmir.extractors import create
+    from cbmir.extractors.checkpoint import UnreadableWeightsError
+
+    tag = "gcvit_xxtiny.in1k"
+    url = timm.models.get_pretrained_cfg(tag).url
+    assert url and not timm.models.get_pretrained_cfg(tag).hf_hub_id
+    torch.manual_seed(7)
+    state = timm.create_model("gcvit_xxtiny", pretrained=False).state_dict()
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]  # TORCH_HOME
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(torch_bytes(state, tmp_path / "w"))
+    extractor = create("timm", model_name=tag, pool="avg")
+    batch = images(8, 224)  # gcvit's windows need 224 px
+    reference_model = timm.create_model(tag, pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        reference = reference_model.forward_features(extractor.preprocess(batch)).mean((2, 3))
+    assert_matches(ours(extractor, batch), reference)
+    weights = extractor.identity()["weights"]
+    assert (weights["source"], weights["url"], weights["file"]) == ("url", url, cached.name)
+    assert weights["size"] == cached.stat().st_size
+    cached.write_bytes(cached.read_bytes()[:3000])
+    with pytest.raises(UnreadableWeightsError, match=f"rm {cached}"):
+        create("timm", model_name=tag, pool="avg")
