@@ -4,14 +4,23 @@ embedding-store identity; mismatched keys list what did not fit."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import pathlib
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from tests.hub_cache import add_file, safetensors_bytes, torch_bytes
+from tests.swin_names import hf_swin_names
 
 from cbmir.extractors import create
-from cbmir.extractors.checkpoint import CheckpointError, read_state_dict, strip_prefix
+from cbmir.extractors.checkpoint import (
+    CheckpointError,
+    UntrustedCheckpointError,
+    read_state_dict,
+    strip_prefix,
+)
 
 IMAGES = torch.randint(
     0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
@@ -173,39 +182,7 @@ def test_medclip_loads_hugging_face_swin_names(tmp_path) -> None:
     """MedCLIP's file uses transformers' Swin names; they map onto the timm network."""
     torch.manual_seed(6)
     source = create("medclip", pretrained=False).freeze()
-    timm_state = source.vision_model.model.state_dict()
-    hf: dict[str, torch.Tensor] = {}
-    for k, v in timm_state.items():
-        if k.startswith("patch_embed.proj."):
-            hf["embeddings.patch_embeddings.projection." + k.rsplit(".", 1)[1]] = v
-        elif k.startswith("patch_embed.norm."):
-            hf["embeddings.norm." + k.rsplit(".", 1)[1]] = v
-        elif k.startswith("norm."):
-            hf["layernorm." + k.rsplit(".", 1)[1]] = v
-        elif ".downsample." in k:
-            stage, rest = k.split(".downsample.")
-            hf[f"encoder.layers.{int(stage.split('.')[1]) - 1}.downsample.{rest}"] = v
-        else:
-            stage, block, inner = k.split(".", 4)[1], k.split(".", 4)[3], k.split(".", 4)[4]
-            base = f"encoder.layers.{stage}.blocks.{block}."
-            if inner.startswith("attn.qkv."):
-                q, kk, vv = v.chunk(3, dim=0)
-                leaf = inner.rsplit(".", 1)[1]
-                for name, t in (("query", q), ("key", kk), ("value", vv)):
-                    hf[f"{base}attention.self.{name}.{leaf}"] = t
-            else:
-                names = {
-                    "norm1": "layernorm_before",
-                    "norm2": "layernorm_after",
-                    "attn.proj": "attention.output.dense",
-                    "attn.relative_position_bias_table": "attention.self.relative_position_bias_table",
-                    "mlp.fc1": "intermediate.dense",
-                    "mlp.fc2": "output.dense",
-                }
-                for t_name, h_name in names.items():
-                    if inner == t_name or inner.startswith(t_name + "."):
-                        hf[base + h_name + inner[len(t_name) :]] = v
-                        break
+    hf = hf_swin_names(source.vision_model.model.state_dict())
     state = {f"vision_model.model.{k}": v for k, v in hf.items()}
     state["vision_model.projection_head.weight"] = source.vision_model.projection_head.weight
     state["text_model.projection_head.weight"] = torch.zeros(512, 768)
@@ -253,10 +230,22 @@ def test_strip_prefix_picks_the_best_matching_prefix() -> None:
     assert prefix == "" and set(out) == {"a.weight"}
 
 
-# -- the hub routes, offline: the download is faked, the loading is real ---------------------
-def test_timm_tag_weights_load_through_timm(monkeypatch, tmp_path) -> None:
-    from cbmir.extractors import hub
+# -- the hub routes, offline: a real local hub cache, the loading is real ---------------------
+# (these tests used to fake `hub.download` and assert the old store identity, the repository or
+# tag name alone; the identity is now the file loaded: repository, snapshot commit, size, sha256)
+def _hub_identity(link) -> dict:
+    blob = link.resolve()
+    return {
+        "source": "hf-hub",
+        "repo": "/".join(link.parents[2].name[len("models--") :].split("--")),
+        "revision": link.parent.name,
+        "file": link.name,
+        "size": blob.stat().st_size,
+        "sha256": blob.name,
+    }
 
+
+def test_timm_tag_weights_load_through_timm(hub_cache) -> None:
     torch.manual_seed(8)
     source = create("timm", model_name="resnet18", pretrained=False, pool="avg")
     state = dict(source.model.state_dict())
@@ -264,49 +253,104 @@ def test_timm_tag_weights_load_through_timm(monkeypatch, tmp_path) -> None:
         torch.zeros(1000, 512),
         torch.zeros(1000),
     )  # as on the hub
-    path = _save(state, tmp_path / "model.safetensors", "safetensors")
-    asked = []
-    monkeypatch.setattr(hub, "download", lambda repo, files, **kw: asked.append(repo) or str(path))
+    link = add_file(
+        hub_cache, "timm/resnet18.tv_in1k", "model.safetensors", safetensors_bytes(state)
+    )
     loaded = create("timm", model_name="resnet18.tv_in1k", pretrained=True, pool="avg").freeze()
-    assert asked == ["timm/resnet18.tv_in1k"]
-    assert loaded.identity()["weights"] == "timm:resnet18.tv_in1k"
+    assert loaded.identity()["weights"] == {"timm_tag": "resnet18.tv_in1k", **_hub_identity(link)}
     torch.testing.assert_close(_embed(loaded), _embed(source.freeze()), rtol=0, atol=0)
 
 
-def test_gated_hub_repo_weights_load_into_the_offline_architecture(monkeypatch, tmp_path) -> None:
-    from cbmir.extractors import hub
-
+def test_gated_hub_repo_weights_load_into_the_offline_architecture(hub_cache, tmp_path) -> None:
     torch.manual_seed(9)
     source = _timm(pretrained=False)
-    path = _save(source.model.state_dict(), tmp_path / "pytorch_model.bin", "state_dict")
-    asked = []
-    monkeypatch.setattr(
-        hub,
-        "download",
-        lambda repo, files, gated=False, **kw: asked.append((repo, gated)) or str(path),
-    )
+    data = torch_bytes(source.model.state_dict(), tmp_path / "w.bin")
+    link = add_file(hub_cache, "SomeLab/some-gated-model", "pytorch_model.bin", data)
     loaded = _timm(pretrained=True, hf_hub_id="SomeLab/some-gated-model", gated=True)
-    assert asked == [("SomeLab/some-gated-model", True)]
-    assert loaded.identity()["weights"] == "hf-hub:SomeLab/some-gated-model"
+    assert loaded.identity()["weights"] == _hub_identity(link)
     torch.testing.assert_close(_embed(loaded), _embed(source), rtol=0, atol=0)
 
 
-def test_open_clip_tag_weights_read_only_the_image_tower(monkeypatch, tmp_path) -> None:
-    from cbmir.extractors import hub
-
+def test_open_clip_tag_weights_read_only_the_image_tower(hub_cache) -> None:
     torch.manual_seed(10)
     source = create(
         "open_clip", model_name="ViT-B-32", weights="laion2b_s34b_b79k", pretrained=False
     ).freeze()
     state = {f"visual.{k}": v for k, v in source.model.visual.state_dict().items()}
     state["token_embedding.weight"] = torch.zeros(10, 512)
-    path = _save(state, tmp_path / "open_clip_model.safetensors", "safetensors")
-    asked = []
-    monkeypatch.setattr(
-        hub, "download", lambda repo, files, **kw: asked.append((repo, files)) or str(path)
+    link = add_file(
+        hub_cache,
+        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        "open_clip_model.safetensors",
+        safetensors_bytes(state),
     )
     loaded = create("open_clip", model_name="ViT-B-32", weights="laion2b_s34b_b79k").freeze()
-    assert asked[0][0] == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
-    assert "open_clip_pytorch_model.bin" in asked[0][1]
-    assert loaded.identity()["weights"] == "laion2b_s34b_b79k"
+    assert loaded.identity()["weights"] == {
+        "open_clip_tag": "laion2b_s34b_b79k",
+        **_hub_identity(link),
+    }
     torch.testing.assert_close(_embed(loaded), _embed(source), rtol=0, atol=0)
+
+
+# -- unpickling: only with model.trust_checkpoint=true ---------------------------------------
+class _RunsCode:
+    """Unpickling it creates a file: what a crafted checkpoint could do with any code."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _crafted_lightning_checkpoint(tmp_path, marker):
+    torch.manual_seed(11)
+    source = _timm(pretrained=False)
+    path = tmp_path / "crafted.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"extractor.{k}": v for k, v in source.model.state_dict().items()},
+            "hyper_parameters": {"lr": 1e-4, "payload": _RunsCode(marker)},
+        },
+        path,
+    )
+    return source, path
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    _, path = _crafted_lightning_checkpoint(tmp_path, marker)
+    with pytest.raises(UntrustedCheckpointError) as info:
+        _timm(checkpoint=str(path))
+    message = str(info.value)
+    assert str(path) in message and "model.trust_checkpoint=true" in message
+    assert not marker.exists()
+
+
+def test_a_trusted_checkpoint_is_unpickled(tmp_path) -> None:
+    marker = tmp_path / "ran"
+    source, path = _crafted_lightning_checkpoint(tmp_path, marker)
+    loaded = _timm(checkpoint=str(path), trust_checkpoint=True)
+    assert marker.exists()  # the opt-in does what it says
+    torch.testing.assert_close(_embed(loaded), _embed(source), rtol=0, atol=0)
+    # the opt-in changes how the file is read, not the embeddings: same store identity
+    assert loaded.identity() == _timm(checkpoint=str(path), trust_checkpoint=True).identity()
+
+
+def test_lightning_checkpoint_with_plain_hyper_parameters_loads_by_default(tmp_path) -> None:
+    torch.manual_seed(12)
+    source = _timm(pretrained=False)
+    path = tmp_path / "plain.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"extractor.{k}": v for k, v in source.model.state_dict().items()},
+            "hyper_parameters": {  # as Lightning writes them: dict(model.hparams)
+                "lr": 1e-4,
+                "out_dir": pathlib.Path("/runs/x"),
+                "args": argparse.Namespace(epochs=3),
+            },
+            "pytorch-lightning_version": "2.6.0",
+        },
+        path,
+    )
+    torch.testing.assert_close(_embed(_timm(checkpoint=str(path))), _embed(source), rtol=0, atol=0)

@@ -12,17 +12,23 @@ One loader for every family (timm, open_clip, CONCH, MedCLIP):
 - a family-specific `convert` maps foreign layouts (timm's own `checkpoint_filter_fn`, MedCLIP's
   Hugging Face Swin names) onto the network's.
 - anything still missing, unexpected or of the wrong shape raises `CheckpointError` listing the
-  first keys of each kind.
+  first keys of each kind; an unreadable file `UnreadableWeightsError`.
+- safety: torch files are unpickled with `weights_only=True` (plus a few plain-data types that
+  Lightning checkpoints hold); a file that needs more raises `UntrustedCheckpointError` unless
+  the caller trusts it (`model.trust_checkpoint=true`), since unpickling can run any code.
 
-`weights_identity(path)` is the file's sha256: it goes into the extractor's `identity()` and so
-into the embedding-store key, so a new checkpoint never reuses old embeddings.
+`weights_identity(path)` is the file's sha256 (cached per file version, see `weights_file`): it
+goes into the extractor's `identity()` and so into the embedding-store key, so a new checkpoint
+never reuses old embeddings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pickle
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,7 @@ from torch import nn
 
 from cbmir.errors import CbmirError
 
-from .base import file_sha256
+from . import weights_file
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +55,42 @@ class CheckpointError(CbmirError):
     """A weights file that cannot be read or does not fit the network."""
 
 
+class UnreadableWeightsError(CheckpointError):
+    """A weights file that is missing, truncated or not a weights file at all."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A torch file that holds pickled objects beyond tensors and plain data."""
+
+
+TRUST_HELP = (
+    "Unpickling it can run arbitrary code. Load it only if you trust where it came from, with "
+    "model.trust_checkpoint=true, or save its state dict alone (torch.save(model.state_dict(), "
+    "...) or safetensors) and load that."
+)
+
+
+@contextlib.contextmanager
+def hint_on_error(hint: str) -> Iterator[None]:
+    """Append `hint` (e.g. how to drop a broken cached file) to any CheckpointError."""
+    try:
+        yield
+    except CheckpointError as exc:
+        raise type(exc)(f"{exc} {hint}") from None
+
+
 # -- reading ---------------------------------------------------------------------------------
-def read_state_dict(path: str | Path) -> StateDict:
+def read_state_dict(path: str | Path, trust: bool = False) -> StateDict:
     """Tensors of a weights file, unwrapped from Lightning / training-loop containers.
 
     Torch files are memory-mapped where possible, so a multi-GB CLIP checkpoint whose text
-    tower is dropped never has that tower read into memory.
+    tower is dropped never has that tower read into memory. They are read with
+    `weights_only=True` (tensors, plain data and the few types in `safe_types()`); a file
+    needing more is refused unless `trust` (see `load_torch_file`).
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        raise UnreadableWeightsError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -67,34 +99,98 @@ def read_state_dict(path: str | Path) -> StateDict:
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as exc:
-            raise CheckpointError(f"could not read {path} as safetensors: {exc}") from exc
-    obj = _torch_load(path)
+            raise UnreadableWeightsError(
+                f"could not read {path} as safetensors ({_reason(exc)}): the file is truncated "
+                "or corrupt"
+            ) from exc
+    obj = load_torch_file(path, trust=trust)
     return _unwrap(obj, path)
 
 
-def _torch_load(path: Path) -> Any:
-    errors = []
-    for kwargs in ({"mmap": True}, {}):
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, **kwargs)
-        except Exception as exc:  # mmap needs the zip format; weights_only refuses objects
-            errors.append(exc)
-    if path.suffix == ".ckpt":
-        # Lightning checkpoints may pickle hyper-parameters (configs, classes): trusted files
-        log.warning(
-            "%s holds more than tensors; loading it with weights_only=False (only load "
-            "checkpoints you trust)",
-            path,
+def safe_types() -> list[Any]:
+    """Plain-data types that Lightning checkpoints hold in their hyper-parameters, allowed for
+    `weights_only` loading: none of them runs code when unpickled."""
+    import argparse
+    import pathlib
+
+    # Lightning saves hyper-parameters as a plain dict (`dict(model.hparams)`); its
+    # AttributeDict, a dict subclass, could not be rebuilt by the weights_only unpickler anyway
+    return [
+        argparse.Namespace,
+        pathlib.PosixPath,
+        pathlib.PurePosixPath,
+        pathlib.WindowsPath,
+        pathlib.PureWindowsPath,
+    ]
+
+
+def load_torch_file(path: str | Path, trust: bool = False) -> Any:
+    """`torch.load` that never unpickles arbitrary objects unless `trust` is set.
+
+    `weights_only=True` first (memory-mapped when the file is in the zip format); a file that
+    needs more is refused with `UntrustedCheckpointError` naming the file, the types it holds
+    and the opt-in `model.trust_checkpoint=true`; only then is `weights_only=False` used.
+    """
+    path = Path(path).expanduser()
+    error: Exception | None = None
+    with torch.serialization.safe_globals(safe_types()):
+        for kwargs in ({"mmap": True}, {}):  # mmap needs the zip format
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, **kwargs)
+            except Exception as exc:
+                error = exc
+    assert error is not None
+    if not _refused_by_weights_only(error):
+        raise UnreadableWeightsError(
+            f"could not read {path} as a torch checkpoint ({_reason(error)}): the file is "
+            "truncated or corrupt, or not a state dict (.pt/.pth/.bin), a Lightning .ckpt or a "
+            ".safetensors file."
         )
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as exc:
-            errors.append(exc)
-    raise CheckpointError(
-        f"could not read {path} as a torch checkpoint ({type(errors[-1]).__name__}: "
-        f"{str(errors[-1]).splitlines()[0][:300] if str(errors[-1]) else ''}). Expected a "
-        "state dict (.pt/.pth/.bin), a Lightning .ckpt or a .safetensors file."
-    )
+    if not trust:
+        raise UntrustedCheckpointError(
+            f"{path} holds pickled objects beyond tensors and plain data"
+            f"{_unsafe_types(path)}. " + TRUST_HELP
+        )
+    log.warning("%s: loading with weights_only=False (model.trust_checkpoint=true)", path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UnreadableWeightsError(f"could not read {path} ({_reason(exc)})") from exc
+
+
+#: what torch's weights_only unpickler says when a well-formed file holds objects it refuses
+#: (a garbage file fails otherwise: "Unsupported operand", a zip error, ...)
+_REFUSALS = (
+    "unsupported global",
+    "reduce for unrecognized function",
+    "can only ",  # create / build / setitems / append: an object or container it does not allow
+)
+
+
+def _refused_by_weights_only(exc: BaseException) -> bool:
+    """True when torch read the file but its weights_only unpickler refused an object."""
+    text = str(exc).lower()
+    return isinstance(exc, pickle.UnpicklingError) and any(r in text for r in _REFUSALS)
+
+
+def _unsafe_types(path: Path) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # legacy (non-zip) files cannot be listed
+        return ""
+    shown = [
+        n for n in names if n not in {f"{t.__module__}.{t.__qualname__}" for t in safe_types()}
+    ]
+    return f" ({', '.join(shown[:SHOW_KEYS])})" if shown else ""
+
+
+def _reason(exc: BaseException) -> str:
+    """Type and first line of an error; for torch's weights_only unpickler, its actual
+    complaint (its first lines only advise loading with weights_only=False)."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -172,16 +268,17 @@ def load_into(
     convert: Callable[[StateDict], StateDict] | None = None,
     ignore_unexpected: Iterable[str] = (),
     ignore_missing: Iterable[str] = (),
+    trust: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint file (or a state dict) into `module`, strictly.
 
     `convert` maps a foreign layout onto the module's own key names; `ignore_unexpected` /
     `ignore_missing` are regexes of keys that may be absent or extra by design (e.g. a CLIP
-    text tower when only the image tower is built). Returns a small report (prefix stripped,
-    keys ignored).
+    text tower when only the image tower is built); `trust` allows unpickling objects (see
+    `load_torch_file`). Returns a small report (prefix stripped, keys ignored).
     """
     where = str(source) if isinstance(source, str | Path) else "the given state dict"
-    sd = read_state_dict(source) if isinstance(source, str | Path) else dict(source)
+    sd = read_state_dict(source, trust) if isinstance(source, str | Path) else dict(source)
     own = module.state_dict()
     expected = set(own)
     sd, prefix = strip_prefix(sd, expected)
@@ -245,11 +342,12 @@ def _fits(
 
 
 def weights_identity(path: str | Path) -> str:
-    """`sha256:<hex>` of a weights file: part of the embedding-store key."""
+    """`sha256:<hex>` of a local weights file: part of the embedding-store key (hashed once
+    per file version, see `weights_file`)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    return "sha256:" + file_sha256(path)
+        raise UnreadableWeightsError(f"checkpoint file not found: {path}")
+    return "sha256:" + weights_file.sha256(path)
 
 
 def timm_filter(model: nn.Module) -> Callable[[StateDict], StateDict] | None:

@@ -31,7 +31,13 @@ from cbmir.errors import CbmirError, ConfigError
 
 from . import hub
 from .base import Extractor
-from .checkpoint import load_into, weights_identity
+from .checkpoint import (
+    CheckpointError,
+    hint_on_error,
+    load_into,
+    load_torch_file,
+    weights_identity,
+)
 from .preprocessing import ModelTransform
 from .registry import register
 
@@ -109,6 +115,7 @@ class ConchExtractor(ModelTransform, Extractor):
         interpolation: str = "bicubic",
         resize_mode: str = "shortest",
         architecture: dict[str, Any] | None = None,
+        trust_checkpoint: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown CONCH backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -118,32 +125,22 @@ class ConchExtractor(ModelTransform, Extractor):
         self.normalize = bool(normalize)
         arch = {"image_size": 448, **dict(architecture or {})}
         self._arch = arch
+        hint = "Is it CONCH's pytorch_model.bin (MahmoodLab/conch)?"
         if self.checkpoint:
             path, weights = self.checkpoint, weights_identity(self.checkpoint)
         elif self.pretrained:
-            path = hub.download(
+            hub_file = hub.fetch(
                 hf_hub_id, ("pytorch_model.bin",), gated=True, what="the CONCH weights"
             )
-            weights = f"hf-hub:{hf_hub_id}"
+            path, weights, hint = hub_file.path, hub_file.identity(), hub.cache_hint(hub_file.path)
         else:
             path, weights = None, "random"
 
-        if backend == "conch":
-            visual = _conch_package_visual(path)
-        else:
-            tower = _Tower(ConchVisual(**arch))
-            if path is not None:
-                load_into(
-                    tower,
-                    path,
-                    label="CONCH's image tower (ViT-B/16, 448 px)",
-                    # the text tower, the captioning pooler and the unused projection
-                    ignore_unexpected=(
-                        r"^(?!visual\.)",
-                        r"^visual\.(attn_pool_caption|ln_caption|proj_contrast|head)\b",
-                    ),
-                )
-            visual = tower.visual
+        with hint_on_error(hint):
+            if backend == "conch":
+                visual = _conch_package_visual(path, trust_checkpoint)
+            else:
+                visual = _builtin_visual(arch, path, trust_checkpoint)
         super().__init__(
             input_size=input_size,
             min_size=None,
@@ -176,7 +173,24 @@ class ConchExtractor(ModelTransform, Extractor):
         return ident
 
 
-def _conch_package_visual(path: str | None) -> nn.Module:
+def _builtin_visual(arch: dict[str, Any], path: str | None, trust: bool) -> nn.Module:
+    tower = _Tower(ConchVisual(**arch))
+    if path is not None:
+        load_into(
+            tower,
+            path,
+            label="CONCH's image tower (ViT-B/16, 448 px)",
+            # the text tower, the captioning pooler and the unused projection
+            ignore_unexpected=(
+                r"^(?!visual\.)",
+                r"^visual\.(attn_pool_caption|ln_caption|proj_contrast|head)\b",
+            ),
+            trust=trust,
+        )
+    return tower.visual
+
+
+def _conch_package_visual(path: str | None, trust: bool = False) -> nn.Module:
     try:
         from conch.open_clip_custom import create_model
         from conch.open_clip_custom import factory as conch_factory
@@ -191,7 +205,14 @@ def _conch_package_visual(path: str | None) -> nn.Module:
 
         model = CoCa(**cfg)
     else:
-        model = create_model("conch_ViT-B-16", checkpoint_path=path)
+        load_torch_file(path, trust=trust)  # CbmirError for a broken or unsafe file, first
+        try:
+            model = create_model("conch_ViT-B-16", checkpoint_path=path)
+        except Exception as exc:
+            raise CheckpointError(
+                f"CONCH's own code could not load {path} ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''})"
+            ) from exc
     visual = model.visual
     del model  # drop the text tower and decoder
     return visual

@@ -12,9 +12,14 @@ import functools
 import os
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from cbmir.errors import CbmirError
+
+from .weights_file import file_identity
 
 TOKEN_HELP = (
     "For a gated model, accept its terms on the model page while logged in, then export "
@@ -86,6 +91,41 @@ def _hub_error(repo_id: str, what: str, reason: str, gated: bool) -> HubError:
     return HubError("\n".join(lines))
 
 
+@dataclass(frozen=True)
+class HubFile:
+    """A file fetched from the hub: its local path and which snapshot of which repo it is."""
+
+    path: str
+    repo_id: str
+    filename: str
+
+    @property
+    def commit(self) -> str | None:
+        """The snapshot commit, read from the cache layout `.../snapshots/<commit>/<file>`."""
+        parts = Path(self.path).parts
+        depth = len(Path(self.filename).parts)
+        if len(parts) > depth + 1 and parts[-depth - 2] == "snapshots":
+            return parts[-depth - 1]
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        """Repository, snapshot commit, file name, size and sha256: the store-key part."""
+        ident = file_identity(self.path, source="hf-hub", repo=self.repo_id, revision=self.commit)
+        ident["file"] = self.filename
+        return ident
+
+
+def cache_hint(path: str | os.PathLike) -> str:
+    """How to drop a broken cached file so that the next run downloads it again."""
+    path = Path(path)
+    real = path.resolve()
+    files = [str(path)] + ([str(real)] if real != path.absolute() else [])
+    return (
+        f"Remove it from the cache (rm {' '.join(files)}) and run again with network to "
+        "download it afresh, or pass model.checkpoint=/path/to/a/good/copy."
+    )
+
+
 def download(
     repo_id: str,
     filenames: Sequence[str],
@@ -94,7 +134,19 @@ def download(
     revision: str | None = None,
     what: str | None = None,
 ) -> str:
-    """Local path of the first of `filenames` that `repo_id` has (cache first when offline).
+    """Local path of the first of `filenames` that `repo_id` has (see `fetch`)."""
+    return fetch(repo_id, filenames, gated=gated, revision=revision, what=what).path
+
+
+def fetch(
+    repo_id: str,
+    filenames: Sequence[str],
+    *,
+    gated: bool = False,
+    revision: str | None = None,
+    what: str | None = None,
+) -> HubFile:
+    """The first of `filenames` that `repo_id` has, fetched (cache first when offline).
 
     Raises `HubError` (a `CbmirError`) for a gated or missing repository, a missing file, or
     no network, with the model page and the `HF_TOKEN` variable in the message.
@@ -110,9 +162,10 @@ def download(
     missing: list[str] = []
     for filename in filenames:
         try:
-            return hf_hub_download(
+            path = hf_hub_download(
                 repo_id, filename, revision=revision, local_files_only=local_only
             )
+            return HubFile(path=str(path), repo_id=repo_id, filename=filename)
         except hub_errors.GatedRepoError:
             raise _hub_error(
                 repo_id,

@@ -39,9 +39,11 @@ from torch import nn
 from cbmir.errors import CbmirError
 
 from .base import Extractor
-from .checkpoint import StateDict, load_into, weights_identity
+from .checkpoint import StateDict, hint_on_error, load_into, weights_identity
+from .hub import cache_hint
 from .preprocessing import ModelTransform
 from .registry import register
+from .weights_file import cache_root, file_identity
 
 IMG_MEAN = (0.5862785803043838,)
 IMG_STD = (0.27950088968644304,)
@@ -188,26 +190,31 @@ class MedClipExtractor(ModelTransform, Extractor):
         interpolation: str = "bicubic",
         resize_mode: str = "pad",
         cache_dir: str | None = None,
+        trust_checkpoint: bool = False,
     ) -> None:
         self.pretrained = bool(pretrained)
         self.checkpoint = str(checkpoint) if checkpoint else None
         self.normalize = bool(normalize)
         tower = _Tower(MedClipVision())
+        hint = "Is it pytorch_model.bin from MedCLIP's medclip-vit-pretrained.zip?"
         if self.checkpoint:
             path, weights = self.checkpoint, weights_identity(self.checkpoint)
         elif self.pretrained:
             path = str(download_weights(cache_dir))
-            weights = "medclip-vit-pretrained"
+            weights = file_identity(path, source="medclip-vit-pretrained", pointer=WEIGHTS_POINTER)
+            hint = cache_hint(path)
         else:
             path, weights = None, "random"
         if path is not None:
-            load_into(
-                tower,
-                path,
-                label="MedCLIP-ViT's vision model (Swin-T + 768->512 projection)",
-                convert=hf_swin_to_timm,
-                ignore_unexpected=(r"^(?!vision_model\.)",),  # text tower, logit scale
-            )
+            with hint_on_error(hint):
+                load_into(
+                    tower,
+                    path,
+                    label="MedCLIP-ViT's vision model (Swin-T + 768->512 projection)",
+                    convert=hf_swin_to_timm,
+                    ignore_unexpected=(r"^(?!vision_model\.)",),  # text tower, logit scale
+                    trust=trust_checkpoint,
+                )
         super().__init__(
             input_size=input_size,
             min_size=None,
@@ -241,10 +248,7 @@ class MedClipExtractor(ModelTransform, Extractor):
 def _cache_root(cache_dir: str | None) -> Path:
     if cache_dir:
         return Path(cache_dir).expanduser()
-    base = os.environ.get("CBMIR_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cbmir"
-    )
-    return Path(base) / "medclip-vit"
+    return cache_root() / "medclip-vit"
 
 
 def download_weights(cache_dir: str | None = None, timeout: float = 10.0) -> Path:
@@ -273,9 +277,11 @@ def download_weights(cache_dir: str | None = None, timeout: float = 10.0) -> Pat
         tmp.replace(archive)
         with zipfile.ZipFile(archive) as zf:
             member = next(n for n in zf.namelist() if n.endswith("pytorch_model.bin"))
-            with zf.open(member) as src, open(target, "wb") as dst:
+            partial = target.with_suffix(".bin.part")
+            with zf.open(member) as src, open(partial, "wb") as dst:
                 while block := src.read(1 << 20):
                     dst.write(block)
+            partial.replace(target)  # never a half-written file at the path later runs trust
         archive.unlink(missing_ok=True)
     except (OSError, StopIteration, zipfile.BadZipFile, ValueError) as exc:
         raise CbmirError(f"{type(exc).__name__}: {str(exc)[:200]}\n" + help_text) from None

@@ -29,9 +29,10 @@ from cbmir.errors import CbmirError, ConfigError
 
 from . import hub
 from .base import Extractor
-from .checkpoint import load_into, weights_identity
+from .checkpoint import hint_on_error, load_into, weights_identity
 from .preprocessing import ModelTransform
 from .registry import register
+from .weights_file import file_identity
 
 HF_PREFIX = "hf-hub:"
 #: open_clip configs shipped with cbmir for hub models, so their image tower builds offline
@@ -78,6 +79,7 @@ class OpenClipExtractor(ModelTransform, Extractor):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         gated: bool = False,
+        trust_checkpoint: bool = False,
     ) -> None:
         import open_clip
 
@@ -111,7 +113,7 @@ class OpenClipExtractor(ModelTransform, Extractor):
         label = f"the image tower of open_clip {model_name!r}"
         if self.checkpoint:
             self.weights = weights_identity(self.checkpoint)
-            _load_visual(tower, self.checkpoint, label)
+            _load_visual(tower, self.checkpoint, label, trust=trust_checkpoint)
         elif self.pretrained:
             if not weights:
                 raise ConfigError(
@@ -119,9 +121,9 @@ class OpenClipExtractor(ModelTransform, Extractor):
                     f"({', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none known'}) "
                     "or hf-hub:org/repo, or model.checkpoint=/path, or model.pretrained=false"
                 )
-            path = _download_weights(model_name, weights, gated)
-            self.weights = weights
-            _load_visual(tower, path, f"{label} with weights {weights}")
+            path, self.weights = _download_weights(model_name, weights, gated)
+            with hint_on_error(hub.cache_hint(path)):
+                _load_visual(tower, path, f"{label} with weights {weights}", trust=trust_checkpoint)
         else:
             self.weights = "random"
 
@@ -222,12 +224,14 @@ def _image_size(vision_cfg: dict[str, Any]) -> int:
     return int(size)
 
 
-def _download_weights(model_name: str, weights: str, gated: bool) -> str:
+def _download_weights(model_name: str, weights: str, gated: bool) -> tuple[str, dict[str, Any]]:
+    """Local file of `weights` (an open_clip tag or hf-hub:org/repo) and its identity."""
     import open_clip
 
     if weights.startswith(HF_PREFIX):
         repo = weights[len(HF_PREFIX) :]
-        return hub.download(repo, CLIP_WEIGHT_FILES, gated=gated, what=f"the weights of {repo}")
+        hub_file = hub.fetch(repo, CLIP_WEIGHT_FILES, gated=gated, what=f"the weights of {repo}")
+        return hub_file.path, hub_file.identity()
     cfg = open_clip.get_pretrained_cfg(model_name, weights)
     if not cfg:
         raise ConfigError(
@@ -237,11 +241,13 @@ def _download_weights(model_name: str, weights: str, gated: bool) -> str:
     if cfg.get("hf_hub"):
         repo, _, filename = _split_hub(cfg["hf_hub"])
         files = tuple(dict.fromkeys(((filename,) if filename else ()) + CLIP_WEIGHT_FILES))
-        return hub.download(
+        hub_file = hub.fetch(
             repo, files, gated=gated, what=f"open_clip weights {model_name} {weights}"
         )
+        return hub_file.path, {"open_clip_tag": weights, **hub_file.identity()}
     try:  # URL-only weights (a few OpenAI / older tags)
-        return open_clip.pretrained.download_pretrained(cfg)
+        path = open_clip.pretrained.download_pretrained(cfg)
+        return path, file_identity(path, source="url", url=cfg.get("url"), open_clip_tag=weights)
     except Exception as exc:
         raise CbmirError(
             f"could not download open_clip weights {model_name} {weights} from {cfg.get('url')}: "
@@ -257,7 +263,7 @@ def _split_hub(hf_hub: str) -> tuple[str, str, str]:
     return repo, "", filename
 
 
-def _load_visual(tower: ImageTower, path: str, label: str) -> None:
+def _load_visual(tower: ImageTower, path: str, label: str, trust: bool = False) -> None:
     from open_clip.model import resize_pos_embed
 
     def convert(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -273,4 +279,5 @@ def _load_visual(tower: ImageTower, path: str, label: str) -> None:
         convert=convert,
         # a full CLIP checkpoint: its text tower and logit scale are not needed here
         ignore_unexpected=(r"^(?!visual\.)",),
+        trust=trust,
     )

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import importlib
 import re
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -24,9 +26,17 @@ from cbmir.errors import CbmirError
 
 from . import hub
 from .base import Extractor
-from .checkpoint import load_into, timm_filter, weights_identity
+from .checkpoint import (
+    CheckpointError,
+    hint_on_error,
+    load_into,
+    read_state_dict,
+    timm_filter,
+    weights_identity,
+)
 from .preprocessing import ModelTransform
 from .registry import register
+from .weights_file import file_identity
 
 POOLS = ("avg", "head", "cls", "cls+mean")
 #: timm keyword arguments whose string values name a class or function ("timm.layers.SwiGLUPacked")
@@ -79,6 +89,7 @@ class TimmExtractor(ModelTransform, Extractor):
         std: tuple[float, ...] | None = None,
         resize_mode: str | None = None,
         crop_pct: float | None = 1.0,
+        trust_checkpoint: bool = False,
     ) -> None:
         import timm
 
@@ -96,26 +107,26 @@ class TimmExtractor(ModelTransform, Extractor):
         if self.checkpoint:
             weights = weights_identity(self.checkpoint)
             model = _create_timm_model(model_name, False, kwargs)
-            _load_timm_checkpoint(model, self.checkpoint, label)
+            _load_timm_checkpoint(model, self.checkpoint, label, trust=trust_checkpoint)
         elif self.pretrained and hf_hub_id:
-            path = hub.download(
+            hub_file = hub.fetch(
                 hf_hub_id,
                 HUB_WEIGHT_FILES,
                 gated=gated,
                 what=f"the weights of {name or model_name}",
             )
-            weights = f"hf-hub:{hf_hub_id}"
+            weights = hub_file.identity()
             model = _create_timm_model(model_name, False, kwargs)
-            _load_timm_checkpoint(model, path, f"{label} with weights from {hf_hub_id}")
+            with hint_on_error(hub.cache_hint(hub_file.path)):
+                _load_timm_checkpoint(
+                    model,
+                    hub_file.path,
+                    f"{label} with weights from {hf_hub_id}",
+                    trust=trust_checkpoint,
+                )
         elif self.pretrained:
-            model = _create_timm_model(model_name, True, kwargs, gated=gated)
-            cfg = getattr(model, "pretrained_cfg", {}) or {}
-            tag = cfg.get("tag")
-            weights = (
-                f"timm:{model_name.split('.')[0]}.{tag}"
-                if tag and "." not in model_name
-                else f"timm:{model_name}"
-            )
+            path, weights = _timm_weights_file(model_name, gated)
+            model = _create_timm_model(model_name, True, kwargs, gated=gated, weights_file=path)
         else:
             model = _create_timm_model(model_name, False, kwargs)
             weights = "random"
@@ -214,7 +225,9 @@ def _classifier_patterns(model: torch.nn.Module) -> list[str]:
     return [rf"^{re.escape(n)}\." for n in names] + [r"^head\.", r"^fc\.", r"^classifier\."]
 
 
-def _load_timm_checkpoint(model: torch.nn.Module, path: str, label: str) -> None:
+def _load_timm_checkpoint(
+    model: torch.nn.Module, path: str, label: str, trust: bool = False
+) -> None:
     load_into(
         model,
         path,
@@ -222,11 +235,86 @@ def _load_timm_checkpoint(model: torch.nn.Module, path: str, label: str) -> None
         convert=timm_filter(model),
         # the extractor drops timm's classifier: a fine-tuned head in the file is not an error
         ignore_unexpected=_classifier_patterns(model),
+        trust=trust,
+    )
+
+
+def _timm_weights_file(model_name: str, gated: bool) -> tuple[str, dict[str, Any]]:
+    """The local file of timm's own weights for `model_name` (fetched into the hub or torch
+    cache if needed) and its identity, so the store key names the weights timm loads."""
+    import timm
+
+    what = f"timm weights {model_name!r}"
+    if model_name.startswith("hf-hub:"):
+        hub_file = hub.fetch(model_name[7:], HUB_WEIGHT_FILES, gated=gated, what=what)
+        return hub_file.path, hub_file.identity()
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError as exc:  # a tag the architecture does not have
+        raise CbmirError(f"timm: {exc} Known: {', '.join(_tags(model_name))}") from None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise CbmirError(
+            f"timm has no pretrained weights for {model_name!r} (known: "
+            f"{', '.join(_tags(model_name)) or 'none'}); use model.checkpoint=/path/to/weights "
+            "or model.pretrained=false"
+        )
+    tag = model_name if "." in model_name else f"{model_name}.{cfg.tag}"
+    if cfg.hf_hub_id:
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        hub_file = hub.fetch(repo, files, gated=gated, revision=revision or None, what=what)
+        return hub_file.path, {"timm_tag": tag, **hub_file.identity()}
+    return _url_weights_file(cfg.url, tag)
+
+
+def _url_weights_file(url: str, tag: str) -> tuple[str, dict[str, Any]]:
+    """timm weights published at a URL only: torch hub's cached copy (downloaded once)."""
+    from timm.models._hub import download_cached_file, get_cache_dir
+
+    cached = Path(get_cache_dir()) / Path(urlparse(url).path).name
+    if not cached.is_file() and (hub.offline() or not hub.reachable()):
+        raise hub.HubError(
+            f"timm weights {tag!r} are not cached at {cached} and cannot be downloaded "
+            f"(offline) from {url}. " + hub.OFFLINE_HELP
+        )
+    try:
+        path = download_cached_file(url, check_hash=False, progress=False)
+    except Exception as exc:
+        raise hub.HubError(
+            f"could not download timm weights {tag!r} from {url} ({type(exc).__name__}). "
+            + hub.OFFLINE_HELP
+        ) from None
+    return path, file_identity(path, source="url", url=url, timm_tag=tag)
+
+
+def _tags(model_name: str) -> list[str]:
+    import timm
+
+    return timm.list_pretrained(f"{model_name.split('.')[0]}.*")[:10]
+
+
+def _broken_weights_error(path: str, model_name: str, exc: Exception) -> CheckpointError:
+    """timm failed on a weights file: unreadable, or of another architecture. Either way the
+    file is named, with how to drop it from the cache (not a hint about the network)."""
+    try:
+        read_state_dict(path)
+    except CheckpointError as unreadable:
+        return type(unreadable)(f"{unreadable} {hub.cache_hint(path)}")
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return CheckpointError(
+        f"timm could not build {model_name!r} with the weights file {path} "
+        f"({type(exc).__name__}: {first}). Does the file hold this architecture "
+        f"(model.model_name, model.model_kwargs)? If not, it is a broken copy: "
+        f"{hub.cache_hint(path)}"
     )
 
 
 def _create_timm_model(
-    model_name: str, pretrained: bool, kwargs: dict[str, Any], gated: bool = False
+    model_name: str,
+    pretrained: bool,
+    kwargs: dict[str, Any],
+    gated: bool = False,
+    weights_file: str | None = None,
 ) -> torch.nn.Module:
     import timm
 
@@ -239,25 +327,17 @@ def _create_timm_model(
     if schema is None and base not in timm.list_models():
         close = timm.list_models(f"*{base[:6]}*")[:10]
         raise CbmirError(f"timm has no model {base!r}; similar names: {', '.join(close) or 'none'}")
-    overlay: dict[str, Any] = {}
-    if schema == "hf-hub":
-        # the architecture itself comes from the hub's config.json: fail fast when offline
-        if not hub.offline() and not hub.reachable():
-            raise hub.HubError(
-                f"timm model {model_name!r} needs its config from the Hugging Face hub, which "
-                f"cannot be reached.\nModel page: {hub.model_page(base)}\n"
-                + (hub.TOKEN_HELP + "\n" if gated else "")
-                + "Build the architecture offline instead: model_name=<timm architecture> "
-                "model_kwargs={...} with model.checkpoint=/path/to/weights."
-            )
-    elif pretrained:
-        cfg = timm.models.get_pretrained_cfg(model_name)
-        if cfg is not None and cfg.hf_hub_id:
-            files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES
-            repo = cfg.hf_hub_id.split("@")[0]
-            overlay["file"] = hub.download(
-                repo, files, gated=gated, what=f"timm weights {model_name!r}"
-            )
+    # an hf-hub: architecture comes from the hub's config.json: fail fast when offline
+    if schema == "hf-hub" and not hub.offline() and not hub.reachable():
+        raise hub.HubError(
+            f"timm model {model_name!r} needs its config from the Hugging Face hub, which "
+            f"cannot be reached.\nModel page: {hub.model_page(base)}\n"
+            + (hub.TOKEN_HELP + "\n" if gated else "")
+            + "Build the architecture offline instead: model_name=<timm architecture> "
+            "model_kwargs={...} with model.checkpoint=/path/to/weights."
+        )
+    # timm loads exactly the file whose identity keys the store ("source" off: not the hub)
+    overlay = {"file": weights_file, "source": ""} if pretrained and weights_file else None
     try:
         if overlay:
             return timm.create_model(
@@ -267,6 +347,8 @@ def _create_timm_model(
     except CbmirError:
         raise
     except Exception as exc:  # network, missing weight tag, gated repo, bad kwargs
+        if pretrained and weights_file:
+            raise _broken_weights_error(weights_file, model_name, exc) from None
         if not pretrained and schema is None:
             raise CbmirError(
                 f"could not build timm model {model_name!r} with {kwargs}: "

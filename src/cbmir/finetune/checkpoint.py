@@ -18,10 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cbmir.errors import ConfigError
-from cbmir.extractors.checkpoint import CheckpointError, load_into, weights_identity
+from cbmir.extractors.checkpoint import (
+    CheckpointError,
+    UntrustedCheckpointError,
+    load_into,
+    load_torch_file,
+    weights_identity,
+)
 
 from .extractor import FineTunedExtractor, ProjectionHead, architecture_identity
 
@@ -87,13 +91,16 @@ def _check_same_architecture(saved: Mapping[str, Any], rebuilt: Mapping[str, Any
     )
 
 
-def read_spec(path: str | os.PathLike) -> dict[str, Any]:
-    """The spec stored in a cbmir-finetune checkpoint; CheckpointError for any other file."""
+def read_spec(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
+    """The spec stored in a cbmir-finetune checkpoint; CheckpointError for any other file.
+    Objects beyond plain data are unpickled only with `trust` (see `load_torch_file`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        obj = load_torch_file(path, trust=trust)
+    except UntrustedCheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(
             f"could not read {path} as a cbmir-finetune checkpoint "
@@ -113,13 +120,15 @@ def load_finetuned(
     name: str | None = None,
     pretrained: bool = False,
     sha256: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> FineTunedExtractor:
     """`model=finetuned`: rebuild the fine-tuned extractor stored in `checkpoint` and load it.
 
     `pretrained` is accepted and ignored (the weights are the checkpoint's), so presets such as
     `experiment=offline` that set `model.pretrained=false` apply to every model alike.
     `sha256` (filled in by the config) must match the file when given: it did not change
-    between composing the config and loading.
+    between composing the config and loading. `trust_checkpoint` allows a file that holds
+    pickled objects beyond plain data (unpickling can run code).
     """
     del pretrained
     if not checkpoint:
@@ -128,9 +137,11 @@ def load_finetuned(
             "(or +finetuned_checkpoint=RUN_DIR/best.ckpt in a sweep), written by cbmir-finetune"
         )
     path = Path(checkpoint).expanduser()
-    spec = read_spec(path)
+    spec = read_spec(path, trust=trust_checkpoint)
     extractor = build_from_spec(spec)
-    report = load_into(extractor, path, label=f"fine-tuned extractor {spec['name']!r}")
+    report = load_into(
+        extractor, path, label=f"fine-tuned extractor {spec['name']!r}", trust=trust_checkpoint
+    )
     extractor.weights = weights_identity(path)
     if sha256 and sha256 != extractor.weights:
         raise CheckpointError(
@@ -158,6 +169,8 @@ def checkpoint_info(path: object, field: str = "name") -> str | None:
         return default
     if not p.is_file():
         return default
+    if field == "sha256":  # not cached by (mtime, size) here: that misses in-place rewrites
+        return weights_identity(p)
     return _cached_info(str(p.resolve()), stat.st_mtime_ns, stat.st_size, field) or default
 
 
@@ -167,8 +180,6 @@ def checkpoint_name(path: object) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _cached_info(path: str, mtime_ns: int, size: int, field: str) -> str | None:
-    if field == "sha256":
-        return weights_identity(path)
     try:
         return str(read_spec(path).get("name") or "") or None
     except CheckpointError:
