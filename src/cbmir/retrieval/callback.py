@@ -42,6 +42,7 @@ class RetrievalCallback(Callback):
         backend: str = "torch",
         faiss: dict[str, Any] | None = None,
         embedded_now: list[str] | None = None,
+        data_facts: dict[str, Any] | None = None,
     ) -> None:
         self.store = store
         self.query_key, self.database_key = query_key, database_key
@@ -52,6 +53,7 @@ class RetrievalCallback(Callback):
         self.backend = backend
         self.faiss = dict(faiss or {})
         self.embedded_now = list(embedded_now or [])
+        self.data_facts = dict(data_facts or {})  # synthetic / data_verified, from the data file
         self.metrics: dict[str, Any] | None = None
         self.per_query: dict[str, np.ndarray] | None = None
 
@@ -114,6 +116,7 @@ class RetrievalCallback(Callback):
             embedded_now=self.embedded_now,
             query_entry=str(queries.path),
             database_entry=str(database.path),
+            **self.data_facts,
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_npz(
