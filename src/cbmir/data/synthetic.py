@@ -213,11 +213,11 @@ def write_synthetic_medmnist(
     """
     flag = catalog.check_flag_size(flag, size)
     path = npz_path(root, flag, size)
+    refuse_real_folder(path.parent, real_roots)  # before anything, even a lock file, is written
     with exclusive(path):
         remove_temporaries(path)  # a killed writer's half-written npz
         if path.is_file() and not replace:
             return path
-        refuse_real_folder(path.parent, real_roots)
         return _write_npz_atomic(path, _synthetic_members(flag, size, seed))
 
 
