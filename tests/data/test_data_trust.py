@@ -132,6 +132,19 @@ def test_content_replaced_with_size_and_mtime_kept_is_reconverted_and_reembedded
     assert np.array_equal(images, np.load(own)["train_images"])  # re-converted
 
 
+def test_a_run_never_reads_arrays_reconverted_under_it(tmp_path):
+    from cbmir.data import NpzDataModule
+
+    own = write_npz(tmp_path / "own.npz", seed=0)
+    running = NpzDataModule(own)
+    running.setup()  # identity() now names this content
+    write_npz(tmp_path / "b.npz", seed=1)
+    os.replace(tmp_path / "b.npz", own)
+    NpzDataModule(own).setup()  # another run re-converts the new content in place
+    with pytest.raises(DataError, match="changed while this run was using it"):
+        running.dataset("train")
+
+
 # --------------------------------------------------------------------------- synthetic data
 
 

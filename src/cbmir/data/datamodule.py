@@ -161,9 +161,13 @@ class RetrievalDataModule(L.LightningDataModule):
         if split not in self._datasets:
             self._require_split(split, manifest, "split")
             images, labels = load_split_arrays(self._npy_dir, split)
-            self._datasets[split] = ArraySplitDataset(
-                images, labels, volume=manifest["layout"] == "volume"
-            )
+            dataset = ArraySplitDataset(images, labels, volume=manifest["layout"] == "volume")
+            if read_manifest(self._npy_dir)["source"] != manifest["source"]:
+                raise DataError(
+                    f"{self.npz_file} changed while this run was using it (another run "
+                    f"re-converted it); run again."
+                )
+            self._datasets[split] = dataset
         return self._datasets[split]
 
     def labels(self, split: str) -> np.ndarray:
