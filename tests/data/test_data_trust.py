@@ -27,6 +27,7 @@ from cbmir.data import MedMNISTDataModule, files
 from cbmir.data.digests import file_digests
 from cbmir.data.files import convert_npz_to_npy, load_split_arrays, read_manifest
 from cbmir.data.locks import lock_path
+from cbmir.data.synthetic import main as synth_main
 from cbmir.data.synthetic import write_synthetic_medmnist
 from cbmir.errors import DataError
 
@@ -154,6 +155,8 @@ def test_synthetic_files_never_go_into_a_folder_for_real_ones(tmp_path, monkeypa
     write_npz(real / "breastmnist.npz")  # not synthetic, under a MedMNIST name
     with pytest.raises(DataError, match="holds breastmnist.npz, which is not a synthetic"):
         write_synthetic_medmnist(real, "pneumoniamnist")
+    assert synth_main(["--flags", "pneumoniamnist", "--root", str(real)]) == 2  # cbmir-synth
+    assert sorted(p.name for p in real.iterdir()) == ["breastmnist.npz"]
     monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path / "medmnist"))
     with pytest.raises(DataError, match="folder for the real MedMNIST files"):
         write_synthetic_medmnist(tmp_path / "medmnist", "breastmnist")

@@ -518,6 +518,7 @@ class NpzDataModule(RetrievalDataModule):
             self._label_names = {i: str(v) for i, v in enumerate(label_names)}
 
     def _fetch_source(self) -> None:
+        sweep_stale(self.npz_file)  # e.g. a killed `cbmir-synth --digits`
         if not self.npz_file.is_file():
             raise DataError(
                 f"Expected your npz at {self.npz_file}; there is no such file. It needs keys "

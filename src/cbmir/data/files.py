@@ -25,6 +25,7 @@ import shutil
 import uuid
 import zipfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -33,7 +34,7 @@ import numpy as np
 
 from cbmir.data.catalog import SPLITS, check_flag_size, size_suffix, url_and_md5
 from cbmir.data.digests import Digests, file_digests, stamp
-from cbmir.data.locks import exclusive, exclusive_if_writable, remove_temporaries
+from cbmir.data.locks import exclusive, remove_temporaries
 from cbmir.errors import DataError
 
 FORMAT_VERSION = 2  # 2: trusted by the source's sha256 (1: by size + mtime)
@@ -73,8 +74,9 @@ def download_npz(flag: str, size: int, root: str | os.PathLike) -> Path:
     flag = check_flag_size(flag, size)
     target = npz_path(root, flag, size)
     url, md5 = url_and_md5(flag, size)
-    with exclusive(target):
-        remove_temporaries(target)  # a killed download's .part
+    with exclusive(target) as locked:
+        if locked:
+            remove_temporaries(target)  # a killed download's .part
         if target.is_file():
             return target
         os.replace(download_part(url, md5, target), target)
@@ -389,6 +391,13 @@ def digest_cache_for(npz_file: Path, cache_dir: str | os.PathLike | None = None)
     return npy_dir_for(npz_file, cache_dir).with_name(f".{npz_file.name}.digests.json")
 
 
+def _writable_folder(folder: Path) -> bool:
+    """A folder cbmir may write into (or create); a read-only one can only serve what is there."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
 def convert_npz_to_npy(
     npz_file: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
@@ -408,7 +417,8 @@ def convert_npz_to_npy(
     if not src.is_file():
         raise DataError(f"Expected a MedMNIST-layout .npz file at {src}; there is none.")
     target = npy_dir_for(src, cache_dir)
-    with exclusive_if_writable(target) as locked:
+    writable = _writable_folder(target.parent)
+    with exclusive(target) if writable else nullcontext(False) as locked:
         if locked:
             remove_temporaries(target)  # only dead writers': a live one would hold the lock
         digests = file_digests(src, digest_cache_for(src, cache_dir))
@@ -416,7 +426,7 @@ def convert_npz_to_npy(
             check_source(SourceFacts(src, digests.sha256, digests.md5, read_synthetic_marker(src)))
         if _trusted(target, digests.sha256, volumes, expected_n) is not None:
             return target
-        if not locked:
+        if not writable:
             raise DataError(
                 f"Cannot write the converted arrays next to {src} (read-only folder). Set "
                 f"data.cache_dir (cache_dir=) to a writable folder."

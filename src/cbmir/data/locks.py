@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import glob
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cbmir.errors import DataError
+
+log = logging.getLogger(__name__)
 
 _TEMP_PATTERNS = (
     ".{name}.*.part",
@@ -39,8 +42,9 @@ def lock_path(path: str | os.PathLike) -> Path:
 
 @contextmanager
 def exclusive(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
-    """Hold the lock of `path` for the block; yields False (lock not taken) only when
-    `blocking=False` and another live process holds it."""
+    """Hold the lock of `path` for the block. Yields True when held; False when `blocking=False`
+    and another live process holds it, or when the file system cannot lock (then nothing may
+    be removed as stale: callers only remove temporaries when True)."""
     lock = lock_path(path)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -51,16 +55,26 @@ def exclusive(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
             f"writable folders (set data.cache_dir for the converted arrays)."
         ) from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and not blocking:
-                yield False
-                return
-            raise
-        yield True
+        yield _flock(fd, lock, blocking)
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _flock(fd: int, lock: Path, blocking: bool) -> bool:
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not blocking:
+                return False
+            log.info("waiting for another run that is writing %s", lock.name[1:-5])
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        log.warning("%s: no file locking here (%s); concurrent runs are not serialised", lock, exc)
+        return False
+    return True
 
 
 def temporaries(path: str | os.PathLike) -> list[Path]:
@@ -96,15 +110,3 @@ def sweep_stale(path: str | os.PathLike) -> list[Path]:
             return remove_temporaries(path) if acquired else []
     except DataError:  # a read-only folder: whatever lies there is not ours to remove
         return []
-
-
-@contextmanager
-def exclusive_if_writable(path: str | os.PathLike) -> Iterator[bool]:
-    """`exclusive(path)` where its folder is writable (yields True); in a read-only folder
-    yields False without locking: nobody can write there, so there is nothing to guard."""
-    folder = Path(path).parent
-    if folder.is_dir() and not os.access(folder, os.W_OK):
-        yield False
-        return
-    with exclusive(path) as acquired:
-        yield acquired

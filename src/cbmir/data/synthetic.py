@@ -214,8 +214,9 @@ def write_synthetic_medmnist(
     flag = catalog.check_flag_size(flag, size)
     path = npz_path(root, flag, size)
     refuse_real_folder(path.parent, real_roots)  # before anything, even a lock file, is written
-    with exclusive(path):
-        remove_temporaries(path)  # a killed writer's half-written npz
+    with exclusive(path) as locked:
+        if locked:
+            remove_temporaries(path)  # a killed writer's half-written npz
         if path.is_file() and not replace:
             return path
         return _write_npz_atomic(path, _synthetic_members(flag, size, seed))
@@ -272,8 +273,9 @@ def write_digits_npz(path: str | os.PathLike, size: int = 28, seed: int = 0) -> 
         members[f"{split}_images"] = _const(images[ids])
         members[f"{split}_labels"] = _const(labels[ids])
     path = Path(path).expanduser()
-    with exclusive(path):
-        remove_temporaries(path)
+    with exclusive(path) as locked:
+        if locked:
+            remove_temporaries(path)
         return _write_npz_atomic(path, members)
 
 
