@@ -162,7 +162,7 @@ class RetrievalDataModule(L.LightningDataModule):
             self._require_split(split, manifest, "split")
             images, labels = load_split_arrays(self._npy_dir, split)
             dataset = ArraySplitDataset(images, labels, volume=manifest["layout"] == "volume")
-            if read_manifest(self._npy_dir)["source"] != manifest["source"]:
+            if read_manifest(self._npy_dir)["source"]["sha256"] != manifest["source"]["sha256"]:
                 raise DataError(
                     f"{self.npz_file} changed while this run was using it (another run "
                     f"re-converted it); run again."
