@@ -375,3 +375,18 @@ def test_concurrent_downloads_of_one_file_download_it_once(tmp_path, monkeypatch
     assert got == [root / "breastmnist.npz"] * 2, got
     assert server.gets == 1 and (root / "breastmnist.npz").read_bytes() == payload
     assert sorted(p.name for p in root.iterdir()) == [".breastmnist.npz.lock", "breastmnist.npz"]
+
+
+def test_report_names_jobs_on_unverified_real_looking_data():
+    import pandas as pd
+
+    from cbmir.report.build import _unverified_jobs
+
+    done = pd.DataFrame(
+        {
+            "job": ["verified", "unverified", "synthetic", "own-npz", "old-job"],
+            "synthetic": [False, False, True, False, False],
+            "data_verified": [True, False, False, None, np.nan],
+        }
+    )
+    assert _unverified_jobs(done) == ["unverified"]  # synthetic ones have their own note
