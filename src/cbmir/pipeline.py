@@ -137,6 +137,7 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
         backend=cfg.retrieval.get("backend", "torch"),
         faiss=OmegaConf.to_container(cfg.retrieval.get("faiss", {}), resolve=True),
         embedded_now=missing,
+        data_facts=datamodule.data_facts(),
     )
     writer = EmbeddingStoreWriter(store, plan)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, retrieval], logger=loggers)

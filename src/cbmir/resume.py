@@ -54,6 +54,7 @@ VOLATILE_PATHS: tuple[str, ...] = (
     "task_name",
     "cell",
     "data.root",
+    "data.real_root",  # where synthetic data must not go; never changes a result
     "data.download",
     "data.batch_size",
     "data.num_workers",

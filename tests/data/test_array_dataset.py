@@ -1,3 +1,4 @@
+import os
 import pickle
 
 import numpy as np
@@ -39,6 +40,17 @@ def test_pickle_reopens_memmap(tmp_path):
     ds2 = pickle.loads(blob)
     assert isinstance(ds2.images, np.memmap)
     assert torch.equal(ds2[7]["image"], ds[7]["image"])
+
+
+def test_pickle_refuses_a_memmap_file_replaced_meanwhile(tmp_path):
+    # a spawned worker re-opens by name: a concurrent re-conversion must not swap the pixels
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.integers(0, 255, (20, 8, 8), np.uint8))
+    ds = ArraySplitDataset(np.load(tmp_path / "x.npy", mmap_mode="r"), np.zeros((20, 1)))
+    np.save(tmp_path / "y.npy", rng.integers(0, 255, (20, 8, 8), np.uint8))
+    os.replace(tmp_path / "y.npy", tmp_path / "x.npy")  # as an installed conversion does
+    with pytest.raises(DataError, match="was replaced while this run was using it"):
+        pickle.loads(pickle.dumps(ds))
 
 
 def test_mismatched_lengths():

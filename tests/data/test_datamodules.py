@@ -80,10 +80,15 @@ def test_synthetic_writes_missing_file_without_network(tmp_path, monkeypatch):
 
 
 def test_synthetic_file_is_flagged_when_not_asked_for(synthetic_root, caplog):
-    dm = MedMNISTDataModule("breastmnist", root=synthetic_root, download=False)
+    # a synthetic file under the real name fails the published MD5 (it used to pass with a
+    # warning); with verify=False it is used, and flagged as synthetic and unverified
+    with pytest.raises(DataError, match="synthetic stand-in written by cbmir-synth"):
+        MedMNISTDataModule("breastmnist", root=synthetic_root, download=False).setup()
+    dm = MedMNISTDataModule("breastmnist", root=synthetic_root, download=False, verify=False)
     with caplog.at_level(logging.WARNING, logger="cbmir.data.datamodule"):
         dm.setup()
     assert "SYNTHETIC" in caplog.text and dm.identity("test")["synthetic"] is True
+    assert dm.data_facts()["synthetic"] is True and dm.data_facts()["data_verified"] is False
 
 
 def test_identity_follows_content(make_synthetic, tmp_path):

@@ -67,7 +67,12 @@ def test_interrupted_conversion_leaves_nothing_trusted(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "_write_labels", boom)  # images already written at this point
     with pytest.raises(KeyboardInterrupt):
         convert_npz_to_npy(src)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["own.npz"]
+    # besides the source only the lock and the checksum cache (both small, both kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".own.npz.digests.json",
+        ".own_npy.lock",
+        "own.npz",
+    ]
     monkeypatch.undo()
     assert read_manifest(convert_npz_to_npy(src))["splits"]["test"]["n"] == 4
 
@@ -191,7 +196,8 @@ def test_download_failure_is_a_clear_data_error(tmp_path, monkeypatch):
     assert str(tmp_path / "breastmnist_64.npz") in msg
     assert "https://zenodo.org/records/10519652/files/breastmnist_64.npz" in msg
     assert "data.root" in msg and err.value.__cause__ is None
-    assert list(tmp_path.iterdir()) == []  # no partial file that would look like data
+    # no partial file that would look like data; only the (kept) download lock
+    assert [p.name for p in tmp_path.iterdir()] == [".breastmnist_64.npz.lock"]
 
 
 def test_download_uses_medmnist_url_and_md5(tmp_path, monkeypatch):

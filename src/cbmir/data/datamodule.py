@@ -21,12 +21,14 @@ from torch.utils.data import DataLoader
 from cbmir.data import catalog
 from cbmir.data.datasets import ArraySplitDataset
 from cbmir.data.files import (
+    SourceFacts,
     convert_npz_to_npy,
     download_npz,
     load_split_arrays,
     npz_path,
     read_manifest,
 )
+from cbmir.data.locks import sweep_stale
 from cbmir.data.synthetic import write_synthetic_medmnist
 from cbmir.errors import ConfigError, DataError
 
@@ -95,6 +97,13 @@ class RetrievalDataModule(L.LightningDataModule):
     def _check_manifest(self, manifest: dict[str, Any], npy_dir: Path) -> None:
         """Raise DataError when the converted file is not what this module promises."""
 
+    def _check_source(self, source: SourceFacts) -> None:
+        """Raise DataError to refuse the source file (checked before it is converted or used)."""
+
+    def _verified(self, manifest: dict[str, Any]) -> bool | None:
+        """Whether the file is byte for byte a published one; None: nothing to compare with."""
+        return None
+
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
         """Download/write the npz if needed and convert it to npy (rank 0; idempotent)."""
@@ -103,7 +112,11 @@ class RetrievalDataModule(L.LightningDataModule):
     def _prepare(self) -> Path:
         self._fetch_source()
         return convert_npz_to_npy(
-            self.npz_file, self.cache_dir, self._expected_n(), self._volumes()
+            self.npz_file,
+            self.cache_dir,
+            self._expected_n(),
+            self._volumes(),
+            check_source=self._check_source,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -148,9 +161,13 @@ class RetrievalDataModule(L.LightningDataModule):
         if split not in self._datasets:
             self._require_split(split, manifest, "split")
             images, labels = load_split_arrays(self._npy_dir, split)
-            self._datasets[split] = ArraySplitDataset(
-                images, labels, volume=manifest["layout"] == "volume"
-            )
+            dataset = ArraySplitDataset(images, labels, volume=manifest["layout"] == "volume")
+            if read_manifest(self._npy_dir)["source"]["sha256"] != manifest["source"]["sha256"]:
+                raise DataError(
+                    f"{self.npz_file} changed while this run was using it (another run "
+                    f"re-converted it); run again."
+                )
+            self._datasets[split] = dataset
         return self._datasets[split]
 
     def labels(self, split: str) -> np.ndarray:
@@ -197,6 +214,17 @@ class RetrievalDataModule(L.LightningDataModule):
     def is_synthetic(self) -> bool:
         """True when the file was written by cbmir-synth: its numbers mean nothing clinically."""
         return self._ready().get("synthetic") is not None
+
+    def data_facts(self) -> dict[str, Any]:
+        """What metrics.json records about the data file, read from its content: synthetic (a
+        cbmir-synth marker inside the npz, whatever the config says), data_verified (matches the
+        published checksum; None where none exists), and its sha256."""
+        manifest = self._ready()
+        return {
+            "synthetic": self.is_synthetic,
+            "data_verified": self._verified(manifest),
+            "data_sha256": manifest["source"]["sha256"],
+        }
 
     def identity(self, split: str) -> dict[str, Any]:
         """What identifies the data behind a split's embeddings (an embedding-cache key part).
@@ -274,10 +302,13 @@ class RetrievalDataModule(L.LightningDataModule):
 class MedMNISTDataModule(RetrievalDataModule):
     """One MedMNIST dataset at one size: downloaded (or synthetic) and memory-mapped.
 
-    An existing `{root}/{flag}[_{size}].npz` is used without any network access. `synthetic=True`
-    writes a synthetic stand-in there instead of downloading. A synthetic file read with
-    synthetic=False is logged as a warning, and `identity()["synthetic"]` records it, so
-    synthetic numbers cannot pass for real ones unnoticed. `name` only changes the display name.
+    An existing `{root}/{flag}[_{size}].npz` is used without any network access, once its MD5
+    matches the published one (checked once per version of the file; `verify=False` uses it
+    anyway and `data_facts()` records `data_verified: False`). `synthetic=True` accepts a
+    cbmir-synth stand-in there instead, or writes one when the file is missing (never into
+    `real_root`, $MEDMNIST_ROOT or ~/.medmnist, nor beside real files). Whether a file is
+    synthetic is read from the file, so synthetic numbers cannot pass for real ones.
+    `name` only changes the display name.
     """
 
     def __init__(
@@ -295,8 +326,12 @@ class MedMNISTDataModule(RetrievalDataModule):
         pin_memory: bool | None = None,
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
+        verify: bool = True,
+        real_root: str | os.PathLike | None = None,
     ) -> None:
         flag = catalog.check_flag_size(flag, size)
+        if not isinstance(verify, bool):
+            raise ConfigError(f"data.verify must be true or false, not {verify!r}.")
         super().__init__(
             name=name or flag,
             query_split=query_split,
@@ -313,14 +348,24 @@ class MedMNISTDataModule(RetrievalDataModule):
         self.root = Path(root).expanduser()
         self.download = download
         self.synthetic = synthetic
+        self.verify = verify
+        self.real_root = real_root
         self.npz_file = npz_path(self.root, flag, size)
 
     def _fetch_source(self) -> None:
         if self.npz_file.is_file():
+            sweep_stale(self.npz_file)  # a killed writer's temporaries beside it
             return
         if self.synthetic:
             try:
-                write_synthetic_medmnist(self.root, self.flag, self._size, seed=self.seed)
+                write_synthetic_medmnist(
+                    self.root,
+                    self.flag,
+                    self._size,
+                    seed=self.seed,
+                    replace=False,  # a concurrent run may have written it meanwhile
+                    real_roots=[self.real_root],
+                )
             except OSError as exc:
                 raise DataError(
                     f"Cannot write the synthetic {self.flag} file into {self.root} "
@@ -335,8 +380,9 @@ class MedMNISTDataModule(RetrievalDataModule):
                 f"{catalog.paper_name(self.flag)} at {self._size} px is expected at "
                 f"{self.npz_file}, which does not exist. Set data.download=true to fetch it, "
                 f"download {url} into {self.root} yourself, set data.root to the folder that "
-                f"holds it, or write a synthetic stand-in with `cbmir-synth --flags "
-                f"{self.flag} --sizes {self._size} --root {self.root}` and data.synthetic=true."
+                f"holds it, or run on a synthetic stand-in (not real data) with "
+                f"experiment=offline, which writes one with cbmir-synth into "
+                f"paths.synthetic_root."
             )
 
     def _expected_n(self) -> dict[str, int]:
@@ -344,6 +390,43 @@ class MedMNISTDataModule(RetrievalDataModule):
 
     def _volumes(self) -> bool:
         return catalog.is_3d(self.flag)
+
+    def _published_md5(self) -> str:
+        return catalog.url_and_md5(self.flag, self._size)[1]
+
+    def _check_source(self, source: SourceFacts) -> None:
+        """The published MD5 decides, except for an asked-for synthetic stand-in of this very
+        dataset, or when verify=False (then it is only recorded)."""
+        expected = self._published_md5()
+        if source.md5 == expected:
+            return
+        marker = source.synthetic
+        if self.synthetic and marker is not None:
+            if (marker.get("flag"), marker.get("size")) != (self.flag, self._size):
+                raise DataError(
+                    f"{source.path} is a synthetic stand-in for {marker.get('flag')} at "
+                    f"{marker.get('size')} px, not {self.flag} at {self._size} px; delete it."
+                )
+            return
+        if not self.verify:
+            log.warning(
+                "%s does not match the published MD5 of %s (MD5 %s, expected %s); "
+                "data.verify=false: using it, recorded as data_verified=false",
+                source.path,
+                catalog.paper_name(self.flag),
+                source.md5,
+                expected,
+            )
+            return
+        what = " (a synthetic stand-in written by cbmir-synth)" if marker is not None else ""
+        raise DataError(
+            f"{source.path}{what} is not the published {catalog.paper_name(self.flag)} file: "
+            f"MD5 {source.md5}, expected {expected}. Delete it and download it again, or set "
+            f"data.verify=false to use it anyway (recorded as data_verified=false)."
+        )
+
+    def _verified(self, manifest: dict[str, Any]) -> bool:
+        return manifest["source"].get("md5") == self._published_md5()
 
     def _check_manifest(self, manifest: dict[str, Any], npy_dir: Path) -> None:
         is_synth = manifest.get("synthetic") is not None
@@ -395,7 +478,8 @@ class NpzDataModule(RetrievalDataModule):
     """Your own npz in MedMNIST's layout (val optional); label names default to the class ids.
 
     `volumes` forces (True) or forbids (False) reading N x D x H x W arrays as volumes; None
-    decides by shape (a last dimension of 3 means RGB).
+    decides by shape (a last dimension of 3 means RGB). The file's sha256 is its identity; there
+    is no published checksum to verify (`verify` is accepted for sweeps and changes nothing).
     """
 
     def __init__(
@@ -413,6 +497,7 @@ class NpzDataModule(RetrievalDataModule):
         pin_memory: bool | None = None,
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
+        verify: bool = True,
     ) -> None:
         self.npz_file = Path(path).expanduser()
         super().__init__(
@@ -428,6 +513,8 @@ class NpzDataModule(RetrievalDataModule):
         self.save_hyperparameters()
         if synthetic:
             log.info("data=npz uses %s as it is; synthetic=true is ignored", self.npz_file)
+        if not verify:
+            log.info("data=npz has no published checksum; verify=false changes nothing")
         self.volumes = volumes
         self._declared_size = size
         if label_names is None:
@@ -438,6 +525,7 @@ class NpzDataModule(RetrievalDataModule):
             self._label_names = {i: str(v) for i, v in enumerate(label_names)}
 
     def _fetch_source(self) -> None:
+        sweep_stale(self.npz_file)  # e.g. a killed `cbmir-synth --digits`
         if not self.npz_file.is_file():
             raise DataError(
                 f"Expected your npz at {self.npz_file}; there is no such file. It needs keys "

@@ -7,6 +7,7 @@ on whole batches on the device, which is far cheaper than per-item CPU transform
 from __future__ import annotations
 
 import mmap
+import os
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ class ArraySplitDataset(Dataset):
 
     `images`: N x H x W (grey), N x H x W x 3 (RGB) or N x D x H x W (volumes), usually an
     `np.memmap`. `volume` resolves N x D x H x 3 arrays; None decides by shape (last dim 3: RGB).
-    Pickling (spawned DataLoader workers) re-opens a memmap by file name instead of copying it.
+    Pickling (spawned DataLoader workers) re-opens a memmap by file name instead of copying it,
+    and refuses a file that is no longer the one opened here (a concurrent run re-converted it).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, volume: bool | None = None):
@@ -41,6 +43,7 @@ class ArraySplitDataset(Dataset):
         self.images = images
         self.labels = labels.astype(np.int64, copy=False)
         self.volume = bool(volume)
+        self._file_id = _file_id(images)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -76,18 +79,34 @@ class ArraySplitDataset(Dataset):
                 "order": "F"
                 if images.flags.f_contiguous and not images.flags.c_contiguous
                 else "C",
+                "file_id": self._file_id,
             }
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         spec = state["images"]
         if isinstance(spec, dict):
-            state["images"] = np.memmap(
-                spec["memmap"],
-                dtype=np.dtype(spec["dtype"]),
-                mode="r",
-                offset=spec["offset"],
-                shape=tuple(spec["shape"]),
-                order=spec["order"],
-            )
+            with open(spec["memmap"], "rb") as fh:  # the file checked is the file mapped
+                st = os.fstat(fh.fileno())
+                if spec.get("file_id") not in (None, [st.st_dev, st.st_ino]):
+                    raise DataError(
+                        f"{spec['memmap']} was replaced while this run was using it (another "
+                        f"run re-converted the data file); run again."
+                    )
+                state["images"] = np.memmap(
+                    fh,
+                    dtype=np.dtype(spec["dtype"]),
+                    mode="r",
+                    offset=spec["offset"],
+                    shape=tuple(spec["shape"]),
+                    order=spec["order"],
+                )
         self.__dict__.update(state)
+
+
+def _file_id(images: np.ndarray) -> list[int] | None:
+    """(device, inode) of the file behind a memmap, to recognise it when re-opened by name."""
+    if not (isinstance(images, np.memmap) and images.filename):
+        return None
+    st = os.stat(images.filename)
+    return [st.st_dev, st.st_ino]

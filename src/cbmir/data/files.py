@@ -6,6 +6,12 @@ whole split into RAM (PathMNIST at 224 px is ~16 GB). The conversion streams eac
 into an `.npy` file, validating shapes, dtypes and counts on the way, and installs the result
 atomically: a directory that holds a `manifest.json` is complete and matches its source.
 
+Everything is keyed by content: the conversion is reused only while the source's sha256 (cached
+per file version, see `cbmir.data.digests`) equals the one in its manifest, so a file replaced
+with its size and mtime preserved (`cp -p`, `rsync -a`) is converted again. One process at a time
+writes or converts a given file (`cbmir.data.locks`); the others wait and then reuse its work,
+and the leftovers of killed runs are removed by the next one.
+
 Image dtype rule: images are stored as uint8. Integer images must already lie in [0, 255]; float
 images in [0, 1] are scaled by 255, float images in [0, 255] are kept; both are rounded.
 Anything else is a DataError (rescale it yourself: the right mapping depends on the modality).
@@ -13,21 +19,25 @@ Anything else is a DataError (rescale it yourself: the right mapping depends on 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import uuid
 import zipfile
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from cbmir.data.catalog import SPLITS, check_flag_size, size_suffix, url_and_md5
+from cbmir.data.digests import Digests, file_digests, stamp
+from cbmir.data.locks import exclusive, remove_temporaries
 from cbmir.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trusted by the source's sha256 (1: by size + mtime)
 MANIFEST = "manifest.json"
 SYNTHETIC_KEY = "cbmir_synthetic"  # extra npz member marking files written by cbmir-synth
 REQUIRED_SPLITS = ("train", "test")
@@ -57,20 +67,32 @@ def npy_dir_for(npz_file: str | os.PathLike, cache_dir: str | os.PathLike | None
 def download_npz(flag: str, size: int, root: str | os.PathLike) -> Path:
     """Download one MedMNIST file from Zenodo with MD5 check, as medmnist itself does.
 
-    Downloads to a `.part` name first so an interrupted transfer never looks like a dataset.
+    One process downloads a given file at a time; one that waited finds the file in place and
+    returns it. The transfer goes to a `.part` file of its own, so an interrupted transfer never
+    looks like a dataset and two transfers never write into one file.
     """
     flag = check_flag_size(flag, size)
     target = npz_path(root, flag, size)
     url, md5 = url_and_md5(flag, size)
-    part = target.with_name(target.name + ".part")
+    with exclusive(target) as locked:
+        if locked:
+            remove_temporaries(target)  # a killed download's .part
+        if target.is_file():
+            return target
+        os.replace(download_part(url, md5, target), target)
+    return target
+
+
+def download_part(url: str, md5: str, target: Path) -> Path:
+    """Download `url` into a fresh `.{target name}.{random}.part` beside `target`, check its MD5
+    and return that path (the caller moves it into place)."""
+    part = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.part")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         from torchvision.datasets.utils import download_url
 
         download_url(url=url, root=str(target.parent), filename=part.name, md5=md5)
         if not part.is_file():
             raise FileNotFoundError(part)
-        os.replace(part, target)
     except Exception as exc:  # the network stack's traceback helps nobody here
         part.unlink(missing_ok=True)
         raise DataError(
@@ -78,7 +100,7 @@ def download_npz(flag: str, size: int, root: str | os.PathLike) -> Path:
             f"at {target}. Download it manually from {url} (MD5 {md5}) and place it there, or "
             f"set data.root to a folder that already holds it."
         ) from None
-    return target
+    return part
 
 
 # --------------------------------------------------------------------------- zip reading
@@ -295,12 +317,18 @@ def _write_labels(zf, member: str, src: Path, name: str, out: Path) -> None:
 # --------------------------------------------------------------------------- manifest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class SourceFacts:
+    """What is known about a source file before it is converted: its checksums (of the version
+    about to be converted) and its synthetic marker (None for any other file)."""
+
+    path: Path
+    sha256: str
+    md5: str
+    synthetic: dict[str, Any] | None
+
+
+SourceCheck = Callable[[SourceFacts], None]
 
 
 def read_manifest(npy_dir: str | os.PathLike) -> dict[str, Any]:
@@ -317,18 +345,29 @@ def read_manifest(npy_dir: str | os.PathLike) -> dict[str, Any]:
         raise DataError(f"{path} is unreadable ({exc}); delete {npy_dir} to rebuild it.") from None
 
 
+def read_synthetic_marker(src: Path) -> dict[str, Any] | None:
+    """The `cbmir_synthetic` member of an npz (written by cbmir-synth), or None. Cheap: reads
+    the zip directory and one small member."""
+    try:
+        with zipfile.ZipFile(src) as zf:
+            member = _member_name(zf, SYNTHETIC_KEY)
+            return json.loads(_read_full(zf, member).item()) if member else None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as exc:
+        raise DataError(
+            f"{src} is not a readable MedMNIST .npz file ({type(exc).__name__}: {exc}). It may "
+            f"be corrupt or partly downloaded: delete it and download it again."
+        ) from None
+
+
 def _trusted(
-    npy_dir: Path, src: Path, volumes: bool | None, expected_n: dict[str, int] | None
+    npy_dir: Path, sha256: str, volumes: bool | None, expected_n: dict[str, int] | None
 ) -> dict | None:
+    """The manifest of `npy_dir` if it is a finished conversion of the content `sha256`."""
     try:
         manifest = json.loads((npy_dir / MANIFEST).read_text())
-        stat = src.stat()
-        source = manifest["source"]
         ok = (
             manifest.get("format") == FORMAT_VERSION
-            and source["name"] == src.name
-            and source["size"] == stat.st_size
-            and source["mtime_ns"] == stat.st_mtime_ns
+            and manifest["source"]["sha256"] == sha256
             and (volumes is None or (manifest["layout"] == "volume") == volumes)
             and all(
                 manifest["splits"].get(s, {}).get("n") == n for s, n in (expected_n or {}).items()
@@ -347,27 +386,64 @@ def _trusted(
 # --------------------------------------------------------------------------- conversion
 
 
+def digest_cache_for(npz_file: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the checksums of `npz_file` are cached: beside its converted directory."""
+    return npy_dir_for(npz_file, cache_dir).with_name(f".{npz_file.name}.digests.json")
+
+
+def _writable_folder(folder: Path) -> bool:
+    """A folder cbmir may write into (or create); a read-only one can only serve what is there."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
 def convert_npz_to_npy(
     npz_file: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
     expected_n: dict[str, int] | None = None,
     volumes: bool | None = None,
+    check_source: SourceCheck | None = None,
 ) -> Path:
     """Convert a MedMNIST-layout npz to memory-mappable per-split `.npy` files, once.
 
     Returns the directory with `{split}_images.npy`, `{split}_labels.npy` and `manifest.json`.
-    Reuses it while the source's name, size and mtime are unchanged. `volumes` forces (True) or
+    Reuses it while the source's content (sha256) is unchanged. `volumes` forces (True) or
     forbids (False) reading 4D image arrays as N x D x H x W volumes; None decides by shape.
+    `check_source` sees the source's checksums and synthetic marker before anything is written
+    or reused, and raises to refuse the file (e.g. a MedMNIST file with the wrong MD5).
     """
     src = Path(npz_file).expanduser()
     if not src.is_file():
         raise DataError(f"Expected a MedMNIST-layout .npz file at {src}; there is none.")
     target = npy_dir_for(src, cache_dir)
-    if _trusted(target, src, volumes, expected_n) is not None:
-        return target
+    writable = _writable_folder(target.parent)
+    with exclusive(target) if writable else nullcontext(False) as locked:
+        if locked:
+            remove_temporaries(target)  # only dead writers': a live one would hold the lock
+        digests = file_digests(src, digest_cache_for(src, cache_dir))
+        if check_source is not None:
+            check_source(SourceFacts(src, digests.sha256, digests.md5, read_synthetic_marker(src)))
+        if _trusted(target, digests.sha256, volumes, expected_n) is not None:
+            return target
+        if not writable:
+            raise DataError(
+                f"Cannot write the converted arrays next to {src} (read-only folder). Put them "
+                f"in a writable folder: ++data.cache_dir=DIR (the cache_dir argument in Python)."
+            )
+        _convert_and_install(src, target, digests, volumes, expected_n)
+    return target
+
+
+def _convert_and_install(
+    src: Path,
+    target: Path,
+    digests: Digests,
+    volumes: bool | None,
+    expected_n: dict[str, int] | None,
+) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()  # not mkdtemp: its 0700 mode would hide shared data from other users
     except OSError as exc:
         raise DataError(
@@ -375,18 +451,20 @@ def convert_npz_to_npy(
             f"folder: ++data.cache_dir=DIR (the cache_dir argument in Python)."
         ) from None
     try:
-        _convert_into(src, tmp, volumes, expected_n)
-        _install(tmp, target, src, volumes, expected_n)
+        _convert_into(src, tmp, volumes, expected_n, digests)
+        _install(tmp, target, digests.sha256, volumes, expected_n)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def _convert_into(
-    src: Path, out: Path, volumes: bool | None, expected_n: dict[str, int] | None
+    src: Path,
+    out: Path,
+    volumes: bool | None,
+    expected_n: dict[str, int] | None,
+    digests: Digests,
 ) -> dict:
-    stat = src.stat()
     try:
         with zipfile.ZipFile(src) as zf:
             layout, item_shape, n_cols, splits = _scan_headers(zf, src, volumes, expected_n)
@@ -417,13 +495,16 @@ def _convert_into(
             f"{src} is not a readable MedMNIST .npz file ({type(exc).__name__}: {exc}). It may "
             f"be corrupt or partly downloaded: delete it and download it again."
         ) from None
+    if stamp(src) != digests.stamp:  # the arrays must come from the version that was hashed
+        raise DataError(f"{src} changed while it was being converted; run again.")
     manifest = {
         "format": FORMAT_VERSION,
         "source": {
             "name": src.name,
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "sha256": _sha256(src),
+            "size": digests.stamp["size"],
+            "mtime_ns": digests.stamp["mtime_ns"],
+            "sha256": digests.sha256,
+            "md5": digests.md5,
         },
         "layout": layout,
         "image_shape": _item_tensor_shape(item_shape, layout),
@@ -431,14 +512,12 @@ def _convert_into(
         "splits": splits,
         "synthetic": synthetic,
     }
-    if src.stat().st_mtime_ns != stat.st_mtime_ns:
-        raise DataError(f"{src} changed while it was being converted; run again.")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: marks complete
     return manifest
 
 
 def _install(
-    tmp: Path, target: Path, src: Path, volumes: bool | None, expected_n: dict[str, int] | None
+    tmp: Path, target: Path, sha256: str, volumes: bool | None, expected_n: dict[str, int] | None
 ) -> None:
     """Move a finished conversion into place; an old or partial target is moved aside first."""
     for _ in range(3):
@@ -448,7 +527,7 @@ def _install(
         except OSError:
             if not target.exists():
                 raise
-        if _trusted(target, src, volumes, expected_n) is not None:  # another process won
+        if _trusted(target, sha256, volumes, expected_n) is not None:  # another process won
             shutil.rmtree(tmp, ignore_errors=True)
             return
         trash = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")

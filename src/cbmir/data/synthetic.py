@@ -5,7 +5,8 @@ split sizes, channels, dtype). Images are class-structured: a smooth class proto
 smooth per-image nuisance pattern plus pixel noise, so k-NN retrieval on them is clearly better
 than chance but far from perfect. They are NOT medical images: numbers measured on them say the
 pipeline runs, nothing about a model. Every synthetic file carries a `cbmir_synthetic` member so
-that cbmir can refuse to treat it as the real dataset.
+that cbmir can refuse to treat it as the real dataset, and synthetic files are never written into
+a folder meant for the real ones (`refuse_real_folder`).
 
 `write_digits_npz` writes scikit-learn's bundled real handwritten digits in the same layout: real
 data that is available offline.
@@ -26,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from cbmir.data import catalog
-from cbmir.data.files import SYNTHETIC_KEY, npz_path
-from cbmir.errors import CbmirError
+from cbmir.data.files import SYNTHETIC_KEY, npz_path, read_synthetic_marker
+from cbmir.data.locks import exclusive, remove_temporaries
+from cbmir.errors import CbmirError, DataError
 
 GENERATOR_VERSION = 1
 _N_FREQ = 4  # cosines per smooth pattern
@@ -123,7 +125,8 @@ def _write_npz_atomic(path: Path, members: dict[str, tuple[tuple[int, ...], np.d
     """Write an uncompressed npz (as `np.savez` does) member by member, then rename into place.
 
     Each member is (shape, dtype, blocks) where blocks() yields its rows in order, so files
-    larger than RAM can be written.
+    larger than RAM can be written. Call it holding `exclusive(path)`: its temporary is then
+    recognisable as live (see `cbmir.data.locks`).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # not mkstemp: mode 0600
@@ -154,12 +157,75 @@ def _const(arr: np.ndarray) -> tuple[tuple[int, ...], np.dtype, Blocks]:
     return arr.shape, arr.dtype, lambda: [arr]
 
 
+def _real_roots(extra: Iterable[str | os.PathLike | None]) -> list[Path]:
+    """Folders meant for real MedMNIST files: the given ones, $MEDMNIST_ROOT, ~/.medmnist."""
+    roots = [*extra, os.environ.get("MEDMNIST_ROOT"), "~/.medmnist"]
+    return [Path(r).expanduser() for r in roots if r]
+
+
+def refuse_real_folder(folder: str | os.PathLike, real_roots: Iterable = ()) -> None:
+    """Raise DataError unless synthetic files may go into `folder`: it must not be a folder for
+    real MedMNIST files (`real_roots`, $MEDMNIST_ROOT, ~/.medmnist) nor hold a file under a
+    MedMNIST name that is not synthetic. A synthetic file there would pass for the real one."""
+    folder = Path(folder).expanduser()
+    hint = (
+        "Write synthetic data into a folder of its own: paths.synthetic_root "
+        "(CBMIR_SYNTHETIC_ROOT, default ~/.cache/cbmir/synthetic) or cbmir-synth --root."
+    )
+    for root in _real_roots(real_roots):
+        if os.path.realpath(root) == os.path.realpath(folder):
+            raise DataError(
+                f"Refusing to write synthetic MedMNIST files into {folder}: it is the folder "
+                f"for the real MedMNIST files ({root}). {hint}"
+            )
+    if not folder.is_dir():
+        return
+    real_names = {
+        npz_path(folder, f, s).name
+        for f in catalog.FLAGS_2D + catalog.FLAGS_3D
+        for s in catalog.valid_sizes(f)
+    }
+    for path in sorted(p for p in folder.iterdir() if p.name in real_names):
+        try:
+            synthetic = read_synthetic_marker(path) is not None
+        except DataError:
+            synthetic = False
+        if not synthetic:
+            raise DataError(
+                f"Refusing to write synthetic MedMNIST files into {folder}: it holds "
+                f"{path.name}, which is not a synthetic file (real data under a real name). {hint}"
+            )
+
+
 def write_synthetic_medmnist(
-    root: str | os.PathLike, flag: str, size: int = 28, seed: int = 0
+    root: str | os.PathLike,
+    flag: str,
+    size: int = 28,
+    seed: int = 0,
+    replace: bool = True,
+    real_roots: Iterable[str | os.PathLike | None] = (),
 ) -> Path:
     """Write `{root}/{flag}[_{size}].npz` in medmnist's layout with synthetic class-structured
-    images and INFO's split sizes. Returns the path."""
+    images and INFO's split sizes. Returns the path.
+
+    `replace=False` keeps a file that is already there (one written meanwhile by a concurrent
+    run). Refuses (DataError) folders meant for real files, see `refuse_real_folder`.
+    """
     flag = catalog.check_flag_size(flag, size)
+    path = npz_path(root, flag, size)
+    refuse_real_folder(path.parent, real_roots)  # before anything, even a lock file, is written
+    with exclusive(path) as locked:
+        if locked:
+            remove_temporaries(path)  # a killed writer's half-written npz
+        if path.is_file() and not replace:
+            return path
+        return _write_npz_atomic(path, _synthetic_members(flag, size, seed))
+
+
+def _synthetic_members(
+    flag: str, size: int, seed: int
+) -> dict[str, tuple[tuple[int, ...], np.dtype, Blocks]]:
+    """The npz members of a synthetic file, images generated lazily, plus its marker."""
     spatial, channels = _spatial_and_channels(flag, size)
     item_shape = (*spatial, channels) if channels > 1 else spatial
     members: dict[str, tuple[tuple[int, ...], np.dtype, Blocks]] = {}
@@ -181,7 +247,7 @@ def write_synthetic_medmnist(
         "seed": seed,
     }
     members[SYNTHETIC_KEY] = _const(np.array(json.dumps(marker)))
-    return _write_npz_atomic(npz_path(root, flag, size), members)
+    return members
 
 
 def write_digits_npz(path: str | os.PathLike, size: int = 28, seed: int = 0) -> Path:
@@ -206,7 +272,11 @@ def write_digits_npz(path: str | os.PathLike, size: int = 28, seed: int = 0) -> 
         ids = np.sort(ids)
         members[f"{split}_images"] = _const(images[ids])
         members[f"{split}_labels"] = _const(labels[ids])
-    return _write_npz_atomic(Path(path).expanduser(), members)
+    path = Path(path).expanduser()
+    with exclusive(path) as locked:
+        if locked:
+            remove_temporaries(path)
+        return _write_npz_atomic(path, members)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -225,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--flags", type=_csv, default=[], help="e.g. breastmnist,organmnist3d")
     parser.add_argument("--sizes", type=_csv, default=["28"], help="e.g. 28,64 (default 28)")
-    parser.add_argument("--root", default="~/.medmnist", help="folder for the npz files")
+    parser.add_argument(
+        "--root",
+        default=os.environ.get("CBMIR_SYNTHETIC_ROOT", "~/.cache/cbmir/synthetic"),
+        help="folder for the npz files (default $CBMIR_SYNTHETIC_ROOT or "
+        "~/.cache/cbmir/synthetic; never the folder of the real MedMNIST files)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--digits", metavar="PATH", help="also write the digits npz to PATH")
     parser.add_argument("--digits-size", type=int, default=28)

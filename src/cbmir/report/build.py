@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cbmir.io_utils import write_text
@@ -122,6 +123,16 @@ def _compared_sizes(comparison: pd.DataFrame) -> list[int]:
     return sorted(int(s) for s in comparison.loc[paper, "size"].unique())
 
 
+def _unverified_jobs(done: pd.DataFrame) -> list[str]:
+    """Jobs on real-looking data that failed MedMNIST's checksum (run with data.verify=false)."""
+    if "data_verified" not in done:
+        return []
+    failed = done["data_verified"].map(lambda v: isinstance(v, (bool, np.bool_)) and not v) & ~done[
+        "synthetic"
+    ].astype(bool)
+    return list(done.loc[failed, "job"])
+
+
 def _markdown(report: Report, ref: pd.DataFrame | None) -> str:
     done = report.done
     parts = [
@@ -133,7 +144,14 @@ def _markdown(report: Report, ref: pd.DataFrame | None) -> str:
     if done["synthetic"].any() or (~done["pretrained"]).any():
         parts.append(
             "> **Not comparable to the paper:** some jobs ran on synthetic data "
-            "(`data.synthetic=true`) or random weights (`model.pretrained=false`).\n"
+            "(a cbmir-synth file) or random weights (`model.pretrained=false`).\n"
+        )
+    unverified = _unverified_jobs(done)
+    if unverified:
+        parts.append(
+            "> **Unverified data:** the data file of "
+            + ", ".join(f"`{job}`" for job in unverified)
+            + " does not match MedMNIST's published checksum (`data.verify=false`).\n"
         )
     compared = _compared_sizes(report.comparison) if report.comparison is not None else []
     for size, table in report.size_tables.items():

@@ -135,6 +135,7 @@ def job_row(job: Path, sweep_dir: Path) -> dict[str, Any]:
         "setting": _setting(job),
         "synthetic": bool(_select(cfg, "data.synthetic", False)),
         "pretrained": bool(_select(cfg, "model.pretrained", True)),
+        "data_verified": None,
         "status": status,
         "error": "" if error is None else f"{error.get('type', 'Error')}: {error.get('error', '')}",
         "committed_at": (job / RECORD).stat().st_mtime if status == "finished" else None,
@@ -151,7 +152,20 @@ def job_row(job: Path, sweep_dir: Path) -> dict[str, Any]:
         for key in ("n_queries", "n_database", "k", "distance", "embed_seconds", "search_seconds"):
             row[key] = metrics.get(key)
         row["embedded_now"] = ",".join(metrics.get("embedded_now") or [])
+        row.update(_data_facts(metrics))
     return row
+
+
+def _data_facts(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the job's data file was, as read from the file (metrics.json), over the config: a
+    synthetic file under a real name is synthetic whatever data.synthetic said. Older jobs
+    without these keys keep the config's word."""
+    facts: dict[str, Any] = {}
+    if isinstance(metrics.get("synthetic"), bool):
+        facts["synthetic"] = metrics["synthetic"]
+    if isinstance(metrics.get("data_verified"), bool):
+        facts["data_verified"] = metrics["data_verified"]
+    return facts
 
 
 def collect(sweep_dir: str | Path, exclude: Path | None = None) -> pd.DataFrame:

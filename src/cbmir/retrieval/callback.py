@@ -43,6 +43,7 @@ class RetrievalCallback(Callback):
         backend: str = "torch",
         faiss: dict[str, Any] | None = None,
         embedded_now: list[str] | None = None,
+        data_facts: dict[str, Any] | None = None,
     ) -> None:
         settings = RetrievalSettings.from_config(
             {
@@ -64,6 +65,7 @@ class RetrievalCallback(Callback):
         self.backend = settings.backend
         self.faiss = {"kind": settings.faiss_kind, "params": settings.faiss_params}
         self.embedded_now = list(embedded_now or [])
+        self.data_facts = dict(data_facts or {})  # synthetic / data_verified, from the data file
         self.metrics: dict[str, Any] | None = None
         self.per_query: dict[str, np.ndarray] | None = None
 
@@ -126,6 +128,7 @@ class RetrievalCallback(Callback):
             embedded_now=self.embedded_now,
             query_entry=str(queries.path),
             database_entry=str(database.path),
+            **self.data_facts,
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_npz(
