@@ -46,6 +46,27 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     return _atomic(path, lambda h: h.write(data))
 
 
+def file_version(path: str | os.PathLike) -> dict[str, Any]:
+    """What identifies one version of a file without reading it: real path, size, mtime_ns,
+    ctime_ns, inode and device.
+
+    Size and mtime alone can be put back (`cp -p`, `rsync -a`, `os.utime`, `touch -d`), but the
+    kernel sets ctime on every write, rename-in and utime call and no user call can set it back,
+    and a file copied into place has a new inode. So a file whose content changed never keeps
+    its version; a chmod, a new hard link or a remount also changes it (costing one re-check).
+    The one version stamp of cbmir's caches and resume checks.
+    """
+    st = os.stat(path)
+    return {
+        "path": os.path.realpath(path),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+        "device": st.st_dev,
+    }
+
+
 # --- ownership of temporaries and job directories -------------------------------------------
 # A process that writes a temporary file or directory holds an exclusive `flock` on it for as
 # long as it writes. The kernel drops the lock when the process dies (even by `kill -9`), so

@@ -21,6 +21,7 @@ from cbmir.embedding import (
     PlannedEntry,
     parse_channels_last,
 )
+from cbmir.extractors import weights_file
 from cbmir.io_utils import write_json, write_text
 from cbmir.resume import find_finished, hold_job_dir, job_record
 from cbmir.retrieval.callback import RetrievalCallback
@@ -52,13 +53,10 @@ def finish_loggers(loggers: list[Any], status: str) -> None:
             wandb.finish(exit_code=0 if status == "success" else 1)
 
 
-def input_files(cfg: DictConfig, datamodule: Any) -> list[Path]:
-    """Files a job's results depend on beyond its config: the data file and local weights."""
-    files = [Path(datamodule.npz_file)]
-    checkpoint = cfg.model.get("checkpoint")
-    if checkpoint and Path(str(checkpoint)).expanduser().is_file():
-        files.append(Path(str(checkpoint)))
-    return files
+def input_files(datamodule: Any, weights_files: list[Path]) -> list[Path]:
+    """Files a job's results depend on beyond its config: the data file and every weights file
+    the extractor was built from (local checkpoint or cached hub file)."""
+    return [Path(datamodule.npz_file), *weights_files]
 
 
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
@@ -85,7 +83,8 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     datamodule.prepare_data()
     datamodule.setup("predict")
     check_data(settings, datamodule)  # k vs the database size, labels that rank trivially
-    extractor = instantiate(model_cfg)
+    with weights_file.recording() as weights_files:  # the files the weights came from
+        extractor = instantiate(model_cfg)
     embedder = FrozenEmbedder(
         extractor,
         channels_last=channels_last,
@@ -156,5 +155,7 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     metrics = dict(retrieval.metrics or {})
     log.info("job finished in %.1fs -> %s", time.perf_counter() - started, output_dir)
     # the commit record, last: it names the digests of metrics.json and config_resolved.yaml
-    write_json(output_dir / "job.json", job_record(cfg, status, input_files(cfg, datamodule)))
+    write_json(
+        output_dir / "job.json", job_record(cfg, status, input_files(datamodule, weights_files))
+    )
     return metrics

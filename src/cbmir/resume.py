@@ -16,10 +16,14 @@ configs never share one, and a job holds a lock on its directory while it runs
 (`hold_job_dir`): a second launch that reaches the same job waits for the first, then finds
 its results.
 
-A config names files, it does not pin their contents: the data file and a `model.checkpoint`
-can be replaced at the same path. `job.json` therefore also records the size and mtime of the
-job's input files, and a finished job whose inputs changed (or vanished) since runs again; its
-store keys hash the new contents, so it embeds afresh rather than reusing stale embeddings.
+A config names files, it does not pin their contents: the data file, a `model.checkpoint` and
+the cached hub weights can be replaced at the same path. `job.json` therefore also records the
+version stamp of each input file (size, mtime, ctime, inode: `cbmir.io_utils.file_version`,
+which `cp -p` cannot put back), and a finished job whose inputs changed (or vanished) since runs
+again; its store keys hash the new contents, so it embeds afresh rather than reusing stale
+embeddings. Weights a re-launch would fetch anew (a hub repository updated upstream) are not
+inputs it can see without building the model: such a job is resumed from the weights it ran
+with, as recorded in its store entries' manifests.
 
 ``resume``: ``auto`` (default) resumes in multirun only, ``true`` also for single runs,
 ``false`` never.
@@ -40,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import cbmir
 from cbmir.errors import ConfigError
-from cbmir.io_utils import release, try_lock
+from cbmir.io_utils import file_version, release, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +113,17 @@ def resume_enabled(cfg: DictConfig) -> bool:
 
 
 def file_stamps(paths: Iterable[str | Path]) -> dict[str, dict[str, int]]:
-    """{absolute path: {size, mtime_ns}} of each input file: cheap to compare on a re-launch
-    (hashing multi-GB weights to decide whether to skip would cost what skipping saves)."""
+    """{absolute path: its version stamp} of each input file: cheap to compare on a re-launch
+    (hashing multi-GB weights to decide whether to skip would cost what skipping saves), yet
+    not fooled by a replacement that keeps size and mtime (`cbmir.io_utils.file_version`)."""
     resolved = [Path(path).expanduser().resolve() for path in paths]
     return {str(path): _stamp(path) for path in resolved}
 
 
 def _stamp(path: Path) -> dict[str, int]:
-    stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    version = file_version(path)
+    del version["path"]  # the key of the stamp
+    return version
 
 
 def changed_inputs(job: dict[str, Any]) -> list[str]:

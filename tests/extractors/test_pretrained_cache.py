@@ -57,7 +57,9 @@ def test_hub_weights_rewritten_in_place_are_embedded_again(hub_cache, tmp_path) 
     link = add_file(
         hub_cache, RESNET_REPO, "model.safetensors", safetensors_bytes(resnet18_state(0))
     )
-    args = ["data.synthetic=true", "model=resnet18"]
+    # one job directory with resume on: the re-run must not be skipped as "finished" either
+    job_dir = tmp_path / "logs" / "job"
+    args = ["data.synthetic=true", "model=resnet18", "resume=true", f"hydra.run.dir={job_dir}"]
     first = run_cbmir(args, tmp_path)
     assert "test=embed" in first.stderr + first.stdout
     (job1,) = _jobs(tmp_path / "logs")

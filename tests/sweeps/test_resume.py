@@ -126,6 +126,39 @@ def test_a_replaced_or_vanished_input_file_reruns_a_finished_job(tmp_path) -> No
     assert find_finished(cfg) is None
 
 
+def test_an_input_replaced_with_its_size_and_mtime_kept_reruns_the_job(tmp_path) -> None:
+    """`cp -p` / `rsync -a` put size and mtime back: the stamp must still tell."""
+    data = tmp_path / "mine.npz"
+    data.write_bytes(b"first contents")
+    job = tmp_path / "sweep" / "job"
+    cfg = _cfg(job)
+    _write_results(cfg, {"acc@1": 0.5})
+    write_json(job / "job.json", job_record(cfg, "success", [data]))
+    before = data.stat()
+    replacement = tmp_path / "other.npz"
+    replacement.write_bytes(b"other contents")  # same size
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(replacement, data)
+    after = data.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert find_finished(cfg) is None
+
+
+def test_weights_files_identified_while_building_are_recorded(tmp_path) -> None:
+    """What the pipeline records as a job's weights inputs: every file hashed for an identity."""
+    from cbmir.extractors import weights_file
+    from cbmir.extractors.checkpoint import weights_identity
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"not really weights, but a file to identify")
+    with weights_file.recording() as files:
+        weights_identity(weights)
+        weights_identity(weights)
+    assert files == [weights.resolve()]
+    weights_identity(weights)  # outside the block: nothing more is recorded
+    assert files == [weights.resolve()]
+
+
 @pytest.fixture
 def real_job(tmp_path, synthetic_root) -> tuple[Path, object]:
     """One job run by the pipeline (raw pixels, synthetic BreastMNIST): its dir and config."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cbmir.errors import DataError
-from cbmir.io_utils import write_json
+from cbmir.io_utils import file_version, write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,8 @@ class Digests:
 
 
 def stamp(path: str | os.PathLike) -> dict[str, Any]:
-    """What identifies one version of a file without reading it (see the module docstring)."""
-    st = os.stat(path)
-    return {
-        "path": os.path.realpath(path),
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-        "inode": st.st_ino,
-        "device": st.st_dev,
-    }
+    """What identifies one version of a file without reading it (`cbmir.io_utils.file_version`)."""
+    return file_version(path)
 
 
 def hash_file(path: str | os.PathLike) -> dict[str, str]:

@@ -16,15 +16,17 @@ Small files are hashed directly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cbmir.errors import CbmirError
-from cbmir.io_utils import write_json
+from cbmir.io_utils import file_version, write_json
 
 from .base import file_sha256
 
@@ -45,16 +47,32 @@ def cache_root() -> Path:
 
 def _version(path: Path) -> dict[str, Any]:
     """What identifies one version of a file without reading it (see the module doc)."""
-    real = path.resolve()
-    st = real.stat()
-    return {
-        "path": str(real),
-        "dev": st.st_dev,
-        "ino": st.st_ino,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-    }
+    version = file_version(path)
+    _record(Path(version["path"]))
+    return version
+
+
+#: the weights files identified while `recording` is open (one list per open context)
+_RECORDERS: list[list[Path]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Path]]:
+    """Collects the real paths of the weights files identified (hashed) inside the block, e.g.
+    while an extractor is built: a job records them as its inputs, so that resuming it notices
+    weights rewritten in place (`cbmir.resume`)."""
+    files: list[Path] = []
+    _RECORDERS.append(files)
+    try:
+        yield files
+    finally:
+        _RECORDERS.remove(files)
+
+
+def _record(path: Path) -> None:
+    for files in _RECORDERS:
+        if path not in files:
+            files.append(path)
 
 
 def _cache_file(version: dict[str, Any]) -> Path:
