@@ -11,7 +11,7 @@ accepts (`cli.run_job` prints it as one line, exit code 2):
    database whose labels make every ranking score the same (the metrics would describe the
    labels, not the model).
 
-Docs: docs/validation-section.md.
+Docs: docs/reliability.md.
 """
 
 from __future__ import annotations
