@@ -33,6 +33,7 @@ from . import hub
 from .base import Extractor
 from .checkpoint import load_into, weights_identity
 from .preprocessing import ModelTransform
+from .random_init import build_random, random_identity
 from .registry import register
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -109,6 +110,7 @@ class ConchExtractor(ModelTransform, Extractor):
         interpolation: str = "bicubic",
         resize_mode: str = "shortest",
         architecture: dict[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown CONCH backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -127,11 +129,20 @@ class ConchExtractor(ModelTransform, Extractor):
             weights = f"hf-hub:{hf_hub_id}"
         else:
             path, weights = None, "random"
+            self.random_init = random_identity(seed)
 
         if backend == "conch":
-            visual = _conch_package_visual(path)
+            visual = (
+                _conch_package_visual(path)
+                if path is not None
+                else build_random(lambda: _conch_package_visual(None), seed)
+            )
         else:
-            tower = _Tower(ConchVisual(**arch))
+            tower = (
+                _Tower(ConchVisual(**arch))
+                if path is not None
+                else build_random(lambda: _Tower(ConchVisual(**arch)), seed)
+            )
             if path is not None:
                 load_into(
                     tower,

@@ -41,6 +41,7 @@ from cbmir.errors import CbmirError
 from .base import Extractor
 from .checkpoint import StateDict, load_into, weights_identity
 from .preprocessing import ModelTransform
+from .random_init import build_random, random_identity
 from .registry import register
 
 IMG_MEAN = (0.5862785803043838,)
@@ -188,11 +189,16 @@ class MedClipExtractor(ModelTransform, Extractor):
         interpolation: str = "bicubic",
         resize_mode: str = "pad",
         cache_dir: str | None = None,
+        seed: int = 0,
     ) -> None:
         self.pretrained = bool(pretrained)
         self.checkpoint = str(checkpoint) if checkpoint else None
         self.normalize = bool(normalize)
-        tower = _Tower(MedClipVision())
+        if self.checkpoint or self.pretrained:
+            tower = _Tower(MedClipVision())
+        else:  # random weights: from the seed, seeing the whole image (`random_init`)
+            tower = build_random(lambda: _Tower(MedClipVision()), seed)
+            self.random_init = random_identity(seed)
         if self.checkpoint:
             path, weights = self.checkpoint, weights_identity(self.checkpoint)
         elif self.pretrained:

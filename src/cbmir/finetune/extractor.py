@@ -16,7 +16,8 @@ from torch import nn
 from cbmir.extractors.base import Extractor
 
 #: identity keys of the base that describe its weights, not its architecture or preprocessing
-WEIGHT_KEYS = ("weights", "pretrained", "checkpoint")
+#: (`init` and `seed`: how random weights were drawn, `cbmir.extractors.random_init`)
+WEIGHT_KEYS = ("weights", "pretrained", "checkpoint", "init", "seed")
 
 
 class ProjectionHead(nn.Module):
