@@ -129,7 +129,8 @@ class ConchExtractor(ModelTransform, Extractor):
             weights = f"hf-hub:{hf_hub_id}"
         else:
             path, weights = None, "random"
-            self.random_init = random_identity(seed)
+            # the two backends build their towers in another order: other draws, same seed
+            self.random_init = random_identity(seed, "timm", "open_clip", backend=backend)
 
         if backend == "conch":
             visual = (

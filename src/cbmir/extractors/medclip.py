@@ -198,7 +198,7 @@ class MedClipExtractor(ModelTransform, Extractor):
             tower = _Tower(MedClipVision())
         else:  # random weights: from the seed, seeing the whole image (`random_init`)
             tower = build_random(lambda: _Tower(MedClipVision()), seed)
-            self.random_init = random_identity(seed)
+            self.random_init = random_identity(seed, "timm")
         if self.checkpoint:
             path, weights = self.checkpoint, weights_identity(self.checkpoint)
         elif self.pretrained:

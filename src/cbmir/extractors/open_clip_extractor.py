@@ -132,7 +132,7 @@ class OpenClipExtractor(ModelTransform, Extractor):
             _load_visual(tower, path, f"{label} with weights {weights}")
         else:
             self.weights = "random"
-            self.random_init = random_identity(seed)
+            self.random_init = random_identity(seed, "open_clip", "timm")
 
         size = input_size or _image_size(vision_cfg)
         super().__init__(

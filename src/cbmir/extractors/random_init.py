@@ -22,6 +22,7 @@ seed, so another scheme or seed never reuses embeddings.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -54,9 +55,14 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
-def random_identity(seed: int) -> dict[str, Any]:
-    """Identity fields of random weights: they are a function of (architecture, scheme, seed)."""
-    return {"init": INIT_SCHEME, "seed": int(seed)}
+def random_identity(seed: int, *libraries: str, **extra: Any) -> dict[str, Any]:
+    """Identity fields of random weights: they are a function of the architecture, the init
+    code (this scheme, torch's generator and the `libraries` that build the network: their
+    versions) and the seed. `extra`: anything else that changes the draws (a second builder)."""
+    versions = {"torch": torch.__version__.split("+")[0]}
+    for name in libraries:
+        versions[name] = str(getattr(importlib.import_module(name), "__version__", "unknown"))
+    return {"init": INIT_SCHEME, "seed": check_seed(seed), "built_with": versions, **extra}
 
 
 def build_random(factory: Callable[[], M], seed: int) -> M:

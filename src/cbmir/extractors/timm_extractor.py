@@ -123,7 +123,7 @@ class TimmExtractor(ModelTransform, Extractor):
         else:
             model = _create_random_timm_model(model_name, kwargs, seed)
             weights = "random"
-            self.random_init = random_identity(seed)
+            self.random_init = random_identity(seed, "timm")
 
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         if input_size == "auto":
