@@ -99,6 +99,31 @@ def test_every_region_of_the_image_changes_a_random_embedding(family, digits, cl
     assert extractor.identity()["init"] == INIT_SCHEME
 
 
+def test_no_residual_branch_or_layer_scale_starts_at_zero(tmp_path) -> None:
+    """timm's `zero_init_last` (ResNet bn2), open_clip ModifiedResNet's zeroed bn3 and 1e-5 layer
+    scale all switch residual branches (almost) off; random weights keep them on."""
+    rn_config = tmp_path / "rn.json"
+    vision = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8}
+    rn_config.write_text(json.dumps({"model_cfg": {"embed_dim": 16, "vision_cfg": vision}}))
+    models = {
+        "timm resnet18": _resnet(pretrained=False).model,
+        "open_clip ModifiedResNet": create(
+            "open_clip", model_name="tiny-rn", model_config=str(rn_config), pretrained=False
+        ).model,
+        "timm ViT, init_values=1e-5": _vit(pretrained=False).model,
+    }
+    for label, model in models.items():
+        last_norms = {
+            name: p
+            for name, p in model.named_parameters()
+            if name.endswith(("bn2.weight", "bn3.weight")) and "layer" in name
+        }
+        scales = {name: p for name, p in model.named_parameters() if name.endswith("gamma")}
+        assert last_norms or scales, label
+        for name, p in {**last_norms, **scales}.items():
+            assert p.abs().min() > 0.5, f"{label}: {name} starts at {p.abs().min().item()}"
+
+
 def _embed(extractor, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return extractor.freeze()(images)
