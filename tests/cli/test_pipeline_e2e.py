@@ -57,6 +57,25 @@ def test_second_run_with_another_distance_reuses_the_store(dirs) -> None:
     assert sorted(by_distance["euclidean"]["embedded_now"]) == ["test", "train"]
 
 
+def test_random_weights_of_another_seed_embed_anew_under_their_own_keys(dirs) -> None:
+    """seed=0 then seed=1 on one store: the second run must not reuse seed 0's random weights'
+    embeddings (it once reported them as `cached`); seed=0 again finds its own."""
+    args = ["experiment=offline", "model=resnet18", "data.batch_size=256", "gallery.n_queries=0"]
+    results = {}
+    for run, seed in (("first", 0), ("other", 1), ("again", 0)):
+        out = dirs["logs"] / run
+        run_cbmir([*args, f"seed={seed}", f"hydra.run.dir={out}"], dirs)
+        results[run] = json.loads((out / "metrics.json").read_text())
+    assert sorted(results["first"]["embedded_now"]) == ["test", "train"]
+    assert sorted(results["other"]["embedded_now"]) == ["test", "train"]
+    assert results["again"]["embedded_now"] == []
+    assert results["again"]["map@5"] == results["first"]["map@5"]
+    manifests = [json.loads((p / "manifest.json").read_text()) for p in dirs["store"].iterdir()]
+    assert len(manifests) == 4
+    seeds = sorted((m["extractor"]["seed"], m["extractor"]["init"]) for m in manifests)
+    assert [s for s, _ in seeds] == [0, 0, 1, 1]
+
+
 def test_channels_last_reuses_the_store_but_bf16_embeds_anew(dirs) -> None:
     run_cbmir(["experiment=offline", "model=resnet18"], dirs)
     entries = sorted(p.name for p in dirs["store"].iterdir())

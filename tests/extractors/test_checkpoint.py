@@ -137,9 +137,9 @@ def test_timm_checkpoint_round_trip(fmt: str, tmp_path) -> None:
 
 
 def test_a_new_checkpoint_file_changes_the_identity(tmp_path) -> None:
-    torch.manual_seed(3)
-    a = _save(_timm(pretrained=False).model.state_dict(), tmp_path / "a.pt", "state_dict")
-    b = _save(_timm(pretrained=False).model.state_dict(), tmp_path / "b.pt", "state_dict")
+    # two random draws (the seed picks them; the global generator no longer does)
+    a = _save(_timm(pretrained=False, seed=3).model.state_dict(), tmp_path / "a.pt", "state_dict")
+    b = _save(_timm(pretrained=False, seed=4).model.state_dict(), tmp_path / "b.pt", "state_dict")
     ident_a = _timm(checkpoint=str(a)).identity()
     assert ident_a != _timm(checkpoint=str(b)).identity()
     assert ident_a == _timm(checkpoint=str(a)).identity()

@@ -32,6 +32,9 @@ class Extractor(nn.Module, ABC):
     name: str = "extractor"
     #: channels the network expects; grayscale inputs are repeated to match
     in_chans: int = 3
+    #: random weights only (`pretrained=false`): their init scheme and seed
+    #: (`random_init.random_identity`), part of the identity; None for loaded weights
+    random_init: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -94,7 +97,7 @@ class Extractor(nn.Module, ABC):
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes an embedding; subclasses extend it with weights."""
-        return {
+        ident = {
             "class": type(self).__name__,
             "name": self.name,
             "in_chans": self.in_chans,
@@ -104,6 +107,8 @@ class Extractor(nn.Module, ABC):
             "mean": [round(v, 6) for v in self._mean.flatten().tolist()],
             "std": [round(v, 6) for v in self._std.flatten().tolist()],
         }
+        # random weights are a function of their seed and init scheme: both key the store
+        return {**ident, **(self.random_init or {})}
 
     def freeze(self) -> Extractor:
         """Eval mode and no gradients: a frozen feature extractor (dropout off, BN stats fixed)."""

@@ -39,6 +39,7 @@ from .checkpoint import (
     weights_identity,
 )
 from .preprocessing import ModelTransform
+from .random_init import build_random, random_identity
 from .registry import register
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -116,6 +117,7 @@ class ConchExtractor(ModelTransform, Extractor):
         resize_mode: str = "shortest",
         architecture: dict[str, Any] | None = None,
         trust_checkpoint: bool = False,
+        seed: int = 0,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown CONCH backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -135,12 +137,22 @@ class ConchExtractor(ModelTransform, Extractor):
             path, weights, hint = hub_file.path, hub_file.identity(), hub.cache_hint(hub_file.path)
         else:
             path, weights = None, "random"
+            # the two backends build their towers in another order: other draws, same seed
+            self.random_init = random_identity(seed, "timm", "open_clip", backend=backend)
 
         with hint_on_error(hint):
             if backend == "conch":
-                visual = _conch_package_visual(path, trust_checkpoint)
+                visual = (
+                    _conch_package_visual(path, trust_checkpoint)
+                    if path is not None
+                    else build_random(lambda: _conch_package_visual(None), seed)
+                )
             else:
-                visual = _builtin_visual(arch, path, trust_checkpoint)
+                visual = (
+                    _builtin_visual(arch, path, trust_checkpoint)
+                    if path is not None
+                    else build_random(lambda: _builtin_visual(arch, None, False), seed)
+                )
         super().__init__(
             input_size=input_size,
             min_size=None,

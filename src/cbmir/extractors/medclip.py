@@ -42,6 +42,7 @@ from .base import Extractor
 from .checkpoint import StateDict, hint_on_error, load_into, weights_identity
 from .hub import cache_hint
 from .preprocessing import ModelTransform
+from .random_init import build_random, random_identity
 from .registry import register
 from .weights_file import cache_root, file_identity
 
@@ -191,12 +192,17 @@ class MedClipExtractor(ModelTransform, Extractor):
         resize_mode: str = "pad",
         cache_dir: str | None = None,
         trust_checkpoint: bool = False,
+        seed: int = 0,
     ) -> None:
         self.pretrained = bool(pretrained)
         self.checkpoint = str(checkpoint) if checkpoint else None
         self.normalize = bool(normalize)
-        tower = _Tower(MedClipVision())
         hint = "Is it pytorch_model.bin from MedCLIP's medclip-vit-pretrained.zip?"
+        if self.checkpoint or self.pretrained:
+            tower = _Tower(MedClipVision())
+        else:  # random weights: from the seed, seeing the whole image (`random_init`)
+            tower = build_random(lambda: _Tower(MedClipVision()), seed)
+            self.random_init = random_identity(seed, "timm")
         if self.checkpoint:
             path, weights = self.checkpoint, weights_identity(self.checkpoint)
         elif self.pretrained:

@@ -9,8 +9,9 @@ Architecture config, first match: `model_config` (a local `open_clip_config.json
 shipped in this package (BiomedCLIP), open_clip's built-in configs (`ViT-g-14`), the hub's
 `open_clip_config.json` for `hf-hub:` names. Weights: `checkpoint` (local file) > `weights`
 (an open_clip pretrained tag such as `laion2b_s34b_b88k`, or `hf-hub:org/repo`; default for an
-`hf-hub:` model is its own repository) > random (`pretrained=false`). A full CLIP checkpoint
-is fine: only its `visual.*` tensors are read.
+`hf-hub:` model is its own repository) > random (`pretrained=false`: drawn from `seed` with an
+init that sees the whole image, see `random_init`). A full CLIP checkpoint is fine: only its
+`visual.*` tensors are read.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from . import hub
 from .base import Extractor
 from .checkpoint import hint_on_error, load_into, weights_identity
 from .preprocessing import ModelTransform
+from .random_init import build_random, random_identity
 from .registry import register
 from .weights_file import file_identity
 
@@ -80,6 +82,7 @@ class OpenClipExtractor(ModelTransform, Extractor):
         std: tuple[float, ...] | None = None,
         gated: bool = False,
         trust_checkpoint: bool = False,
+        seed: int = 0,
     ) -> None:
         import open_clip
 
@@ -106,10 +109,15 @@ class OpenClipExtractor(ModelTransform, Extractor):
             "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
         }
 
-        visual = open_clip.model._build_vision_tower(
-            self._embed_dim, vision_cfg, quick_gelu=self._arch["quick_gelu"]
-        )
-        tower = ImageTower(visual)
+        def build_tower() -> ImageTower:
+            return ImageTower(
+                open_clip.model._build_vision_tower(
+                    self._embed_dim, vision_cfg, quick_gelu=self._arch["quick_gelu"]
+                )
+            )
+
+        random_weights = not self.checkpoint and not self.pretrained
+        tower = build_random(build_tower, seed) if random_weights else build_tower()
         label = f"the image tower of open_clip {model_name!r}"
         if self.checkpoint:
             self.weights = weights_identity(self.checkpoint)
@@ -126,6 +134,7 @@ class OpenClipExtractor(ModelTransform, Extractor):
                 _load_visual(tower, path, f"{label} with weights {weights}", trust=trust_checkpoint)
         else:
             self.weights = "random"
+            self.random_init = random_identity(seed, "open_clip", "timm")
 
         size = input_size or _image_size(vision_cfg)
         super().__init__(

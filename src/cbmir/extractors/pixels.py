@@ -14,13 +14,14 @@ from .registry import register
 class PixelExtractor(Extractor):
     """Flattened pixels scaled to [0, 1], no resizing and no normalisation.
 
-    `pretrained` is accepted (and ignored) so that sweeps can pass `model.pretrained=false`
-    to every extractor alike.
+    `pretrained` and `seed` are accepted (and ignored: no weights) so that sweeps can pass
+    `model.pretrained=false` and the config's `model.seed` to every extractor alike.
     """
 
     name = "pixels"
 
-    def __init__(self, pretrained: bool = True, name: str = "pixels") -> None:
+    def __init__(self, pretrained: bool = True, name: str = "pixels", seed: int = 0) -> None:
+        del pretrained, seed
         super().__init__(mean=None, std=None)
         self.name = name
         self.in_chans = 0  # keep the input's own channels

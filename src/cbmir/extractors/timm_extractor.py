@@ -35,6 +35,7 @@ from .checkpoint import (
     weights_identity,
 )
 from .preprocessing import ModelTransform
+from .random_init import build_random, random_identity
 from .registry import register
 from .weights_file import file_identity
 
@@ -63,7 +64,9 @@ class TimmExtractor(ModelTransform, Extractor):
 
     Weights, first match wins: `checkpoint` (a local file, no network) > `hf_hub_id` (a hub
     repository holding timm weights for this architecture, e.g. `MahmoodLab/UNI`) > timm's
-    own weights for the tag in `model_name` > random (`pretrained=false`).
+    own weights for the tag in `model_name` > random (`pretrained=false`): drawn from `seed`
+    with an init whose features depend on every pixel (`random_init`), seed and scheme in the
+    identity; `seed` does nothing for loaded weights.
 
     Preprocessing: `input_size="auto"` is timm's eval transform for the weights (size,
     interpolation, crop_pct, mean/std from `pretrained_cfg`). Otherwise by default the base class's (stretch to `input_size`, or the image's own
@@ -90,6 +93,7 @@ class TimmExtractor(ModelTransform, Extractor):
         resize_mode: str | None = None,
         crop_pct: float | None = 1.0,
         trust_checkpoint: bool = False,
+        seed: int = 0,
     ) -> None:
         import timm
 
@@ -128,8 +132,9 @@ class TimmExtractor(ModelTransform, Extractor):
             path, weights = _timm_weights_file(model_name, gated)
             model = _create_timm_model(model_name, True, kwargs, gated=gated, weights_file=path)
         else:
-            model = _create_timm_model(model_name, False, kwargs)
+            model = _create_random_timm_model(model_name, kwargs, seed)
             weights = "random"
+            self.random_init = random_identity(seed, "timm")
 
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         if input_size == "auto":
@@ -307,6 +312,24 @@ def _broken_weights_error(path: str, model_name: str, exc: Exception) -> Checkpo
         f"(model.model_name, model.model_kwargs)? If not, it is a broken copy: "
         f"{hub.cache_hint(path)}"
     )
+
+
+def _create_random_timm_model(
+    model_name: str, kwargs: dict[str, Any], seed: int
+) -> torch.nn.Module:
+    """Random weights from `seed`, built with `zero_init_last=False` where the architecture
+    takes it (ResNet, RegNet, ResNetV2, ...: timm's default zeroes every residual branch)."""
+    try:
+        return build_random(
+            lambda: _create_timm_model(model_name, False, {"zero_init_last": False, **kwargs}),
+            seed,
+        )
+    except CbmirError as exc:
+        cause = exc.__cause__
+        if not (isinstance(cause, TypeError) and "zero_init_last" in str(cause)):
+            raise
+    # this architecture has no zero_init_last (ViT, DenseNet, VGG, EfficientNet, ...)
+    return build_random(lambda: _create_timm_model(model_name, False, kwargs), seed)
 
 
 def _create_timm_model(

@@ -121,16 +121,18 @@ def load_finetuned(
     pretrained: bool = False,
     sha256: str | None = None,
     trust_checkpoint: bool = False,
+    seed: int | None = None,
 ) -> FineTunedExtractor:
     """`model=finetuned`: rebuild the fine-tuned extractor stored in `checkpoint` and load it.
 
-    `pretrained` is accepted and ignored (the weights are the checkpoint's), so presets such as
-    `experiment=offline` that set `model.pretrained=false` apply to every model alike.
+    `pretrained` and `seed` are accepted and ignored (the weights are the checkpoint's), so
+    presets such as `experiment=offline` that set `model.pretrained=false`, and the config's
+    `model.seed`, apply to every model alike.
     `sha256` (filled in by the config) must match the file when given: it did not change
     between composing the config and loading. `trust_checkpoint` allows a file that holds
     pickled objects beyond plain data (unpickling can run code).
     """
-    del pretrained
+    del pretrained, seed
     if not checkpoint:
         raise ConfigError(
             "model=finetuned needs the fine-tune's checkpoint: model.checkpoint=RUN_DIR/best.ckpt "

@@ -16,7 +16,9 @@ from torch import nn
 from cbmir.extractors.base import Extractor
 
 #: identity keys of the base that describe its weights, not its architecture or preprocessing
-WEIGHT_KEYS = ("weights", "pretrained", "checkpoint")
+#: (`init`, `seed`, `built_with`, `backend`: how random weights were drawn, see
+#: `cbmir.extractors.random_init`)
+WEIGHT_KEYS = ("weights", "pretrained", "checkpoint", "init", "seed", "built_with", "backend")
 
 
 class ProjectionHead(nn.Module):

@@ -190,14 +190,15 @@ def check_data(database: Database) -> None:
 def build_embedder(cfg: DictConfig, volume: bool) -> Any:
     """The frozen embedder exactly as the benchmark builds it (`cbmir.pipeline.run_retrieval`):
     the extractor of `cfg.model` without its `volume` settings, which apply to 3D data only,
-    seeded as the run was (nothing between the run's seeding and its model draws from torch's
-    generator, so random weights come out the same; `check_reproduces` verifies it)."""
+    seeded as the run was. Random weights are a function of the run's `model.seed` alone
+    (`cbmir.extractors.random_init`), which is also in the identity the entry is checked
+    against; `check_reproduces` verifies the weights on a few rows all the same."""
     import lightning as L
 
     from cbmir.embedding import FrozenEmbedder
     from cbmir.volumes import instantiate_extractor
 
-    # random-initialised weights (model.pretrained=false) are drawn from the run's seed
+    # as the run did (random weights no longer depend on it: they come from model.seed)
     L.seed_everything(int(cfg.get("seed", 0) or 0), verbose=False)
     extractor, spec = instantiate_extractor(cfg.model)
     return FrozenEmbedder(
