@@ -25,11 +25,13 @@ that assumes float32 accumulation; queries it cannot certify are redone in float
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import threadpoolctl
@@ -167,13 +169,36 @@ def _pieces(dim: int) -> list[slice]:
     return [slice(start, min(start + width, dim)) for start in range(0, max(dim, 1), width)]
 
 
+@functools.cache
+def _numpy_gemm() -> bool:
+    """Whether CPU GEMMs go through numpy's BLAS (OpenBLAS) instead of torch's (MKL).
+
+    MKL takes a generic code path on non-Intel x86: on the AMD reference CPU numpy's OpenBLAS
+    ran the same float32 GEMMs in ~0.6x the CPU time (docs/benchmarks.md). On Intel CPUs MKL
+    is kept (not measured here).
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    return not ("GenuineIntel" in cpuinfo and torch.backends.mkl.is_available())
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = a @ b.T. On the CPU through numpy's BLAS (OpenBLAS), which ran float32 GEMMs
-    ~1.7x faster than torch's MKL on the AMD reference CPU (docs/benchmarks.md)."""
-    if out.device.type == "cpu" and a.dtype == b.dtype == out.dtype == torch.float32:
+    """out = a @ b.T (float32; numpy's BLAS on the CPU where `_numpy_gemm`)."""
+    if out.device.type == "cpu" and _numpy_gemm():
         np.matmul(a.numpy(), b.numpy().T, out=out.numpy())
         return out
     return torch.mm(a, b.T, out=out)
+
+
+def _accumulate(out: torch.Tensor, part: torch.Tensor) -> None:
+    """out += part; in numpy on the CPU, where a small torch op right after an OpenBLAS call
+    competed with OpenBLAS' spinning threads."""
+    if out.device.type == "cpu":
+        np.add(out.numpy(), part.numpy(), out=out.numpy())
+    else:
+        out.add_(part)
 
 
 @contextlib.contextmanager
@@ -227,13 +252,34 @@ def _smallest(scores: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]
 def _sq_norms64(t: torch.Tensor) -> torch.Tensor:
     """float64 squared L2 norm of every row, converting ~64 MB at a time.
 
-    Squares of float32 numbers are exact in float64 and the float64 sum is ~1e-16-accurate, so
-    after one rounding to float32 the error is u ||x||^2, where a float32 reduction has
-    gamma_dim ||x||^2: for wide vectors that term alone would swamp the certificate.
+    Squares of float32 numbers are exact in float64 and the float64 sum is ~1e-16-accurate:
+    used for the query norms in the certificate, where a float32 reduction would be off by
+    gamma_dim ||q||^2.
     """
     rows = max(1, 2**23 // max(1, t.shape[1]))
     parts = [torch.linalg.vector_norm(c.double(), dim=1).square() for c in t.split(rows)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=t.device)
+
+
+def _piecewise_sq_norms(t: torch.Tensor, norms: torch.Tensor, pieces: list[slice]) -> torch.Tensor:
+    """float32 ||x||^2 summed over the GEMM pieces, so its error is gamma_{width + pieces + 2}
+    ||x||^2 like the GEMM's own (one piece: the float32 norms squared, as before)."""
+    if len(pieces) == 1:
+        return norms.square()
+    rows = max(1, 2**24 // max(1, t.shape[1]))
+    width = pieces[0].stop - pieces[0].start
+    even = width * len(pieces) == t.shape[1]
+    out = torch.zeros(t.shape[0], device=t.device)
+    for start in range(0, t.shape[0], rows):
+        chunk = t[start : start + rows]
+        if even:  # one call over [rows, pieces, width], then the pieces summed in order
+            per_piece = torch.linalg.vector_norm(chunk.unflatten(1, (len(pieces), width)), dim=2)
+            for j in range(len(pieces)):
+                out[start : start + rows] += per_piece[:, j].square()
+            continue
+        for piece in pieces:
+            out[start : start + rows] += torch.linalg.vector_norm(chunk[:, piece], dim=1).square()
+    return out
 
 
 @dataclass
@@ -242,7 +288,7 @@ class _Database:
 
     x: torch.Tensor  # float32 [N, D]
     cosine: bool
-    sqn: torch.Tensor | None  # euclidean: ||x||^2, float64-accurate, rounded to float32
+    sqn: torch.Tensor | None  # euclidean: ||x||^2 (float32, summed over GEMM pieces)
     neg_inv: torch.Tensor | None  # cosine: -1 / ||x|| (float32 norms, as the exact re-rank uses)
     max_norm: float  # an upper bound on every ||x||
     low: torch.Tensor | None = None  # half-precision copy, scaled by low_scale
@@ -257,7 +303,7 @@ class _Database:
         db = cls(
             x=x,
             cosine=cosine,
-            sqn=None if cosine else _sq_norms64(x).float(),
+            sqn=None if cosine else _piecewise_sq_norms(x, norms, _pieces(x.shape[1])),
             neg_inv=-1.0 / norms.clamp_min(1e-30) if cosine else None,
             max_norm=max_norm,
         )
@@ -352,7 +398,9 @@ class _Searcher:
             if j == 0:
                 _matmul(left[:, piece], rows[:, piece], out)
             else:
-                out.add_(_matmul(left[:, piece], rows[:, piece], self._out(*out.shape, "piece")))
+                _accumulate(
+                    out, _matmul(left[:, piece], rows[:, piece], self._out(*out.shape, "piece"))
+                )
         if db.cosine:
             return out.mul_(db.neg_inv[start:stop])
         return out.add_(db.sqn[start:stop])
@@ -365,14 +413,16 @@ class _Searcher:
         which each term passes through at most n roundings is off by <= gamma_n sum |t_j|.
         Euclidean score S = fl(||x||^2 + sum_pieces fl((-2 q_p) . x_p)): each product is rounded
         once, a piece of w columns adds <= w - 1 roundings (in whatever order the BLAS sums), the
-        P pieces and ||x||^2 are then added (<= P roundings), so n = w + P + 1. The terms sum to
-        2 sum|q_i x_i| + ||x||^2 <= 2 |q| M + M^2 (M >= every ||x||); ||x||^2 itself (float64,
-        rounded once) adds u M^2 and inputs rounded to u_in before the GEMM (TF32/bf16) add
-        2 u_in |q| M per product. So |S - (||q - x||^2 - ||q||^2)| <= (gamma_{w+P+2} +
-        2 u_in)(2 |q| M + M^2) =: E. Cosine: S = fl(fl(q^ . x) * fl(-1/||x||)) with q^ and
-        1/||x|| from float32 norms (each within gamma_{D+2} relative) and |q^ . x| / ||x|| <= 1,
-        so |S + cos| <= gamma_{w+P+2} + 2 u_in + 2 gamma_{D+3}. E is doubled below: slack for
-        the float64 arithmetic of the certificate and for the float32 norm in |q|.
+        P pieces and ||x||^2 are then added (<= P roundings), so n = w + P + 1 <= d := w + P + 2.
+        The terms sum to 2 sum|q_i x_i| + ||x||^2 <= 2 |q| M + M^2 (M >= every ||x||). The
+        float32 ||x||^2 is itself summed piece by piece (`_piecewise_sq_norms`): another
+        gamma_d M^2. GEMM inputs rounded to u_in (TF32/bf16) add 2 u_in |q| M per product. So
+        |S - (||q - x||^2 - ||q||^2)| <= (2 gamma_d + 2 u_in)(2 |q| M + M^2) =: E.
+        Cosine: S = fl(fl(q^ . x) * fl(-1/||x||)) with q^ and 1/||x|| from float32 norms (each
+        within gamma_{D+2} relative) and |q^ . x| / ||x|| <= 1, so
+        |S + cos| <= gamma_d + 2 u_in + 2 gamma_{D+3} =: E. ||q||^2 is float64 (`_sq_norms64`)
+        and |q| is inflated by 2u; E gets a further 1% for the float64 arithmetic of the
+        certificate, whose own rounding is ~1e-16 relative.
         Half-precision scores keep their own, looser bound (inputs scaled, fp16 subnormals).
         """
         width = max(p.stop - p.start for p in self.pieces)
@@ -380,12 +430,13 @@ class _Searcher:
         if low:
             return self._low_score_error(queries)
         u_in = _input_roundoff(self.device, None)
-        rel = _gamma(depth) + 2 * u_in
         if self.db.cosine:
-            return torch.full_like(queries.sqn, 2 * (rel + 2 * _gamma(self.dim + 3)))
+            rel = _gamma(depth) + 2 * u_in + 2 * _gamma(self.dim + 3)
+            return torch.full_like(queries.sqn, 1.01 * rel)
+        rel = 2 * _gamma(depth) + 2 * u_in
         q_norm = queries.sqn.sqrt() * (1.0 + 2 * _U32)
         big_m = self.db.max_norm
-        return 2 * rel * (2 * q_norm * big_m + big_m**2)
+        return 1.01 * rel * (2 * q_norm * big_m + big_m**2)
 
     def _low_score_error(self, queries: _Queries) -> torch.Tensor:
         """Half-precision scores: the earlier worst-case bound (whole-dim accumulation)."""
@@ -405,12 +456,22 @@ class _Searcher:
 
     # -- exact keys --------------------------------------------------------------------------
     def exact_keys(self, queries: _Queries, idx: torch.Tensor) -> torch.Tensor:
-        """Direct float32 key: ||q - x||^2 (euclidean) or 1 - q^.x^ (cosine), [B, m]."""
-        g = self.db.rows(idx)
-        if self.db.cosine:
-            return 1.0 - (g * queries.q.unsqueeze(1)).sum(dim=-1)
-        g.sub_(queries.q.unsqueeze(1))
-        return g.square_().sum(dim=-1)
+        """Direct float32 key: ||q - x||^2 (euclidean) or 1 - q^.x^ (cosine), [B, m].
+
+        Gathered a few queries at a time, so the [B, m, D] gather stays near BLOCK_BYTES and the
+        query block itself can be as tall as the GEMM wants (wide vectors: 130-row GEMMs took
+        2.5x the CPU time of 800-row ones).
+        """
+        step = max(1, BLOCK_BYTES // (4 * max(1, idx.shape[1] * self.dim)))
+        out = []
+        for start in range(0, queries.count, step):
+            g = self.db.rows(idx[start : start + step])
+            q = queries.q[start : start + step].unsqueeze(1)
+            if self.db.cosine:
+                out.append(1.0 - (g * q).sum(dim=-1))
+            else:
+                out.append(g.sub_(q).square_().sum(dim=-1))
+        return torch.cat(out) if len(out) != 1 else out[0]
 
     def exact_keys64(self, queries: _Queries, idx: torch.Tensor) -> torch.Tensor:
         """The same keys in float64 from the float32 inputs, to order near-ties.
@@ -438,17 +499,18 @@ class _Searcher:
         """float64 interval [low, high] holding the true key of each float32 exact key.
 
         Euclidean: sum of D rounded squares of rounded differences, each term off by <= 3
-        roundings and the sum by <= D - 1 more: relative gamma_{D+2}, plus D * 2^-126 for
-        squares that underflow. Cosine: both normalisations (gamma_{D+2} each, from float32
+        roundings and the sum by <= D - 1 more: K is within gamma_{D+2} T of the true T, so
+        T is in [K (1 - g), K / (1 - g)] with g = gamma_{D+3} (one u of slack for the float64
+        arithmetic here), plus D * 2^-126 for squares that underflow. Cosine: both normalisations (gamma_{D+2} each, from float32
         norms), the product and the sum (gamma_{D+1}) and the final 1 - (u), absolute.
         """
         k64 = keys.double()
         if self.db.cosine:
             band = _gamma(3 * self.dim + 10) * 1.01
             return k64 - band, k64 + band
-        rel = 2 * _gamma(self.dim + 3)
+        rel = _gamma(self.dim + 3)
         tiny = self.dim * 2.0**-126
-        return k64 * (1 - rel) - tiny, k64 * (1 + rel) + tiny
+        return k64 * (1 - rel) - tiny, k64 * (1 + rel * (1 + 2 * rel)) + tiny
 
     def to_distance(self, exact: torch.Tensor) -> torch.Tensor:
         return exact if self.db.cosine else exact.clamp_min(0).sqrt()
@@ -458,8 +520,24 @@ class _Searcher:
         return key - 1.0 if self.db.cosine else key - queries.sqn
 
     # -- ranking -----------------------------------------------------------------------------
+    def prune(
+        self, approx: torch.Tensor, idx: torch.Tensor, error: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shortlist rows that can still be in the top k, nearest first: (indices, valid) [B, w].
+
+        With s_k the k-th smallest score, k rows have a true key <= s_k + E; a row whose score
+        exceeds s_k + 2E has a true key > s_k + E, so all k of them beat it. Dropping such rows
+        before the re-rank saves gathering most of the shortlist when the bound is tight.
+        """
+        order = approx.argsort(dim=1)
+        approx, idx = approx.gather(1, order), idx.gather(1, order)
+        limit = approx[:, self.k - 1].double() + 2 * error
+        valid = approx.double() <= limit.unsqueeze(1)  # a prefix of each sorted row
+        width = max(self.k, int(valid.sum(dim=1).max()))
+        return idx[:, :width], valid[:, :width]
+
     def rank(
-        self, queries: _Queries, keys: torch.Tensor, idx: torch.Tensor
+        self, queries: _Queries, keys: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exact top k of candidate lists: (float32 keys, indices, upper bound of the k-th key).
 
@@ -471,18 +549,21 @@ class _Searcher:
         upper bound holds for the true k-th key: k candidates lie below it.
         """
         k = self.k
+        keys = torch.where(valid, keys, math.inf)
         order = _sorted_by(keys, idx)
-        keys, idx = keys.gather(1, order), idx.gather(1, order)
+        keys, idx, valid = keys.gather(1, order), idx.gather(1, order), valid.gather(1, order)
         low, high = self.key_bounds(keys)
         kth_upper = high[:, k - 1]
         pairs = min(k, keys.shape[1] - 1)
         uncertain = (high[:, :pairs] >= low[:, 1 : pairs + 1]).any(dim=1).nonzero().squeeze(1)
         if uncertain.numel():
             self.n_float64 += int(uncertain.numel())
-            sub_idx = idx[uncertain]
+            width = int(valid[uncertain].sum(dim=1).max())  # valid entries come first
+            sub_idx, sub_valid = idx[uncertain, :width], valid[uncertain, :width]
             keys64 = self.exact_keys64(queries.select(uncertain), sub_idx)
+            keys64 = torch.where(sub_valid, keys64, math.inf)
             order = _sorted_by(keys64, sub_idx)[:, :k]
-            sub_keys = keys[uncertain].gather(1, order).cummax(dim=1).values
+            sub_keys = keys[uncertain, :width].gather(1, order).cummax(dim=1).values
             keys, idx = keys[:, :k].clone(), idx[:, :k].clone()
             keys[uncertain], idx[uncertain] = sub_keys, sub_idx.gather(1, order)
             return keys, idx, kth_upper
@@ -523,13 +604,14 @@ class _Searcher:
         if not rerank:
             offset = 1.0 if self.db.cosine else queries.sqn.unsqueeze(1).float()
             return _lex_topk(approx + offset, idx, k)
-        keys, top_idx, kth_upper = self.rank(queries, self.exact_keys(queries, idx), idx)
+        error = self.score_error(queries, low)
+        cand, valid = self.prune(approx, idx, error)
+        keys, top_idx, kth_upper = self.rank(queries, self.exact_keys(queries, cand), cand, valid)
         if m == self.n:
             return keys, top_idx
         # Certificate: a row outside the shortlist has approximate score >= the m-th score s_m,
         # so its true key is >= s_m - E; if that exceeds the k-th true key's upper bound, no
         # such row can enter (or tie into) the top k.
-        error = self.score_error(queries, low)
         kth_score = self.to_score_units(kth_upper, queries)
         flagged = (kth_score >= approx.max(dim=1).values.double() - error).nonzero().squeeze(1)
         if flagged.numel() == 0:
@@ -649,8 +731,6 @@ def knn_search(
         db = _Database.build(x, x_norms, cosine, score_dtype)
         searcher = _Searcher(db, k, dc, score_dtype)
         m = k + (max(64, 4 * k) if low else max(16, k))
-        if query_chunk is None:  # the exact re-rank gathers qc x m x D floats: bound it too
-            qc = max(1, min(qc, BLOCK_BYTES // (4 * m * max(1, q.shape[1]))))
         for start in range(0, n_q, qc):
             queries = _Queries.build(
                 q[start : start + qc].to(dev, torch.float32),
