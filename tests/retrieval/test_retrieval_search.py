@@ -6,7 +6,14 @@ import torch
 
 from cbmir.errors import ConfigError, EmbeddingError
 from cbmir.retrieval import knn_search
-from cbmir.retrieval.search import _Database, _Queries, _Searcher, chunk_sizes, row_norms
+from cbmir.retrieval.search import (
+    _Database,
+    _Queries,
+    _Searcher,
+    _smallest,
+    chunk_sizes,
+    row_norms,
+)
 
 
 def brute_force(q, x, k, distance="euclidean"):
@@ -170,3 +177,83 @@ def test_automatic_chunks_bound_the_block():
     assert dc < 5_000_000 and qc * dc * 4 <= 128 * 2**20
     assert chunk_sizes(10, 20) == (10, 20)
     assert chunk_sizes(100, 1000, query_chunk=7, db_chunk=9) == (7, 9)
+
+
+@pytest.mark.parametrize("dim", [2500, 20000])
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_wide_vectors_equal_brute_force(distance, dim):
+    """Wide vectors (3D concat, raw pixels) are multiplied in pieces: the result stays exact."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(50, dim, generator=g)
+    x = torch.randn(300, dim, generator=g)
+    x[250] = x[17]  # a duplicated row: the tie goes to the lower index
+    q[3] = x[17] + 1e-3
+    d, i = knn_search(q, x, 5, distance)
+    bd, bi = brute_force(q, x, 5, distance)
+    assert torch.equal(i, bi)
+    assert torch.allclose(d, bd, rtol=1e-5, atol=1e-5)
+    assert i[3, :2].tolist() == [17, 250]
+
+
+def _integer_ties(n_queries: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer pixel vectors (0-255) at squared distances ~2.9e7 > 2^24 from their query that
+    tie exactly (permuted offsets) or differ by 1-9 units: float32 sums cannot order them, the
+    int64 reference is exact."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(120, 136, (n_queries, dim))
+    rows = []
+    for query in q:
+        offset = rng.integers(-120, 121, dim)
+        offset[:8] = 0
+        for variant in range(8):  # pairs tie at base + 0, 1, 4, 9
+            e = offset.copy()
+            if variant % 2:
+                e[8:] = rng.permutation(e[8:])
+            e[variant] = variant // 2
+            rows.append(query + e)
+        rows.extend(query + rng.integers(-150, 151, (4, dim)))  # farther rows
+    x = np.stack(rows)[rng.permutation(len(rows))]  # ties must resolve by real index
+    return torch.from_numpy(q).float(), torch.from_numpy(x).float()
+
+
+def test_exact_ties_and_near_ties_below_float32_resolution_follow_exact_distances():
+    q, x = _integer_ties(6, 6000, seed=5)
+    k = 6
+    d, i = knn_search(q, x, k)
+    exact = ((q.long()[:, None, :] - x.long()[None, :, :]) ** 2).sum(dim=2)  # int64: exact
+    order = exact.argsort(dim=1, stable=True)[:, :k]
+    assert torch.equal(i, order)
+    assert torch.allclose(d.double() ** 2, exact.gather(1, order).double(), rtol=1e-5)
+    assert (d[:, 1:] >= d[:, :-1]).all()
+
+
+def _pixel_embeddings(n: int, split: int) -> torch.Tensor:
+    """`model=pixels` embeddings of synthetic 64 px RGB images: 12,288 dims in [0, 1]."""
+    from cbmir.data.synthetic import synthetic_images, synthetic_labels
+
+    labels = synthetic_labels("bloodmnist", n, np.random.default_rng(split))
+    blocks = synthetic_images("bloodmnist", 64, labels, split_id=split)
+    return torch.from_numpy(np.concatenate([b.reshape(len(b), -1) for b in blocks]) / 255.0).float()
+
+
+def test_wide_pixel_embeddings_are_certified_without_a_second_pass():
+    """Raw pixels: norms ~60x the neighbour gaps. A whole-width bound sent most queries to the
+    slow exhaustive pass; the piecewise bound certifies them in pass 1."""
+    q, x = _pixel_embeddings(40, split=1), _pixel_embeddings(600, split=0)
+    db = _Database.build(x, row_norms(x), cosine=False, score_dtype=None)
+    searcher = _Searcher(db, k=5, db_chunk=600, score_dtype=None)
+    queries = _Queries.build(q, row_norms(q), cosine=False, score_dtype=None)
+    _, i = searcher.search(queries, m=21)
+    assert searcher.n_uncertified == 0
+    assert torch.equal(i, brute_force(q, x, 5)[1])
+
+
+def test_grouped_selection_keeps_the_smallest_and_nothing_smaller_outside():
+    g = torch.Generator().manual_seed(6)
+    scores = torch.randint(0, 40, (7, 5000), generator=g).float()  # many ties
+    for m in (1, 21, 300):
+        values, cols = _smallest(scores.clone(), m)
+        assert torch.equal(scores.gather(1, cols), values)
+        assert torch.equal(values.sort(dim=1).values, scores.sort(dim=1).values[:, :m])
+        outside = torch.ones_like(scores, dtype=torch.bool).scatter_(1, cols, False)
+        assert (scores[outside].view(7, -1) >= values.max(dim=1, keepdim=True).values).all()

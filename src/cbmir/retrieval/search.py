@@ -5,13 +5,18 @@ How it stays fast and exact:
 1. Pass 1 scores a block of queries against a block of the database with one GEMM
    (``||x||^2 - 2 q.x``, the per-query constant ``||q||^2`` dropped; cosine: ``-cos``), keeps a
    shortlist of ``m > k`` candidates per query and merges shortlists across database blocks.
-   Only a [query_chunk, db_chunk] block ever exists, never the full Q x N matrix.
+   Only a [query_chunk, db_chunk] block ever exists, never the full Q x N matrix. On the CPU
+   the GEMM runs in numpy's BLAS; vectors wider than GEMM_PIECE are multiplied piece by piece
+   so that the rounding-error bound grows with the piece width, not with the full width.
 2. The shortlist is re-ranked with float32 distances computed directly (``sum((q - x)^2)``,
    cosine ``1 - q^.x^``); ties go to the lower database index (stable lexicographic sort).
-3. A rounding-error bound ``B`` of the GEMM score certifies the result: if the k-th exact key is
-   below the m-th shortlist score minus ``B``, nothing outside the shortlist can beat it. The
-   rare uncertified queries (near-ties at the shortlist edge, duplicated rows) are searched
-   again over every candidate whose score is within ``B`` of the k-th key.
+   Where two of the first k + 1 keys are closer than their own rounding error, that query is
+   ordered by the same keys in float64 instead, so float32 rounding cannot swap near-ties.
+3. A rounding-error bound ``E`` of the GEMM score (derived in `_Searcher.score_error`)
+   certifies the result: if the k-th key's upper bound is below the m-th shortlist score minus
+   ``E``, nothing outside the shortlist can beat it. The rare uncertified queries (near-ties
+   at the shortlist edge, duplicated rows) are searched again over every candidate whose
+   score is within ``E`` of that bound.
 
 Half-precision scoring (``score_dtype``, meant for GPUs) uses a larger shortlist and a bound
 that assumes float32 accumulation; queries it cannot certify are redone in float32.
@@ -19,12 +24,17 @@ that assumes float32 accumulation; queries it cannot certify are redone in float
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import threadpoolctl
 import torch
 
 from cbmir.errors import ConfigError, EmbeddingError
@@ -37,6 +47,10 @@ BLOCK_BYTES = 128 * 2**20
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 _U32 = 2.0**-24
+GEMM_PIECE = 1024
+"""Widest piece of the feature axis multiplied at once (see `_pieces`)."""
+SELECT_GROUP = 64
+"""Columns per group in the two-stage shortlist selection (see `_smallest`)."""
 
 
 def _as_matrix(data: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
@@ -138,13 +152,134 @@ def _input_roundoff(device: torch.device, score_dtype: torch.dtype | None) -> fl
     return 0.0
 
 
+def _gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u): relative error of n chained float32 roundings."""
+    return n * _U32 / (1.0 - n * _U32)
+
+
+def _pieces(dim: int) -> list[slice]:
+    """Split of the feature axis into near-equal pieces of at most GEMM_PIECE columns.
+
+    Summing the GEMM piece by piece bounds the accumulation depth of a score by
+    width + pieces instead of `dim`: for 12,288-d pixels 1,036 instead of 12,288, which is what
+    lets the rounding-error bound certify wide vectors (see `_Searcher.score_error`).
+    """
+    count = max(1, math.ceil(dim / GEMM_PIECE))
+    width = math.ceil(dim / count) if dim else 1
+    return [slice(start, min(start + width, dim)) for start in range(0, max(dim, 1), width)]
+
+
+@functools.cache
+def _numpy_gemm() -> bool:
+    """Whether CPU GEMMs go through numpy's BLAS (OpenBLAS) instead of torch's (MKL).
+
+    MKL takes a generic code path on non-Intel x86: on the AMD reference CPU numpy's OpenBLAS
+    ran the same float32 GEMMs in ~0.6x the CPU time (docs/benchmarks.md). On Intel CPUs MKL
+    is kept (not measured here).
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    return not ("GenuineIntel" in cpuinfo and torch.backends.mkl.is_available())
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = a @ b.T (float32; numpy's BLAS on the CPU where `_numpy_gemm`)."""
+    if out.device.type == "cpu" and _numpy_gemm():
+        np.matmul(a.numpy(), b.numpy().T, out=out.numpy())
+        return out
+    return torch.mm(a, b.T, out=out)
+
+
+def _accumulate(out: torch.Tensor, part: torch.Tensor) -> None:
+    """out += part; in numpy on the CPU, where a small torch op right after an OpenBLAS call
+    competed with OpenBLAS' spinning threads."""
+    if out.device.type == "cpu":
+        np.add(out.numpy(), part.numpy(), out=out.numpy())
+    else:
+        out.add_(part)
+
+
+@contextlib.contextmanager
+def _blas_threads(device: torch.device) -> Iterator[None]:
+    """Hold numpy's BLAS to torch's thread count (torch.set_num_threads is the one knob)."""
+    if device.type != "cpu":
+        yield
+        return
+    with threadpoolctl.threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        yield
+
+
+def _sorted_by(order_key: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Permutation sorting each row by (order_key, index): ties to the lower database index."""
+    by_index = idx.argsort(dim=1)
+    by_key = order_key.gather(1, by_index).sort(dim=1, stable=True).indices
+    return by_index.gather(1, by_key)
+
+
 def _lex_topk(dist: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First k by (distance, index): sort by index, then stable sort by distance."""
-    order = idx.argsort(dim=1)
-    idx = idx.gather(1, order)
-    dist = dist.gather(1, order)
-    order = dist.sort(dim=1, stable=True).indices[:, :k]
+    """First k by (distance, index)."""
+    order = _sorted_by(dist, idx)[:, :k]
     return dist.gather(1, order), idx.gather(1, order)
+
+
+def _smallest(scores: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m smallest scores per row (unsorted) and their columns; every other score is >= them.
+
+    torch's CPU topk copies and partially sorts every row. Instead take the minimum of each
+    group of SELECT_GROUP columns (one vectorised pass), keep the m groups with the smallest
+    minima and run topk on those m * SELECT_GROUP columns. Why nothing is lost: the m selected
+    minima are m scores <= the m-th group minimum g, so the m-th smallest kept score is <= g, and
+    every score of an unselected group is >= its minimum >= g.
+    """
+    rows, cols = scores.shape
+    m = min(m, cols)
+    groups = cols // SELECT_GROUP
+    if groups <= 2 * m:
+        return scores.topk(m, dim=1, largest=False, sorted=False)
+    head = scores[:, : groups * SELECT_GROUP].view(rows, groups, SELECT_GROUP)
+    best_groups = head.amin(dim=2).topk(m, dim=1, largest=False, sorted=False).indices
+    offsets = torch.arange(SELECT_GROUP, device=scores.device)
+    columns = (best_groups.unsqueeze(2) * SELECT_GROUP + offsets).view(rows, m * SELECT_GROUP)
+    if groups * SELECT_GROUP < cols:  # the ragged tail is always a candidate
+        tail = torch.arange(groups * SELECT_GROUP, cols, device=scores.device)
+        columns = torch.cat([columns, tail.expand(rows, -1)], dim=1)
+    values, pos = scores.gather(1, columns).topk(m, dim=1, largest=False, sorted=False)
+    return values, columns.gather(1, pos)
+
+
+def _sq_norms64(t: torch.Tensor) -> torch.Tensor:
+    """float64 squared L2 norm of every row, converting ~64 MB at a time.
+
+    Squares of float32 numbers are exact in float64 and the float64 sum is ~1e-16-accurate:
+    used for the query norms in the certificate, where a float32 reduction would be off by
+    gamma_dim ||q||^2.
+    """
+    rows = max(1, 2**23 // max(1, t.shape[1]))
+    parts = [torch.linalg.vector_norm(c.double(), dim=1).square() for c in t.split(rows)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=t.device)
+
+
+def _piecewise_sq_norms(t: torch.Tensor, norms: torch.Tensor, pieces: list[slice]) -> torch.Tensor:
+    """float32 ||x||^2 summed over the GEMM pieces, so its error is gamma_{width + pieces + 2}
+    ||x||^2 like the GEMM's own (one piece: the float32 norms squared, as before)."""
+    if len(pieces) == 1:
+        return norms.square()
+    rows = max(1, 2**24 // max(1, t.shape[1]))
+    width = pieces[0].stop - pieces[0].start
+    even = width * len(pieces) == t.shape[1]
+    out = torch.zeros(t.shape[0], device=t.device)
+    for start in range(0, t.shape[0], rows):
+        chunk = t[start : start + rows]
+        if even:  # one call over [rows, pieces, width], then the pieces summed in order
+            per_piece = torch.linalg.vector_norm(chunk.unflatten(1, (len(pieces), width)), dim=2)
+            for j in range(len(pieces)):
+                out[start : start + rows] += per_piece[:, j].square()
+            continue
+        for piece in pieces:
+            out[start : start + rows] += torch.linalg.vector_norm(chunk[:, piece], dim=1).square()
+    return out
 
 
 @dataclass
@@ -153,9 +288,9 @@ class _Database:
 
     x: torch.Tensor  # float32 [N, D]
     cosine: bool
-    sqn: torch.Tensor | None  # euclidean: ||x||^2
-    neg_inv: torch.Tensor | None  # cosine: -1 / ||x||
-    max_norm: float
+    sqn: torch.Tensor | None  # euclidean: ||x||^2 (float32, summed over GEMM pieces)
+    neg_inv: torch.Tensor | None  # cosine: -1 / ||x|| (float32 norms, as the exact re-rank uses)
+    max_norm: float  # an upper bound on every ||x||
     low: torch.Tensor | None = None  # half-precision copy, scaled by low_scale
     low_scale: float = 1.0
 
@@ -163,11 +298,12 @@ class _Database:
     def build(
         cls, x: torch.Tensor, norms: torch.Tensor, cosine: bool, score_dtype: torch.dtype | None
     ) -> _Database:
-        max_norm = float(norms.max())
+        # float32 norms are within gamma_{D+2} of the truth: inflate the max to a true bound
+        max_norm = float(norms.max()) * (1.0 + 2 * _gamma(x.shape[1] + 2))
         db = cls(
             x=x,
             cosine=cosine,
-            sqn=None if cosine else norms.square(),
+            sqn=None if cosine else _piecewise_sq_norms(x, norms, _pieces(x.shape[1])),
             neg_inv=-1.0 / norms.clamp_min(1e-30) if cosine else None,
             max_norm=max_norm,
         )
@@ -188,7 +324,9 @@ class _Database:
 @dataclass
 class _Queries:
     q: torch.Tensor  # float32 [B, D], normalised for cosine
-    sqn: torch.Tensor  # ||q||^2 (ones for cosine)
+    sqn: torch.Tensor  # ||q||^2 in float64 (ones for cosine)
+    left: torch.Tensor  # float32 GEMM factor: -2 q (euclidean; exact scaling) or q^ (cosine)
+    raw: torch.Tensor  # the queries as given (float32), for float64 keys
     low: torch.Tensor | None = None
     low_scale: float = 1.0
 
@@ -196,179 +334,346 @@ class _Queries:
     def build(
         cls, q: torch.Tensor, norms: torch.Tensor, cosine: bool, score_dtype: torch.dtype | None
     ) -> _Queries:
+        raw = q
         if cosine:
             q = q / norms.clamp_min(1e-30).unsqueeze(1)
-            norms = torch.ones_like(norms)
-        sq = norms.square()
-        out = cls(q=q, sqn=sq)
+            sq = torch.ones(q.shape[0], dtype=torch.float64, device=q.device)
+        else:
+            sq = _sq_norms64(q)
+        out = cls(q=q, sqn=sq, left=q if cosine else q * -2.0, raw=raw)
         if score_dtype is not None and q.shape[0]:
-            max_norm = float(sq.max().sqrt())
+            max_norm = float(norms.max()) * (1.0 + 2 * _gamma(q.shape[1] + 2))
             out.low_scale = 2.0 ** -math.ceil(math.log2(max(max_norm, 1e-30)))
             out.low = (q * out.low_scale).to(score_dtype)
         return out
 
+    @property
+    def count(self) -> int:
+        return self.q.shape[0]
+
     def select(self, rows: torch.Tensor) -> _Queries:
         low = None if self.low is None else self.low[rows]
-        return _Queries(self.q[rows], self.sqn[rows], low, self.low_scale)
+        return _Queries(
+            self.q[rows], self.sqn[rows], self.left[rows], self.raw[rows], low, self.low_scale
+        )
 
 
 class _Searcher:
+    """Blocked exact search of query blocks against one database (module docstring)."""
+
     def __init__(
         self, db: _Database, k: int, db_chunk: int, score_dtype: torch.dtype | None
     ) -> None:
         self.db, self.k, self.db_chunk, self.score_dtype = db, k, db_chunk, score_dtype
         self.n, self.dim = db.x.shape
         self.device = db.x.device
+        self.pieces = _pieces(self.dim)
         self.n_uncertified = 0  # queries pass 1 could not certify (diagnostics, tests)
-        self._buf: torch.Tensor | None = None  # score block storage, reused across blocks
+        self.n_float64 = 0  # queries whose top k held a near-tie resolved in float64
+        self._buffers: dict[str, torch.Tensor] = {}  # score blocks, reused across blocks
 
-    def _out(self, rows: int, cols: int) -> torch.Tensor:
+    def _out(self, rows: int, cols: int, name: str = "scores") -> torch.Tensor:
         """A [rows, cols] view of one reused buffer: no fresh pages to fault in per block."""
-        if self._buf is None or self._buf.numel() < rows * cols:
-            self._buf = torch.empty(rows * cols, device=self.device)
-        return self._buf[: rows * cols].view(rows, cols)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < rows * cols:
+            buf = self._buffers[name] = torch.empty(rows * cols, device=self.device)
+        return buf[: rows * cols].view(rows, cols)
 
-    # -- scores and bounds -------------------------------------------------------------------
-    def scores(self, qs: _Queries, a: int, b: int, low: bool) -> torch.Tensor:
-        """Approximate key of every (query, db row in [a, b)); smaller is nearer."""
+    # -- scores ------------------------------------------------------------------------------
+    def scores(self, queries: _Queries, start: int, stop: int, low: bool) -> torch.Tensor:
+        """Approximate key of every (query, db row in [start, stop)); smaller is nearer.
+
+        Euclidean: ||x||^2 - 2 q.x (= ||q - x||^2 - ||q||^2); cosine: -q^.x / ||x|| (= -cos).
+        """
         db = self.db
         if low:
-            dots = torch.mm(qs.low, db.low[a:b].T).float()
-            unscale = 1.0 / (qs.low_scale * db.low_scale)
+            dots = torch.mm(queries.low, db.low[start:stop].T).float()
+            unscale = 1.0 / (queries.low_scale * db.low_scale)
             if db.cosine:
-                return dots.mul_(db.neg_inv[a:b] * unscale)
-            return dots.mul_(-2.0 * unscale).add_(db.sqn[a:b])
-        out = self._out(qs.q.shape[0], b - a)
+                return dots.mul_(db.neg_inv[start:stop] * unscale)
+            return dots.mul_(-2.0 * unscale).add_(db.sqn[start:stop])
+        left, rows = queries.left, db.x[start:stop]
+        out = self._out(queries.count, stop - start)
+        for j, piece in enumerate(self.pieces):
+            if j == 0:
+                _matmul(left[:, piece], rows[:, piece], out)
+            else:
+                _accumulate(
+                    out, _matmul(left[:, piece], rows[:, piece], self._out(*out.shape, "piece"))
+                )
         if db.cosine:
-            return torch.mm(qs.q, db.x[a:b].T, out=out).mul_(db.neg_inv[a:b])
-        return torch.addmm(
-            db.sqn[a:b].unsqueeze(0), qs.q, db.x[a:b].T, beta=1.0, alpha=-2.0, out=out
-        )
+            return out.mul_(db.neg_inv[start:stop])
+        return out.add_(db.sqn[start:stop])
 
-    def bound(self, qs: _Queries, low: bool) -> torch.Tensor:
-        """Upper bound on |approximate key - exact key| (incl. re-rank rounding), per query."""
-        u_in = _input_roundoff(self.device, self.score_dtype if low else None)
-        rel = 2 * u_in + (self.dim + 8) * _U32
+    def score_error(self, queries: _Queries, low: bool) -> torch.Tensor:
+        """Bound E on |approximate key - true key| per query, float64 (see the derivation).
+
+        Derivation (Higham, "Accuracy and Stability of Numerical Algorithms", ch. 3; u = 2^-24,
+        gamma_n = n u / (1 - n u)). A float32 sum of terms t_j evaluated by any bracketing in
+        which each term passes through at most n roundings is off by <= gamma_n sum |t_j|.
+        Euclidean score S = fl(||x||^2 + sum_pieces fl((-2 q_p) . x_p)): each product is rounded
+        once, a piece of w columns adds <= w - 1 roundings (in whatever order the BLAS sums), the
+        P pieces and ||x||^2 are then added (<= P roundings), so n = w + P + 1 <= d := w + P + 2.
+        The terms sum to 2 sum|q_i x_i| + ||x||^2 <= 2 |q| M + M^2 (M >= every ||x||). The
+        float32 ||x||^2 is itself summed piece by piece (`_piecewise_sq_norms`): another
+        gamma_d M^2. GEMM inputs rounded to u_in (TF32/bf16) add 2 u_in |q| M per product. So
+        |S - (||q - x||^2 - ||q||^2)| <= (2 gamma_d + 2 u_in)(2 |q| M + M^2) =: E.
+        Cosine: S = fl(fl(q^ . x) * fl(-1/||x||)) with q^ and 1/||x|| from float32 norms (each
+        within gamma_{D+2} relative) and |q^ . x| / ||x|| <= 1, so
+        |S + cos| <= gamma_d + 2 u_in + 2 gamma_{D+3} =: E. ||q||^2 is float64 (`_sq_norms64`)
+        and |q| is inflated by 2u; E gets a further 1% for the float64 arithmetic of the
+        certificate, whose own rounding is ~1e-16 relative.
+        Half-precision scores keep their own, looser bound (inputs scaled, fp16 subnormals).
+        """
+        width = max(p.stop - p.start for p in self.pieces)
+        depth = width + len(self.pieces) + 2
         if low:
-            rel += u_in + 4 * math.sqrt(self.dim) * 2.0**-24  # half output, fp16 subnormals
-            reduced = {
-                torch.float16: "allow_fp16_reduced_precision_reduction",
-                torch.bfloat16: "allow_bf16_reduced_precision_reduction",
-            }[self.score_dtype]
-            if self.device.type == "cuda" and getattr(torch.backends.cuda.matmul, reduced, False):
-                rel += 16 * u_in
+            return self._low_score_error(queries)
+        u_in = _input_roundoff(self.device, None)
         if self.db.cosine:
-            return torch.full_like(qs.sqn, 16 * rel)
-        if low:  # inputs were scaled by the chunk-wide max norm
-            return torch.full_like(
-                qs.sqn, 4 * rel * (float(qs.sqn.max().sqrt()) + self.db.max_norm) ** 2
-            )
-        return 4 * rel * (qs.sqn.sqrt() + self.db.max_norm) ** 2
+            rel = _gamma(depth) + 2 * u_in + 2 * _gamma(self.dim + 3)
+            return torch.full_like(queries.sqn, 1.01 * rel)
+        rel = 2 * _gamma(depth) + 2 * u_in
+        q_norm = queries.sqn.sqrt() * (1.0 + 2 * _U32)
+        big_m = self.db.max_norm
+        return 1.01 * rel * (2 * q_norm * big_m + big_m**2)
 
-    # -- exact distances ---------------------------------------------------------------------
-    def exact_keys(self, qs: _Queries, idx: torch.Tensor) -> torch.Tensor:
-        """Direct float32 key: ||q - x||^2 (euclidean) or 1 - q^.x^ (cosine), [B, m]."""
-        g = self.db.rows(idx)
+    def _low_score_error(self, queries: _Queries) -> torch.Tensor:
+        """Half-precision scores: the earlier worst-case bound (whole-dim accumulation)."""
+        u_in = _input_roundoff(self.device, self.score_dtype)
+        rel = 2 * u_in + (self.dim + 8) * _U32
+        rel += u_in + 4 * math.sqrt(self.dim) * 2.0**-24  # half output, fp16 subnormals
+        reduced = {
+            torch.float16: "allow_fp16_reduced_precision_reduction",
+            torch.bfloat16: "allow_bf16_reduced_precision_reduction",
+        }[self.score_dtype]
+        if self.device.type == "cuda" and getattr(torch.backends.cuda.matmul, reduced, False):
+            rel += 16 * u_in
         if self.db.cosine:
-            return 1.0 - (g * qs.q.unsqueeze(1)).sum(dim=-1)
-        g.sub_(qs.q.unsqueeze(1))
-        return g.square_().sum(dim=-1)
+            return torch.full_like(queries.sqn, 16 * rel)
+        q_max = float(queries.sqn.max().sqrt())  # inputs were scaled by the chunk-wide max norm
+        return torch.full_like(queries.sqn, 4 * rel * (q_max + self.db.max_norm) ** 2)
 
-    def key_from_exact(self, exact: torch.Tensor, qs: _Queries) -> torch.Tensor:
-        """Exact key in the units of the approximate score (to compare with it)."""
-        return exact - 1.0 if self.db.cosine else exact - qs.sqn.unsqueeze(1)
+    # -- exact keys --------------------------------------------------------------------------
+    def exact_keys(self, queries: _Queries, idx: torch.Tensor) -> torch.Tensor:
+        """Direct float32 key: ||q - x||^2 (euclidean) or 1 - q^.x^ (cosine), [B, m].
+
+        Gathered a few queries at a time, so the [B, m, D] gather stays near BLOCK_BYTES and the
+        query block itself can be as tall as the GEMM wants (wide vectors: 130-row GEMMs took
+        2.5x the CPU time of 800-row ones).
+        """
+        step = max(1, BLOCK_BYTES // (4 * max(1, idx.shape[1] * self.dim)))
+        out = []
+        for start in range(0, queries.count, step):
+            g = self.db.rows(idx[start : start + step])
+            q = queries.q[start : start + step].unsqueeze(1)
+            if self.db.cosine:
+                out.append(1.0 - (g * q).sum(dim=-1))
+            else:
+                out.append(g.sub_(q).square_().sum(dim=-1))
+        return torch.cat(out) if len(out) != 1 else out[0]
+
+    def exact_keys64(self, queries: _Queries, idx: torch.Tensor) -> torch.Tensor:
+        """The same keys in float64 from the float32 inputs, to order near-ties.
+
+        Differences and squares of float32 numbers are exact in float64; the sum is ~1e-16
+        relative (exact for integer data such as raw pixels). Done in pieces of queries to keep
+        the [B, m, D] float64 gather near BLOCK_BYTES.
+        """
+        step = max(1, BLOCK_BYTES // (8 * max(1, idx.shape[1] * self.dim)))
+        out = []
+        for start in range(0, queries.count, step):
+            rows_idx = idx[start : start + step]
+            g = self.db.x.index_select(0, rows_idx.reshape(-1)).double()
+            g = g.view(*rows_idx.shape, self.dim)
+            q = queries.raw[start : start + step].double().unsqueeze(1)
+            if self.db.cosine:
+                inv = 1.0 / g.norm(dim=-1).clamp_min(1e-300)
+                q_unit = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+                out.append(1.0 - (g * q_unit).sum(dim=-1) * inv)
+            else:
+                out.append(g.sub_(q).square_().sum(dim=-1))
+        return torch.cat(out) if out else torch.zeros_like(idx, dtype=torch.float64)
+
+    def key_bounds(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 interval [low, high] holding the true key of each float32 exact key.
+
+        Euclidean: sum of D rounded squares of rounded differences, each term off by <= 3
+        roundings and the sum by <= D - 1 more: K is within gamma_{D+2} T of the true T, so
+        T is in [K (1 - g), K / (1 - g)] with g = gamma_{D+3} (one u of slack for the float64
+        arithmetic here), plus D * 2^-126 for squares that underflow. Cosine: both normalisations (gamma_{D+2} each, from float32
+        norms), the product and the sum (gamma_{D+1}) and the final 1 - (u), absolute.
+        """
+        k64 = keys.double()
+        if self.db.cosine:
+            band = _gamma(3 * self.dim + 10) * 1.01
+            return k64 - band, k64 + band
+        rel = _gamma(self.dim + 3)
+        tiny = self.dim * 2.0**-126
+        return k64 * (1 - rel) - tiny, k64 * (1 + rel * (1 + 2 * rel)) + tiny
 
     def to_distance(self, exact: torch.Tensor) -> torch.Tensor:
         return exact if self.db.cosine else exact.clamp_min(0).sqrt()
 
+    def to_score_units(self, key: torch.Tensor, queries: _Queries) -> torch.Tensor:
+        """A true key (float64) in the units of the approximate score."""
+        return key - 1.0 if self.db.cosine else key - queries.sqn
+
+    # -- ranking -----------------------------------------------------------------------------
+    def prune(
+        self, approx: torch.Tensor, idx: torch.Tensor, error: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shortlist rows that can still be in the top k, nearest first: (indices, valid) [B, w].
+
+        With s_k the k-th smallest score, k rows have a true key <= s_k + E; a row whose score
+        exceeds s_k + 2E has a true key > s_k + E, so all k of them beat it. Dropping such rows
+        before the re-rank saves gathering most of the shortlist when the bound is tight.
+        """
+        order = approx.argsort(dim=1)
+        approx, idx = approx.gather(1, order), idx.gather(1, order)
+        limit = approx[:, self.k - 1].double() + 2 * error
+        valid = approx.double() <= limit.unsqueeze(1)  # a prefix of each sorted row
+        width = max(self.k, int(valid.sum(dim=1).max()))
+        return idx[:, :width], valid[:, :width]
+
+    def rank(
+        self, queries: _Queries, keys: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exact top k of candidate lists: (float32 keys, indices, upper bound of the k-th key).
+
+        Candidates are sorted by float32 key and index. Where two neighbouring keys among the
+        first k + 1 lie within each other's rounding interval (`key_bounds`) the float32 order
+        may be wrong, so those queries are ordered by float64 keys instead (ties still to the
+        lower index). The float32 keys stay the reported values (bit-identical wherever the
+        float32 order was right), made non-decreasing where float64 reordered them. The k-th
+        upper bound holds for the true k-th key: k candidates lie below it.
+        """
+        k = self.k
+        keys = torch.where(valid, keys, math.inf)
+        order = _sorted_by(keys, idx)
+        keys, idx, valid = keys.gather(1, order), idx.gather(1, order), valid.gather(1, order)
+        low, high = self.key_bounds(keys)
+        kth_upper = high[:, k - 1]
+        pairs = min(k, keys.shape[1] - 1)
+        uncertain = (high[:, :pairs] >= low[:, 1 : pairs + 1]).any(dim=1).nonzero().squeeze(1)
+        if uncertain.numel():
+            self.n_float64 += int(uncertain.numel())
+            width = int(valid[uncertain].sum(dim=1).max())  # valid entries come first
+            sub_idx, sub_valid = idx[uncertain, :width], valid[uncertain, :width]
+            keys64 = self.exact_keys64(queries.select(uncertain), sub_idx)
+            keys64 = torch.where(sub_valid, keys64, math.inf)
+            order = _sorted_by(keys64, sub_idx)[:, :k]
+            sub_keys = keys[uncertain, :width].gather(1, order).cummax(dim=1).values
+            keys, idx = keys[:, :k].clone(), idx[:, :k].clone()
+            keys[uncertain], idx[uncertain] = sub_keys, sub_idx.gather(1, order)
+            return keys, idx, kth_upper
+        return keys[:, :k].contiguous(), idx[:, :k].contiguous(), kth_upper
+
     # -- passes ------------------------------------------------------------------------------
-    def shortlist(self, qs: _Queries, m: int, low: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def shortlist(self, queries: _Queries, m: int, low: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Pass 1: the m smallest approximate keys per query, merged over database blocks."""
-        vals = idx = None
-        for a in range(0, self.n, self.db_chunk):
-            b = min(a + self.db_chunk, self.n)
-            s = self.scores(qs, a, b, low)
-            v, i = s.topk(min(m, b - a), dim=1, largest=False, sorted=False)
-            del s
-            i += a
-            if vals is None:
-                vals, idx = v, i
-            else:
-                vals, idx = torch.cat([vals, v], 1), torch.cat([idx, i], 1)
-                if vals.shape[1] > m:
-                    vals, pos = vals.topk(m, dim=1, largest=False, sorted=False)
-                    idx = idx.gather(1, pos)
-        return vals, idx
+        best_scores = best_idx = None
+        for start in range(0, self.n, self.db_chunk):
+            stop = min(start + self.db_chunk, self.n)
+            block_scores, block_idx = _smallest(self.scores(queries, start, stop, low), m)
+            block_idx += start
+            if best_scores is None:
+                best_scores, best_idx = block_scores, block_idx
+                continue
+            best_scores = torch.cat([best_scores, block_scores], 1)
+            best_idx = torch.cat([best_idx, block_idx], 1)
+            if best_scores.shape[1] > m:
+                best_scores, pos = best_scores.topk(m, dim=1, largest=False, sorted=False)
+                best_idx = best_idx.gather(1, pos)
+        return best_scores, best_idx
 
     def search(
-        self, qs: _Queries, m: int, low: bool = False, rerank: bool = True
+        self, queries: _Queries, m: int, low: bool = False, rerank: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(distances, indices) of one query block; see the module docstring."""
-        keys, idx = self.search_keys(qs, m, low, rerank)
+        keys, idx = self.search_keys(queries, m, low, rerank)
         return self.to_distance(keys), idx
 
     def search_keys(
-        self, qs: _Queries, m: int, low: bool, rerank: bool
+        self, queries: _Queries, m: int, low: bool, rerank: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k exact keys (squared L2 or 1 - cos) and indices, certified by the bound."""
         k = self.k
         m = min(max(m, k), self.n)
-        vals, idx = self.shortlist(qs, m, low)
+        approx, idx = self.shortlist(queries, m, low)
         if not rerank:
-            approx = vals + (1.0 if self.db.cosine else qs.sqn.unsqueeze(1))
-            return _lex_topk(approx, idx, k)
-        exact, idx = _lex_topk(self.exact_keys(qs, idx), idx, m)
-        d, i = exact[:, :k].contiguous(), idx[:, :k].contiguous()
+            offset = 1.0 if self.db.cosine else queries.sqn.unsqueeze(1).float()
+            return _lex_topk(approx + offset, idx, k)
+        error = self.score_error(queries, low)
+        cand, valid = self.prune(approx, idx, error)
+        keys, top_idx, kth_upper = self.rank(queries, self.exact_keys(queries, cand), cand, valid)
         if m == self.n:
-            return d, i
-        key_k = self.key_from_exact(d[:, k - 1 :], qs).squeeze(1)
-        bound = self.bound(qs, low)
-        flagged = (key_k >= vals.max(dim=1).values - bound).nonzero().squeeze(1)
+            return keys, top_idx
+        # Certificate: a row outside the shortlist has approximate score >= the m-th score s_m,
+        # so its true key is >= s_m - E; if that exceeds the k-th true key's upper bound, no
+        # such row can enter (or tie into) the top k.
+        kth_score = self.to_score_units(kth_upper, queries)
+        flagged = (kth_score >= approx.max(dim=1).values.double() - error).nonzero().squeeze(1)
         if flagged.numel() == 0:
-            return d, i
+            return keys, top_idx
         self.n_uncertified += int(flagged.numel())
-        sub = qs.select(flagged)
+        sub = queries.select(flagged)
         if low:  # half precision could not certify these: redo them in float32
-            fd, fi = self.search_keys(sub, k + max(16, k), low=False, rerank=True)
-            d[flagged], i[flagged] = fd, fi
+            sub_keys, sub_idx = self.search_keys(sub, k + max(16, k), low=False, rerank=True)
         else:
-            fd, fi = self.threshold_search(sub, key_k[flagged] + bound[flagged])
-            ok = torch.isfinite(fd).all(dim=1)
-            d[flagged[ok]], i[flagged[ok]] = fd[ok], fi[ok]
-        return d, i
+            threshold = kth_score[flagged] + self.score_error(sub, low=False)
+            sub_keys, sub_idx = self.threshold_search(sub, threshold)
+            found = torch.isfinite(sub_keys).all(dim=1)  # always, unless the bound were wrong
+            flagged, sub_keys, sub_idx = flagged[found], sub_keys[found], sub_idx[found]
+        keys[flagged], top_idx[flagged] = sub_keys, sub_idx
+        return keys, top_idx
 
     def threshold_search(
-        self, qs: _Queries, thr: torch.Tensor
+        self, queries: _Queries, threshold: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pass 2: exact re-rank of every candidate whose approximate key is <= thr."""
-        n_q, k = qs.q.shape[0], self.k
-        best_d = torch.full((n_q, k), math.inf, device=self.device)
-        best_i = torch.full((n_q, k), self.n, dtype=torch.int64, device=self.device)
-        budget = max(1, BLOCK_BYTES // (4 * self.dim))  # gathered rows per exact piece
-        for a in range(0, self.n, self.db_chunk):
-            b = min(a + self.db_chunk, self.n)
-            s = self.scores(qs, a, b, low=False)
-            width = int((s <= thr.unsqueeze(1)).sum(dim=1).max())
+        """Pass 2: exact top k among every row whose approximate score is <= threshold.
+
+        Candidates are ranked by float64 key (then index) and carry their float32 key, so the
+        result is exact even among near-ties; lists merge by that same total order.
+        """
+        n_q, k = queries.count, self.k
+        limit = torch.nextafter(threshold.float(), torch.tensor(math.inf, device=self.device))
+        best_keys = torch.full((n_q, k), math.inf, device=self.device)
+        best_keys64 = torch.full((n_q, k), math.inf, dtype=torch.float64, device=self.device)
+        best_idx = torch.full((n_q, k), self.n, dtype=torch.int64, device=self.device)
+        budget = max(1, BLOCK_BYTES // (8 * self.dim))  # gathered rows per exact piece
+        for start in range(0, self.n, self.db_chunk):
+            stop = min(start + self.db_chunk, self.n)
+            block = self.scores(queries, start, stop, low=False)
+            inside = block <= limit.unsqueeze(1)
+            width = int(inside.sum(dim=1).max())
             if width == 0:
                 continue
-            v, cand = s.topk(width, dim=1, largest=False)
-            del s
-            valid = v <= thr.unsqueeze(1)
-            cand += a
+            block_scores, cand = block.topk(width, dim=1, largest=False)
+            valid = block_scores <= limit.unsqueeze(1)
+            cand += start
             rows = max(1, budget // width)
             cols = max(1, budget // rows)
             for r in range(0, n_q, rows):
-                sub = qs.select(torch.arange(r, min(r + rows, n_q), device=self.device))
+                sub = queries.select(torch.arange(r, min(r + rows, n_q), device=self.device))
                 for c in range(0, width, cols):
-                    ci = cand[r : r + rows, c : c + cols]
-                    e = self.exact_keys(sub, ci)
-                    e = torch.where(valid[r : r + rows, c : c + cols], e, math.inf)
-                    best_d[r : r + rows], best_i[r : r + rows] = _lex_topk(
-                        torch.cat([best_d[r : r + rows], e], 1),
-                        torch.cat([best_i[r : r + rows], ci], 1),
-                        k,
+                    piece_idx = cand[r : r + rows, c : c + cols]
+                    ok = valid[r : r + rows, c : c + cols]
+                    keys = torch.where(ok, self.exact_keys(sub, piece_idx), math.inf)
+                    keys64 = torch.where(ok, self.exact_keys64(sub, piece_idx), math.inf)
+                    merged_idx = torch.cat([best_idx[r : r + rows], piece_idx], 1)
+                    order = _sorted_by(
+                        torch.cat([best_keys64[r : r + rows], keys64], 1), merged_idx
+                    )[:, :k]
+                    best_keys64[r : r + rows] = torch.cat(
+                        [best_keys64[r : r + rows], keys64], 1
+                    ).gather(1, order)
+                    best_keys[r : r + rows] = torch.cat([best_keys[r : r + rows], keys], 1).gather(
+                        1, order
                     )
-        return best_d, best_i
+                    best_idx[r : r + rows] = merged_idx.gather(1, order)
+        self.n_float64 += n_q
+        return best_keys.cummax(dim=1).values, best_idx
 
 
 def knn_search(
@@ -413,7 +718,7 @@ def knn_search(
     cosine = distance == "cosine"
     qc, dc = chunk_sizes(n_q, n, query_chunk, db_chunk)
     low = score_dtype is not None
-    with torch.no_grad():
+    with torch.no_grad(), _blas_threads(dev):
         x = x.to(dev, torch.float32)
         x_norms = check_finite(x, "database")
         if n_q == 0:
@@ -421,22 +726,22 @@ def knn_search(
         db = _Database.build(x, x_norms, cosine, score_dtype)
         searcher = _Searcher(db, k, dc, score_dtype)
         m = k + (max(64, 4 * k) if low else max(16, k))
-        if query_chunk is None:  # the exact re-rank gathers qc x m x D floats: bound it too
-            qc = max(1, min(qc, BLOCK_BYTES // (4 * m * max(1, q.shape[1]))))
-        for s in range(0, n_q, qc):
-            qs = _Queries.build(
-                q[s : s + qc].to(dev, torch.float32),
-                q_norms[s : s + qc].to(dev),
+        for start in range(0, n_q, qc):
+            queries = _Queries.build(
+                q[start : start + qc].to(dev, torch.float32),
+                q_norms[start : start + qc].to(dev),
                 cosine,
                 score_dtype,
             )
-            d, i = searcher.search(qs, m if rerank else k, low=low, rerank=rerank)
-            out_d[s : s + qc] = d.cpu()
-            out_i[s : s + qc] = i.cpu()
+            dist, idx = searcher.search(queries, m if rerank else k, low=low, rerank=rerank)
+            out_d[start : start + qc] = dist.cpu()
+            out_i[start : start + qc] = idx.cpu()
     if searcher.n_uncertified:
         log.debug(
             "knn_search: %d of %d queries needed the exhaustive second pass",
             searcher.n_uncertified,
             n_q,
         )
+    if searcher.n_float64:
+        log.debug("knn_search: %d of %d queries ordered in float64", searcher.n_float64, n_q)
     return out_d, out_i
