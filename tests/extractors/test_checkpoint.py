@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from tests.hub_cache import add_file, safetensors_bytes, torch_bytes
 from tests.swin_names import hf_swin_names
+from tests.tiny_models import TINY_CONCH, TINY_OPEN_CLIP
 
 from cbmir.extractors import create
 from cbmir.extractors.checkpoint import (
@@ -25,30 +26,6 @@ from cbmir.extractors.checkpoint import (
 IMAGES = torch.randint(
     0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
 )
-
-TINY_OPEN_CLIP = {
-    "model_cfg": {
-        "embed_dim": 32,
-        "vision_cfg": {
-            "image_size": 32,
-            "layers": 2,
-            "width": 64,
-            "head_width": 32,
-            "patch_size": 8,
-        },
-        "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1},
-    },
-    "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-}
-TINY_CONCH = {
-    "width": 64,
-    "depth": 2,
-    "heads": 2,
-    "embed_dim": 32,
-    "pooler_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
 
 
 def _timm(**kw):

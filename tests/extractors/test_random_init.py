@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tests.tiny_models import TINY_CONCH, open_clip_with_layer_scale
 
 from cbmir.errors import ConfigError
 from cbmir.extractors import create
@@ -18,29 +19,7 @@ from cbmir.store import make_key
 #: relative change of the embedding that is more than float32 noise (~1e-7)
 VISIBLE = 1e-4
 #: an open_clip ViT with layer scale (`ls_init_value`, as in large CLIP towers)
-TINY_OPEN_CLIP_LS = {
-    "model_cfg": {
-        "embed_dim": 32,
-        "vision_cfg": {
-            "image_size": 32,
-            "layers": 2,
-            "width": 64,
-            "head_width": 32,
-            "patch_size": 8,
-            "ls_init_value": 1e-5,
-        },
-    },
-    "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-}
-TINY_CONCH = {
-    "width": 64,
-    "depth": 2,
-    "heads": 2,
-    "embed_dim": 32,
-    "pooler_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
+TINY_OPEN_CLIP_LS = open_clip_with_layer_scale(1e-5)
 
 
 @pytest.fixture(scope="module")
