@@ -110,6 +110,13 @@ def test_cuda_settings_need_a_cuda_device() -> None:
             check_config(cfg)
 
 
+def test_default_acc_ks_follow_k() -> None:
+    """The default ACC@k cut-offs are the paper's up to k: a k sweep validates as it is."""
+    for k, expected in ((5, (1, 3, 5)), (3, (1, 3)), (1, (1,)), (10, (1, 3, 5))):
+        settings = check_config(helpers.compose_config([f"retrieval.k={k}"]))
+        assert settings.acc_ks == expected, (k, settings.acc_ks)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

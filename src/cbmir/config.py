@@ -62,6 +62,22 @@ def _run_name(*parts: object) -> str:
     return "-".join(str(p) for p in parts if p not in (None, "", "None"))
 
 
+#: the ACC@k cut-offs the paper reports
+PAPER_ACC_KS = (1, 3, 5)
+
+
+def _default_acc_ks(k: object) -> list[int]:
+    """`retrieval.acc_ks` by default: the paper's cut-offs that `k` neighbours can answer
+    ([1, 3, 5] at k = 5, [1, 3] at k = 3), so a sweep over k needs no acc_ks of its own; an
+    explicit list beyond k is an error (`cbmir.retrieval.settings.check_acc_ks`). A k that is
+    not a positive integer is left to that validation: the paper's list is returned as is."""
+    try:
+        limit = int(str(k))
+    except ValueError:
+        return list(PAPER_ACC_KS)
+    return [a for a in PAPER_ACC_KS if a <= limit] or list(PAPER_ACC_KS)
+
+
 def register_resolvers() -> None:
     from cbmir.sweeps import cell_part, hydra_job_subdir
 
@@ -73,6 +89,7 @@ def register_resolvers() -> None:
         ("cbmir_checkpoint", _checkpoint_info),  # model=finetuned: name, file hash
         ("cbmir_stem", _stem),  # data=npz: name defaults to the file's stem
         ("cbmir_run_name", _run_name),  # model-dataset-size without unset parts
+        ("cbmir_acc_ks", _default_acc_ks),  # retrieval.acc_ks: the paper's, up to k
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -28,7 +28,7 @@ from cbmir.data.files import (
     npz_path,
     read_manifest,
 )
-from cbmir.data.locks import sweep_stale
+from cbmir.data.locks import UnwritableFolderError, sweep_stale
 from cbmir.data.synthetic import write_synthetic_medmnist
 from cbmir.errors import ConfigError, DataError
 
@@ -366,10 +366,11 @@ class MedMNISTDataModule(RetrievalDataModule):
                     replace=False,  # a concurrent run may have written it meanwhile
                     real_roots=[self.real_root],
                 )
-            except OSError as exc:
+            except (OSError, UnwritableFolderError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "read-only"
                 raise DataError(
                     f"Cannot write the synthetic {self.flag} file into {self.root} "
-                    f"({exc.strerror or exc}); set paths.synthetic_root=DIR (or "
+                    f"({reason}); set paths.synthetic_root=DIR (or "
                     f"CBMIR_SYNTHETIC_ROOT) to a writable folder."
                 ) from None
         elif self.download:

@@ -23,6 +23,11 @@ from pathlib import Path
 
 from cbmir.errors import DataError
 
+
+class UnwritableFolderError(DataError):
+    """The folder of a data file takes no new file (read-only), so no lock can be made there."""
+
+
 log = logging.getLogger(__name__)
 
 _TEMP_PATTERNS = (
@@ -50,7 +55,7 @@ def exclusive(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise DataError(
+        raise UnwritableFolderError(
             f"Cannot create the lock file {lock} ({exc}); cbmir writes data files only into "
             f"writable folders (set data.cache_dir for the converted arrays)."
         ) from None
