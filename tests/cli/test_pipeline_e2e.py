@@ -76,6 +76,7 @@ def test_random_weights_of_another_seed_embed_anew_under_their_own_keys(dirs) ->
     assert [s for s, _ in seeds] == [0, 0, 1, 1]
 
 
+@pytest.mark.slow  # bf16 on a CPU is slow; tests/test_embedding.py pins both rules in-process
 def test_channels_last_reuses_the_store_but_bf16_embeds_anew(dirs) -> None:
     run_cbmir(["experiment=offline", "model=resnet18"], dirs)
     entries = sorted(p.name for p in dirs["store"].iterdir())

@@ -11,6 +11,11 @@ import pytest
 
 from tests.helpers import run_cbmir
 
+# an 8-job sweep of two real extractors (~2 min on 2 cores): the default suite covers multirun,
+# resume, job directories and the report in tests/cli, tests/sweeps/test_shared_sweep_dir.py and
+# tests/report; this is the whole preset end to end
+pytestmark = pytest.mark.slow
+
 JOBS = [
     f"{model}-{flag}-{size}"
     for model in ("pixels", "resnet18")
