@@ -45,14 +45,9 @@ def make_volumes(n: int, size: int, seed: int) -> torch.Tensor:
 
 
 def build_extractor(model: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from cbmir.runner import compose
 
-    from cbmir.config import config_dir
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}", "model.pretrained=false"])
+    cfg = compose("config", [f"model={model}", "model.pretrained=false"])
     extractor, _ = instantiate_extractor(cfg.model)
     return extractor
 

@@ -106,7 +106,7 @@ def summarise(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per (label, values, baseline): mean and 95% CI per metric, and a paired 95% CI of
     (values - baseline) over the same resampled queries when there is a baseline."""
-    from cbmir.report.bootstrap import bootstrap_means
+    from cbmir.retrieval.bootstrap import bootstrap_means
 
     out: dict[str, dict[str, dict[str, float]]] = {}
     for label, values, baseline in entries:

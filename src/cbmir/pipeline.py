@@ -26,31 +26,13 @@ from cbmir.io_utils import write_json, write_text
 from cbmir.resume import find_finished, hold_job_dir, job_record
 from cbmir.retrieval.callback import RetrievalCallback
 from cbmir.retrieval.settings import RetrievalSettings
+from cbmir.runner import build_loggers, finish_loggers
 from cbmir.store import EmbeddingStore
 from cbmir.validation import check_data, validate_job
 from cbmir.viz.gallery import write_gallery
 from cbmir.volumes import split_model_config
 
 log = logging.getLogger(__name__)
-
-
-def build_loggers(cfg: DictConfig) -> list[Any]:
-    loggers = []
-    for name, conf in (cfg.get("logger") or {}).items():
-        if conf is not None and "_target_" in conf:
-            log.info("logger %s", name)
-            loggers.append(instantiate(conf))
-    return loggers
-
-
-def finish_loggers(loggers: list[Any], status: str) -> None:
-    """Close every logger; a W&B run is finished so the next sweep job starts its own."""
-    for logger in loggers:
-        logger.finalize(status)
-        if type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish(exit_code=0 if status == "success" else 1)
 
 
 def input_files(datamodule: Any, weights_files: list[Path]) -> list[Path]:

@@ -43,6 +43,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import cbmir
+from cbmir.config import is_multirun, is_true
 from cbmir.errors import ConfigError
 from cbmir.io_utils import file_version, release, try_lock
 
@@ -100,16 +101,13 @@ def fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
 
 def resume_enabled(cfg: DictConfig) -> bool:
     mode = str(cfg.get("resume", "auto")).lower()
-    if mode in ("true", "1", "yes"):
+    if is_true(mode):
         return True
     if mode in ("false", "0", "no"):
         return False
     if mode != "auto":
         raise ConfigError(f"resume={mode!r}: use auto, true or false")
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return is_multirun()
 
 
 def file_stamps(paths: Iterable[str | Path]) -> dict[str, dict[str, int]]:

@@ -9,7 +9,7 @@ Job directories are named after the job and its config, not its number
 the resume fingerprint), so re-launching a sweep lands every job in the directory that already
 holds its results (see `cbmir.resume`), and jobs of different configs (two grids launched into
 one sweep directory, a preset with other defaults) never share a directory. Light on purpose:
-imported by `cbmir.config` to register the resolvers.
+registered as resolvers by `cbmir.resolvers`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cbmir.errors import ConfigError
 from cbmir.resume import VOLATILE_PATHS, fingerprint
@@ -105,7 +106,7 @@ def launch_fingerprint(root: DictConfig) -> str:
         job.paths.output_dir = ""  # ${hydra:runtime.output_dir}: what is being decided
     try:
         return fingerprint(job)
-    except Exception:  # noqa: BLE001
+    except OmegaConfBaseException:  # OmegaConf wraps what a resolver raises in its own error
         # a config that does not resolve fails inside its job, with its own error.json; its
         # directory is still its own: named by the unresolved config
         text = json.dumps(tree, sort_keys=True, default=str)

@@ -41,8 +41,8 @@ def _md5(path: Path) -> str:
 def _run(tmp: Path, name: str, *overrides: str) -> dict:
     """One real job, in-process (Hydra config, `cli.run_job`, the pipeline), every path under
     `tmp`; returns its metrics.json. A user error exits like the CLI: SystemExit(2)."""
-    from cbmir.cli import run_job
     from cbmir.pipeline import run_retrieval
+    from cbmir.runner import run_job
 
     cfg = compose_config(
         [

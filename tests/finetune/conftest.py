@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from cbmir.config import config_dir
+from cbmir.runner import compose
 
 #: the smallest real timm CNN (a 4-stage ResNet, 0.37 M parameters), random weights
 TINY_MODEL = [
@@ -47,9 +45,7 @@ def tiny_npz(tmp_path_factory) -> Path:
 
 
 def compose_finetune(overrides: Sequence[str] = ()) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("finetune", overrides=list(overrides))
+    return compose("finetune", overrides)
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from medmnist import INFO
 
@@ -66,6 +68,14 @@ def size_suffix(size: int) -> str:
 
 def label_names(flag: str) -> dict[int, str]:
     return {int(k): v for k, v in _info(flag)["label"].items()}
+
+
+def name_map(names: Mapping[Any, Any] | Sequence[Any]) -> dict[int, str]:
+    """`data.label_names` as {class id: name}: a mapping's keys are the ids (YAML may give
+    them as text), a list's positions are."""
+    if isinstance(names, Mapping):
+        return {int(k): str(v) for k, v in names.items()}
+    return {i: str(v) for i, v in enumerate(names)}
 
 
 def is_multilabel(flag: str) -> bool:

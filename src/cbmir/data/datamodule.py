@@ -518,12 +518,7 @@ class NpzDataModule(RetrievalDataModule):
             log.info("data=npz has no published checksum; verify=false changes nothing")
         self.volumes = volumes
         self._declared_size = size
-        if label_names is None:
-            self._label_names = None
-        elif isinstance(label_names, Mapping):
-            self._label_names = {int(k): str(v) for k, v in label_names.items()}
-        else:
-            self._label_names = {i: str(v) for i, v in enumerate(label_names)}
+        self._label_names = None if label_names is None else catalog.name_map(label_names)
 
     def _fetch_source(self) -> None:
         sweep_stale(self.npz_file)  # e.g. a killed `cbmir-synth --digits`

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cbmir.config import is_true
 from cbmir.errors import CbmirError
 
 from .weights_file import file_identity
@@ -30,7 +31,6 @@ OFFLINE_HELP = (
     "state dict or a Lightning .ckpt) at a copy of the weights, or run with "
     "model.pretrained=false (random weights, for testing only)."
 )
-_TRUE = {"1", "true", "yes", "on"}
 
 
 class HubError(CbmirError):
@@ -48,13 +48,13 @@ def model_page(repo_id: str) -> str:
 def offline() -> bool:
     """`HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) as the hub client reads it."""
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUE:
+        if is_true(os.environ.get(var, "")):
             return True
     try:
         from huggingface_hub import constants
 
         return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - hub client missing or changed
+    except (ImportError, AttributeError):  # pragma: no cover - hub client missing or changed
         return False
 
 

@@ -24,7 +24,6 @@ MedCLIP's repository (`medclip_vit_weight.txt`) as the upstream package does, an
 from __future__ import annotations
 
 import json
-import os
 import re
 import urllib.request
 import zipfile
@@ -40,7 +39,7 @@ from cbmir.errors import CbmirError
 
 from .base import Extractor
 from .checkpoint import StateDict, hint_on_error, load_into, weights_identity
-from .hub import cache_hint
+from .hub import cache_hint, offline
 from .preprocessing import ModelTransform
 from .random_init import build_random, random_identity
 from .registry import register
@@ -269,7 +268,7 @@ def download_weights(cache_dir: str | None = None, timeout: float = 10.0) -> Pat
         f"{WEIGHTS_POINTER}), unzip it and pass model.checkpoint=/path/to/pytorch_model.bin, "
         f"or put the file at {target}. For a test run without weights: model.pretrained=false."
     )
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if offline():
         raise CbmirError("offline (HF_HUB_OFFLINE is set): " + help_text)
     try:
         with urllib.request.urlopen(WEIGHTS_POINTER, timeout=timeout) as resp:

@@ -21,7 +21,7 @@ from typing import Any
 from cbmir.errors import ConfigError
 from cbmir.extractors.checkpoint import (
     CheckpointError,
-    UntrustedCheckpointError,
+    UnreadableWeightsError,
     load_into,
     load_torch_file,
     weights_identity,
@@ -99,9 +99,7 @@ def read_spec(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
         obj = load_torch_file(path, trust=trust)
-    except UntrustedCheckpointError:
-        raise
-    except Exception as exc:
+    except UnreadableWeightsError as exc:  # every other failure of the file is already one
         raise CheckpointError(
             f"could not read {path} as a cbmir-finetune checkpoint "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"

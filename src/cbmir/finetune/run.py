@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbmir.errors import ConfigError
 from cbmir.io_utils import write_json, write_text
+from cbmir.runner import build_loggers, finish_loggers
 
 from .checkpoint import extractor_spec, read_spec
 from .data import FinetuneData
@@ -190,7 +191,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
         save_top_k=1,
         enable_version_counter=False,
     )
-    loggers = _build_loggers(cfg)
+    loggers = build_loggers(cfg, job_type="finetune")
     # RUN_DIR is Hydra's output dir: it already holds .hydra/ and the config, by design
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # best first: last.ckpt is written after it and so holds the updated best score
@@ -210,8 +211,6 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    from cbmir.pipeline import finish_loggers
 
     status, start, fit_seconds = "failed", None, None
     try:
@@ -248,16 +247,6 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
         )
     log.info("evaluate it on the benchmark's queries: %s", summary["evaluate_command"])
     return summary
-
-
-def _build_loggers(cfg: DictConfig) -> list[Any]:
-    loggers = []
-    for _, conf in (cfg.get("logger") or {}).items():
-        if conf is None or "_target_" not in conf:
-            continue
-        extra = {"job_type": "finetune"} if str(conf._target_).endswith("WandbLogger") else {}
-        loggers.append(instantiate(conf, **extra))
-    return loggers
 
 
 def _log_every(ft: DictConfig, n_train: int) -> int:
@@ -319,10 +308,9 @@ def _summary(
 
 def _data_overrides(cfg: DictConfig) -> list[str]:
     """The data overrides this job was started with (to evaluate on the same data set)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig
 
-        overrides = HydraConfig.get().overrides.task
-    except Exception:  # not under @hydra.main
+    if not HydraConfig.initialized():  # not under @hydra.main
         return []
+    overrides = HydraConfig.get().overrides.task
     return [o for o in overrides if o.startswith(("data=", "data.", "experiment="))]

@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cbmir.errors import CbmirError, ConfigError, DataError
+from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.settings import DISTANCES, check_k
+from cbmir.runner import user_error
 
 DEFAULT_OUT = Path("cbmir-query.png")
 
@@ -221,9 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = query(args, out, err)
     except Exception as raised:
-        from cbmir.cli import _user_error  # Hydra's instantiate wraps what targets raise
-
-        exc = raised if isinstance(raised, CbmirError) else _user_error(raised)
+        exc = user_error(raised)  # Hydra's instantiate wraps what targets raise
         if exc is None:
             raise
         _say(err, f"cbmir-query: error: {exc}", "red")

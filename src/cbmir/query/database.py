@@ -101,21 +101,15 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[DictC
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
     """The `cbmir` config with Hydra overrides, as the benchmark would compose it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from cbmir.config import config_dir
+    from cbmir.runner import compose
 
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return compose("config", overrides=list(overrides))
+        return compose("config", overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"cannot compose the config from {list(overrides)}: {exc}") from None
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def _load_entry(path: Path) -> StoredEmbeddings:

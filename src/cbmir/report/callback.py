@@ -15,6 +15,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cbmir.errors import CbmirError
+
 log = logging.getLogger(__name__)
 
 
@@ -47,5 +49,10 @@ class SweepReport(Callback):
 
                 log_summary(report)
                 flush()  # the sweep is over: nothing else of this process logs to W&B
-        except Exception as exc:  # the jobs' results are safe; the report can be redone
-            log.warning("sweep report failed (%s); run `cbmir-report SWEEP_DIR` to retry", exc)
+        except Exception as exc:  # noqa: BLE001  the jobs' results are safe; it can be redone
+            expected = isinstance(exc, CbmirError | OSError)  # else a bug: show its traceback
+            log.warning(
+                "sweep report failed (%s); run `cbmir-report SWEEP_DIR` to retry",
+                exc,
+                exc_info=not expected,
+            )

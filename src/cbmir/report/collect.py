@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cbmir.errors import CbmirError
-from cbmir.report.bootstrap import bootstrap_cis
 from cbmir.report.names import (
     METRICS,
     dataset_order,
@@ -28,9 +29,13 @@ from cbmir.report.names import (
     model_paper_name,
 )
 from cbmir.resume import RECORD, committed
+from cbmir.retrieval.bootstrap import bootstrap_cis
 from cbmir.sweeps import extra_overrides
 
 log = logging.getLogger(__name__)
+
+#: what reading a job's (possibly truncated or hand-edited) YAML file can raise
+UNREADABLE_YAML = (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException)
 
 JOB_FILES = ("config_resolved.yaml", "metrics.json", "error.json")
 STATUSES = ("finished", "failed", "incomplete")
@@ -55,7 +60,7 @@ def _load_config(job: Path) -> DictConfig | None:
             try:
                 loaded = OmegaConf.load(path)
                 return loaded if isinstance(loaded, DictConfig) else None
-            except Exception as exc:  # a corrupt file is reported, not fatal
+            except UNREADABLE_YAML as exc:  # a corrupt file is reported, not fatal
                 log.warning("cannot read %s: %s", path, exc)
     return None
 
@@ -65,7 +70,7 @@ def _select(cfg: DictConfig | None, key: str, default: Any = None) -> Any:
         return default
     try:
         value = OmegaConf.select(cfg, key, default=default)
-    except Exception:  # unresolvable interpolation in an unresolved .hydra/config.yaml
+    except OmegaConfBaseException:  # unresolvable interpolation in an unresolved .hydra/config.yaml
         return default
     return default if value is None else value
 
@@ -77,7 +82,7 @@ def _setting(job: Path) -> str:
         return ""
     try:
         overrides = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception:
+    except UNREADABLE_YAML:
         return ""
     return ",".join(extra_overrides(str(o) for o in overrides or []))
 

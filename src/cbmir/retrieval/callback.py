@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cbmir.io_utils import write_json, write_npz
-from cbmir.report.bootstrap import bootstrap_cis
+from cbmir.retrieval.bootstrap import bootstrap_cis
 from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.store import EmbeddingStore
 

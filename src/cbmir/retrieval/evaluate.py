@@ -11,8 +11,7 @@ from cbmir.errors import ConfigError
 from cbmir.retrieval.labels import LabelsLike
 from cbmir.retrieval.metrics import compute_retrieval_metrics
 from cbmir.retrieval.search import knn_search
-
-PAPER_ACC_KS = (1, 3, 5)
+from cbmir.retrieval.settings import PAPER_ACC_KS
 
 
 def metric_ks(k: int) -> tuple[int, ...]:

@@ -30,6 +30,7 @@ from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
 from cbmir.errors import ConfigError
 from cbmir.retrieval.labels import LabelsLike, encode_pair, relevance
+from cbmir.retrieval.settings import check_k
 
 
 def _check_k(rel: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,9 +86,7 @@ class MajorityVoteAccuracy(Metric):
 
     def __init__(self, k: int = 5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not isinstance(k, int) or k < 1:
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
-        self.k = k
+        self.k = check_k(k)
         self.add_state(
             "correct", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
         )

@@ -38,7 +38,12 @@ import threadpoolctl
 import torch
 
 from cbmir.errors import ConfigError, EmbeddingError
-from cbmir.retrieval.settings import DISTANCES, check_distance, check_k  # noqa: F401 (re-export)
+from cbmir.retrieval.settings import (  # noqa: F401 (DISTANCES: re-export)
+    DISTANCES,
+    check_distance,
+    check_k,
+    positive_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +105,7 @@ def check_finite(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _positive_int(value: int | None, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return None if value is None else positive_int(value, name)
 
 
 def chunk_sizes(

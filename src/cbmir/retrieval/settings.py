@@ -30,11 +30,25 @@ FAISS_SEARCH_PARAMS = frozenset({"nprobe", "ef_search"})
 SEARCH_OPTIONS = ("query_chunk", "db_chunk", "score_dtype", "rerank")
 SCORE_DTYPES = ("float16", "bfloat16")
 SEARCH_DEVICES = ("auto", "cpu", "cuda")
+#: the ACC@k cut-offs the paper reports
+PAPER_ACC_KS = (1, 3, 5)
 
 
 def is_int(value: Any) -> bool:
     """A real integer (a bool, float or numeric string is not)."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def default_acc_ks(k: object) -> list[int]:
+    """`retrieval.acc_ks` by default: the paper's cut-offs that `k` neighbours can answer
+    ([1, 3, 5] at k = 5, [1, 3] at k = 3), so a sweep over k needs no acc_ks of its own; an
+    explicit list beyond k is an error (`check_acc_ks`). A k that is not a positive integer is
+    left to that validation: the paper's list is returned as is."""
+    try:
+        limit = int(str(k))
+    except ValueError:
+        return list(PAPER_ACC_KS)
+    return [a for a in PAPER_ACC_KS if a <= limit] or list(PAPER_ACC_KS)
 
 
 def positive_int(value: Any, key: str) -> int:

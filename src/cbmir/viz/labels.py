@@ -48,16 +48,14 @@ def names_from_config(data_cfg: Mapping[str, Any], labels: np.ndarray | None = N
     MedMNIST flags read `INFO[flag]['label']`; a custom npz uses `data.label_names` when given,
     else the class ids (or column numbers for multi-label) as text.
     """
+    from cbmir.data import catalog
+
     flag = data_cfg.get("flag")
     if flag:
-        from cbmir.data import catalog
-
         return catalog.label_names(str(flag))
     given = data_cfg.get("label_names")
     if given:
-        if isinstance(given, Mapping):
-            return {int(k): str(v) for k, v in given.items()}
-        return {i: str(v) for i, v in enumerate(given)}
+        return catalog.name_map(given)
     if labels is None:
         return {}
     arr = np.asarray(labels).reshape(len(labels), -1)

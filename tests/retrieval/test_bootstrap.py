@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbmir.report.bootstrap import bootstrap_ci, bootstrap_cis
+from cbmir.retrieval.bootstrap import bootstrap_ci, bootstrap_cis
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8, 0.97])

@@ -1,0 +1,1 @@
+"""Pictures: query galleries, neighbour grids, embedding maps, report charts."""
