@@ -316,10 +316,10 @@ class _Database:
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Gathered rows [..., D]; cosine rows normalised."""
-        g = self.x.index_select(0, idx.reshape(-1)).view(*idx.shape, self.x.shape[1])
+        gathered = self.x.index_select(0, idx.reshape(-1)).view(*idx.shape, self.x.shape[1])
         if self.cosine:
-            g.mul_((-self.neg_inv[idx]).unsqueeze(-1))
-        return g
+            gathered.mul_((-self.neg_inv[idx]).unsqueeze(-1))
+        return gathered
 
 
 @dataclass
@@ -466,12 +466,12 @@ class _Searcher:
         step = max(1, BLOCK_BYTES // (4 * max(1, idx.shape[1] * self.dim)))
         out = []
         for start in range(0, queries.count, step):
-            g = self.db.rows(idx[start : start + step])
-            q = queries.q[start : start + step].unsqueeze(1)
+            rows = self.db.rows(idx[start : start + step])
+            query = queries.q[start : start + step].unsqueeze(1)
             if self.db.cosine:
-                out.append(1.0 - (g * q).sum(dim=-1))
+                out.append(1.0 - (rows * query).sum(dim=-1))
             else:
-                out.append(g.sub_(q).square_().sum(dim=-1))
+                out.append(rows.sub_(query).square_().sum(dim=-1))
         return torch.cat(out) if len(out) != 1 else out[0]
 
     def exact_keys64(self, queries: _Queries, idx: torch.Tensor) -> torch.Tensor:
@@ -485,15 +485,15 @@ class _Searcher:
         out = []
         for start in range(0, queries.count, step):
             rows_idx = idx[start : start + step]
-            g = self.db.x.index_select(0, rows_idx.reshape(-1)).double()
-            g = g.view(*rows_idx.shape, self.dim)
-            q = queries.raw[start : start + step].double().unsqueeze(1)
+            rows = self.db.x.index_select(0, rows_idx.reshape(-1)).double()
+            rows = rows.view(*rows_idx.shape, self.dim)
+            query = queries.raw[start : start + step].double().unsqueeze(1)
             if self.db.cosine:
-                inv = 1.0 / g.norm(dim=-1).clamp_min(1e-300)
-                q_unit = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-                out.append(1.0 - (g * q_unit).sum(dim=-1) * inv)
+                inv_norm = 1.0 / rows.norm(dim=-1).clamp_min(1e-300)
+                query_unit = query / query.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+                out.append(1.0 - (rows * query_unit).sum(dim=-1) * inv_norm)
             else:
-                out.append(g.sub_(q).square_().sum(dim=-1))
+                out.append(rows.sub_(query).square_().sum(dim=-1))
         return torch.cat(out) if out else torch.zeros_like(idx, dtype=torch.float64)
 
     def key_bounds(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,13 +505,16 @@ class _Searcher:
         arithmetic here), plus D * 2^-126 for squares that underflow. Cosine: both normalisations (gamma_{D+2} each, from float32
         norms), the product and the sum (gamma_{D+1}) and the final 1 - (u), absolute.
         """
-        k64 = keys.double()
+        keys64 = keys.double()
         if self.db.cosine:
+            # 2 (D+2) + (D+1) + 1 <= 3D + 10 roundings in all; 1% for the float64 arithmetic
             band = _gamma(3 * self.dim + 10) * 1.01
-            return k64 - band, k64 + band
+            return keys64 - band, keys64 + band
         rel = _gamma(self.dim + 3)
-        tiny = self.dim * 2.0**-126
-        return k64 * (1 - rel) - tiny, k64 * (1 + rel * (1 + 2 * rel)) + tiny
+        tiny = self.dim * 2.0**-126  # each of the D squares may underflow by < 2^-126
+        # K <= T (1 + g) gives T >= K / (1 + g) >= K (1 - g); K >= T (1 - g) gives
+        # T <= K / (1 - g) <= K (1 + g (1 + 2g)), as (1 + g + 2g^2)(1 - g) >= 1 for g <= 1/2
+        return keys64 * (1 - rel) - tiny, keys64 * (1 + rel * (1 + 2 * rel)) + tiny
 
     def to_distance(self, exact: torch.Tensor) -> torch.Tensor:
         return exact if self.db.cosine else exact.clamp_min(0).sqrt()
@@ -703,46 +706,52 @@ def knn_search(
         raise ConfigError(
             f"score_dtype must be torch.float16, torch.bfloat16 or None, got {score_dtype}"
         )
-    q = _as_matrix(queries, "queries")
-    x = _as_matrix(database, "database")
-    if q.shape[1] != x.shape[1]:
-        raise ConfigError(f"queries have dimension {q.shape[1]} but the database has {x.shape[1]}")
-    k = check_k(k, n_database=x.shape[0])
+    query_rows = _as_matrix(queries, "queries")
+    db_rows = _as_matrix(database, "database")
+    if query_rows.shape[1] != db_rows.shape[1]:
+        raise ConfigError(
+            f"queries have dimension {query_rows.shape[1]} but the database has {db_rows.shape[1]}"
+        )
+    k = check_k(k, n_database=db_rows.shape[0])
     query_chunk = _positive_int(query_chunk, "query_chunk")
     db_chunk = _positive_int(db_chunk, "db_chunk")
-    q_norms = check_finite(q, "queries")
+    query_norms = check_finite(query_rows, "queries")
 
-    dev = torch.device(device) if device is not None else q.device
-    n_q, n = q.shape[0], x.shape[0]
-    out_d = torch.empty((n_q, k), dtype=torch.float32)
-    out_i = torch.empty((n_q, k), dtype=torch.int64)
+    search_device = torch.device(device) if device is not None else query_rows.device
+    n_queries, n_database = query_rows.shape[0], db_rows.shape[0]
+    out_distances = torch.empty((n_queries, k), dtype=torch.float32)
+    out_indices = torch.empty((n_queries, k), dtype=torch.int64)
     cosine = distance == "cosine"
-    qc, dc = chunk_sizes(n_q, n, query_chunk, db_chunk)
+    block_queries, block_rows = chunk_sizes(n_queries, n_database, query_chunk, db_chunk)
     low = score_dtype is not None
-    with torch.no_grad(), _blas_threads(dev):
-        x = x.to(dev, torch.float32)
-        x_norms = check_finite(x, "database")
-        if n_q == 0:
-            return out_d, out_i
-        db = _Database.build(x, x_norms, cosine, score_dtype)
-        searcher = _Searcher(db, k, dc, score_dtype)
-        m = k + (max(64, 4 * k) if low else max(16, k))
-        for start in range(0, n_q, qc):
-            queries = _Queries.build(
-                q[start : start + qc].to(dev, torch.float32),
-                q_norms[start : start + qc].to(dev),
+    with torch.no_grad(), _blas_threads(search_device):
+        db_rows = db_rows.to(search_device, torch.float32)
+        db_norms = check_finite(db_rows, "database")
+        if n_queries == 0:
+            return out_distances, out_indices
+        db = _Database.build(db_rows, db_norms, cosine, score_dtype)
+        searcher = _Searcher(db, k, block_rows, score_dtype)
+        # shortlist width of pass 1: k plus a margin for rows the rounding-error bound cannot
+        # yet rule out (wider for half-precision scores, whose bound is looser)
+        shortlist = k + (max(64, 4 * k) if low else max(16, k))
+        for start in range(0, n_queries, block_queries):
+            block = _Queries.build(
+                query_rows[start : start + block_queries].to(search_device, torch.float32),
+                query_norms[start : start + block_queries].to(search_device),
                 cosine,
                 score_dtype,
             )
-            dist, idx = searcher.search(queries, m if rerank else k, low=low, rerank=rerank)
-            out_d[start : start + qc] = dist.cpu()
-            out_i[start : start + qc] = idx.cpu()
+            distances, indices = searcher.search(
+                block, shortlist if rerank else k, low=low, rerank=rerank
+            )
+            out_distances[start : start + block_queries] = distances.cpu()
+            out_indices[start : start + block_queries] = indices.cpu()
     if searcher.n_uncertified:
         log.debug(
             "knn_search: %d of %d queries needed the exhaustive second pass",
             searcher.n_uncertified,
-            n_q,
+            n_queries,
         )
     if searcher.n_float64:
-        log.debug("knn_search: %d of %d queries ordered in float64", searcher.n_float64, n_q)
-    return out_d, out_i
+        log.debug("knn_search: %d of %d queries ordered in float64", searcher.n_float64, n_queries)
+    return out_distances, out_indices
