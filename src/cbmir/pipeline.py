@@ -105,18 +105,12 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     loggers = build_loggers(cfg)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    retrieval = RetrievalCallback(
+    retrieval: RetrievalCallback = instantiate(  # k, distance, ... from `cfg.retrieval`
+        cfg.retrieval,
         store=store,
         query_key=keys[datamodule.query_split],
         database_key=keys[datamodule.database_split],
         output_dir=output_dir,
-        k=cfg.retrieval.k,
-        distance=cfg.retrieval.distance,
-        acc_ks=tuple(cfg.retrieval.acc_ks),
-        device=cfg.retrieval.device,
-        search_kwargs=OmegaConf.to_container(cfg.retrieval.search, resolve=True),
-        backend=cfg.retrieval.get("backend", "torch"),
-        faiss=OmegaConf.to_container(cfg.retrieval.get("faiss", {}), resolve=True),
         embedded_now=missing,
         data_facts=datamodule.data_facts(),
     )

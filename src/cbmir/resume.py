@@ -64,6 +64,7 @@ VOLATILE_PATHS: tuple[str, ...] = (
     "data.batch_size",
     "data.num_workers",
     "retrieval.device",
+    "retrieval._target_",  # the class it builds, not a setting (added after results existed)
     "trainer.enable_progress_bar",
     "trainer.default_root_dir",
     "model.volume.slice_batch_size",

@@ -48,3 +48,23 @@ def test_faiss_flat_backend_equals_exact_torch_and_reuses_its_index(tmp_path, di
     ).evaluate()
     assert index.stat().st_mtime_ns == built  # reused, not rebuilt
     assert json.loads((tmp_path / "faiss" / "metrics.json").read_text())["backend"] == "faiss"
+
+
+def test_the_retrieval_config_builds_the_callback(tmp_path) -> None:
+    """`cbmir.pipeline` builds the callback with `instantiate(cfg.retrieval, ...)`: every
+    setting comes from the config, through the same validation as a direct call."""
+    from hydra.utils import instantiate
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["retrieval=cosine", "retrieval.k=3", "+retrieval.search.db_chunk=64"])
+    callback = instantiate(
+        cfg.retrieval,
+        store=_store(tmp_path),
+        query_key="queries",
+        database_key="database",
+        output_dir=tmp_path / "out",
+    )
+    assert isinstance(callback, RetrievalCallback)
+    assert (callback.k, callback.distance, callback.acc_ks) == (3, "cosine", (1, 3))
+    assert callback.search_kwargs == {"db_chunk": 64}
+    assert callback.evaluate()["map@3"] > 0

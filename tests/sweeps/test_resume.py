@@ -63,6 +63,16 @@ def _finish(cfg, metrics: dict) -> None:
     write_json(Path(cfg.paths.output_dir) / "job.json", job_record(cfg, "success"))
 
 
+def test_the_retrieval_target_leaves_fingerprints_as_they_were(tmp_path) -> None:
+    """`retrieval._target_` names the class the config builds, not a setting: jobs finished
+    before it was added keep their fingerprint (and sweep directory)."""
+    cfg = _cfg(tmp_path)
+    assert OmegaConf.select(cfg, "retrieval._target_")
+    before = OmegaConf.create(OmegaConf.to_container(cfg))
+    del before.retrieval["_target_"]
+    assert fingerprint(cfg) == fingerprint(before)
+
+
 def test_find_finished_returns_stored_metrics_of_the_same_config(tmp_path) -> None:
     sweep = tmp_path / "sweep"
     done = _cfg(sweep / "job-a")

@@ -39,7 +39,7 @@ class RetrievalCallback(Callback):
         distance: str = "euclidean",
         acc_ks: tuple[int, ...] = (1, 3, 5),
         device: str = "auto",
-        search_kwargs: dict[str, Any] | None = None,
+        search: dict[str, Any] | None = None,
         backend: str = "torch",
         faiss: dict[str, Any] | None = None,
         embedded_now: list[str] | None = None,
@@ -51,7 +51,7 @@ class RetrievalCallback(Callback):
                 "distance": distance,
                 "acc_ks": acc_ks,
                 "device": device,
-                "search": search_kwargs,
+                "search": search,
                 "backend": backend,
                 "faiss": faiss,
             }
