@@ -58,6 +58,7 @@ def make_readonly():
         ("retrieval.device=tpu", "retrieval.device='tpu'; choose one of auto, cpu, cuda"),
         ("+retrieval.search.db_chunk=0", "retrieval.search.db_chunk must be a positive integer"),
         ("+retrieval.search.chunks=4", "unknown retrieval.search option(s) ['chunks']"),
+        ("+retrieval.kk=3", "unknown retrieval key(s) ['kk']; allowed ['k', 'distance'"),
         ("+retrieval.search.score_dtype=float8", "score_dtype must be float16, bfloat16"),
         ("+retrieval.search.rerank=maybe", "retrieval.search.rerank must be true or false"),
         ("retrieval.faiss.kind=lsh", "faiss index kind 'lsh'; choose one of flat, ivf, hnsw"),

@@ -16,6 +16,8 @@ import numpy as np
 
 from cbmir.errors import ConfigError
 
+#: the keys of a `retrieval` config (configs/retrieval/paper.yaml)
+RETRIEVAL_KEYS = ("k", "distance", "acc_ks", "device", "search", "backend", "faiss")
 DISTANCES = ("euclidean", "cosine")
 BACKENDS = ("torch", "faiss")
 FAISS_KINDS = ("flat", "ivf", "hnsw")
@@ -69,6 +71,15 @@ def check_k(k: Any, n_database: int | None = None, key: str = "k") -> int:
     if n_database is not None and k > n_database:
         raise ConfigError(f"{key}={k} exceeds the {n_database} database rows")
     return k
+
+
+def check_keys(conf: Mapping[str, Any]) -> None:
+    """Only known `retrieval` keys: `instantiate(cfg.retrieval)` passes every key to the
+    callback, and a misspelt one would otherwise fail there, after the weights are loaded.
+    Hydra's own keys (`_target_`, ...) start with an underscore."""
+    unknown = sorted(k for k in conf if k not in RETRIEVAL_KEYS and not str(k).startswith("_"))
+    if unknown:
+        raise ConfigError(f"unknown retrieval key(s) {unknown}; allowed {list(RETRIEVAL_KEYS)}")
 
 
 def check_backend(backend: Any) -> str:
@@ -186,6 +197,7 @@ class RetrievalSettings:
         from cbmir.config import to_plain
 
         conf = dict(to_plain(conf))
+        check_keys(conf)
         k = check_k(conf.get("k", 5), key="retrieval.k")
         faiss = conf.get("faiss") or {}
         if not isinstance(faiss, Mapping):
