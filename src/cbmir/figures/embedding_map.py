@@ -19,9 +19,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cbmir.errors import ConfigError, DataError
+from cbmir.figures.labels import NO_LABEL, names_from_config
 from cbmir.io_utils import write_bytes, write_npz
 from cbmir.store import EmbeddingStore, StoredEmbeddings
-from cbmir.viz.labels import NO_LABEL, names_from_config
 
 METHODS = ("tsne", "umap")
 PCA_DIMS = 50

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbmir.plot.cli import main
-from cbmir.plot.embedding_map import MULTIPLE, class_names, subsample, umap_available
-from cbmir.viz.labels import NO_LABEL
+from cbmir.figures.cli import main
+from cbmir.figures.embedding_map import MULTIPLE, class_names, subsample, umap_available
+from cbmir.figures.labels import NO_LABEL
 from tests.query.runs import run_benchmark
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cbmir.viz import Cell, GridLayout, display_image, label_text, relevance, render_grid
-from cbmir.viz.grid import COLOURS, _fit, _font
-from cbmir.viz.labels import NO_LABEL, names_from_config
-from cbmir.viz.neighbours import QueryResult, neighbour_grid
+from cbmir.figures.grid import COLOURS, Cell, GridLayout, _fit, _font, render_grid
+from cbmir.figures.images import display_image
+from cbmir.figures.labels import NO_LABEL, label_text, names_from_config, relevance
+from cbmir.figures.neighbours import QueryResult, neighbour_grid
 
 
 @pytest.mark.parametrize(("rows", "cols", "title"), [(1, 1, False), (3, 6, True), (8, 11, True)])
