@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import numpy as np
 import pytest
 import torch
 
@@ -57,3 +59,27 @@ def test_channels_last_auto_is_on_for_conv_nets_only(cnn) -> None:
     assert FrozenEmbedder(vit, channels_last=True).channels_last is True
     with pytest.raises(ConfigError, match="true, false or auto"):
         FrozenEmbedder(cnn, channels_last="sometimes")
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "64-true"])
+def test_query_embeddings_are_the_runs_bit_for_bit_under_its_precision(
+    cnn, precision, tmp_path
+) -> None:
+    """The query tool embeds through `Trainer.predict` as the run did: Lightning's CPU fallback
+    of 16-mixed to bf16 and its float64 model, not a hand-made autocast (fp16 / float32)."""
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+
+    from cbmir.query.engine import embed_queries
+    from tests.helpers import compose_config
+
+    overrides = [f"paths.output_dir={tmp_path}", f"trainer.precision={precision}"]
+    cfg = compose_config(["trainer=cpu", *overrides])
+    images = list(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8))
+    embedder = FrozenEmbedder(copy.deepcopy(cnn), precision=precision)  # 64-true casts it
+    query = embed_queries(embedder, images, cfg, device="cpu", batch_size=4)  # first: 64-true
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)  # casts it
+    batches = trainer.predict(embedder, DataLoader([{"image": i} for i in images], batch_size=4))
+    run = torch.cat(batches).numpy()
+    assert query.dtype == run.dtype == np.float32 and query.shape == (6, 512)
+    np.testing.assert_array_equal(query, run)
