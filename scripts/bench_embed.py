@@ -31,7 +31,7 @@ import torch
 
 from cbmir.data import NpzDataModule
 from cbmir.embedding import EmbeddingStoreWriter, FrozenEmbedder, PlannedEntry, embed_items
-from cbmir.extractors import create
+from cbmir.extractors.timm_extractor import TimmExtractor
 from cbmir.store import EmbeddingStore, make_key
 
 
@@ -135,7 +135,7 @@ def main() -> None:
         datamodule.prepare_data()
         datamodule.setup("predict")
         embedder = FrozenEmbedder(
-            create("timm", model_name=args.model, pretrained=False),
+            TimmExtractor(model_name=args.model, pretrained=False),
             channels_last=args.channels_last,
         )
         images = torch.from_numpy(np.ascontiguousarray(datamodule.images("train"))).permute(

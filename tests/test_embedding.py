@@ -10,7 +10,8 @@ import torch
 
 from cbmir.embedding import FrozenEmbedder, is_conv_net, numeric_precision
 from cbmir.errors import ConfigError
-from cbmir.extractors import create
+from cbmir.extractors.pixels import PixelExtractor
+from cbmir.extractors.timm_extractor import TimmExtractor
 from cbmir.store import make_key
 
 DATA = {"dataset": "breastmnist", "size": 28, "split": "train", "sha256": "0" * 64}
@@ -19,7 +20,7 @@ DATA = {"dataset": "breastmnist", "size": 28, "split": "train", "sha256": "0" * 
 @pytest.fixture(scope="module")
 def cnn():
     torch.manual_seed(0)
-    return create("timm", model_name="resnet18", pretrained=False)
+    return TimmExtractor(model_name="resnet18", pretrained=False)
 
 
 @pytest.mark.parametrize("name", ["32-true", "32", 32])
@@ -51,8 +52,8 @@ def test_channels_last_is_speed_only_same_key_same_embeddings(cnn) -> None:
 
 
 def test_channels_last_auto_is_on_for_conv_nets_only(cnn) -> None:
-    vit = create("timm", model_name="vit_tiny_patch16_224", pretrained=False)
-    pixels = create("pixels")
+    vit = TimmExtractor(model_name="vit_tiny_patch16_224", pretrained=False)
+    pixels = PixelExtractor()
     assert is_conv_net(cnn) and not is_conv_net(vit) and not is_conv_net(pixels)
     assert FrozenEmbedder(cnn, channels_last="auto").channels_last is True
     assert FrozenEmbedder(vit, channels_last="auto").channels_last is False
