@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from cbmir.figures.grid import save_png
 from cbmir.figures.images import display_image
 from cbmir.figures.labels import label_text, relevance
 from cbmir.figures.neighbours import QueryResult, neighbour_grid
+from cbmir.figures.png import save_png
 
 log = logging.getLogger(__name__)
 

@@ -143,9 +143,10 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     db = open_database(args.run, args.store_entry, overrides)  # config + data: cheap checks first
 
-    from cbmir.figures.grid import GridLayout, save_png
+    from cbmir.figures.grid import GridLayout
     from cbmir.figures.images import display_image
     from cbmir.figures.neighbours import QueryResult, neighbour_grid
+    from cbmir.figures.png import save_png
     from cbmir.query.engine import check_reproduces, embed_queries, search
     from cbmir.query.inputs import QueryItem, load_query
 
