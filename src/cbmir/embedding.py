@@ -110,19 +110,6 @@ def numeric_precision(precision: str | int) -> str | None:
     return None if name == "32-true" else name
 
 
-class _Items(torch.utils.data.Dataset):
-    """Items as the DataModules yield them (`{"image": ...}`), for `embed_items`."""
-
-    def __init__(self, images: Sequence[torch.Tensor]) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"image": torch.as_tensor(self.images[index])}
-
-
 @contextlib.contextmanager
 def _quiet_trainer_start() -> Iterator[None]:
     """Hide the Trainer's start-up banner (devices, tips): a helper call is not a run."""
@@ -151,7 +138,8 @@ def embed_items(
     """
     device = torch.device(device)
     devices = [device.index or 0] if device.type == "cuda" else 1
-    loader = torch.utils.data.DataLoader(_Items(images), batch_size=batch_size)
+    items = [{"image": torch.as_tensor(image)} for image in images]  # as DataModules yield
+    loader = torch.utils.data.DataLoader(items, batch_size=batch_size)
     with _quiet_trainer_start():
         trainer = L.Trainer(
             accelerator=device.type,

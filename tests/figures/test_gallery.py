@@ -22,6 +22,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def default_run(root: Path) -> Path:
+    """The default job (gallery on), shared by the tests that read its files."""
     return run_benchmark(root, "default")
 
 

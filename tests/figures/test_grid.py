@@ -86,3 +86,18 @@ def test_label_names_come_from_medmnist_info_or_the_config() -> None:
     assert names_from_config({"flag": "breastmnist"}) == {0: "malignant", 1: "normal, benign"}
     assert names_from_config({"label_names": ["a", "b"]}) == {0: "a", 1: "b"}
     assert names_from_config({}, np.array([[0], [3]])) == {0: "0", 1: "1", 2: "2", 3: "3"}
+
+
+def test_save_png_writes_grids_and_matplotlib_figures_alike(tmp_path) -> None:
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from cbmir.figures.png import save_png
+
+    grid = render_grid([[Cell(np.full((28, 28), 200, np.uint8), ["a"], "hit")]])
+    with Image.open(save_png(grid, tmp_path / "grid.png")) as back:
+        assert np.array_equal(np.asarray(back.convert("RGB")), np.asarray(grid))
+    figure = Figure(figsize=(2, 1), dpi=50)
+    with Image.open(save_png(figure, tmp_path / "figure.png")) as back:
+        assert back.size == (100, 50)  # the figure's own dpi
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "grid.png"]  # no temps
