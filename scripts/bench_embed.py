@@ -30,14 +30,8 @@ import numpy as np
 import torch
 
 from cbmir.data import NpzDataModule
-from cbmir.embedding import (
-    AUTOCAST_DTYPES,
-    EmbeddingStoreWriter,
-    FrozenEmbedder,
-    PlannedEntry,
-    autocast_for,
-)
-from cbmir.extractors import create
+from cbmir.embedding import EmbeddingStoreWriter, FrozenEmbedder, PlannedEntry, embed_items
+from cbmir.extractors.timm_extractor import TimmExtractor
 from cbmir.store import EmbeddingStore, make_key
 
 
@@ -61,7 +55,7 @@ def bare_forward(embedder: FrozenEmbedder, images: torch.Tensor, args) -> float:
         )
         for i in range(0, len(images), args.batch)
     ]
-    autocast = autocast_for(args.precision, device.type)
+    autocast = trainer_precision(args)
     synchronize()
     started = time.perf_counter()
     with torch.inference_mode(), autocast:
@@ -78,13 +72,19 @@ def input_costs(embedder: FrozenEmbedder, datamodule, args) -> tuple[float, floa
     started = time.perf_counter()
     batches = sum(1 for _ in datamodule.predict_dataloader())
     loader = (time.perf_counter() - started) / batches
-    autocast = autocast_for(args.precision, device.type)
+    autocast = trainer_precision(args)
     started = time.perf_counter()
     with torch.inference_mode(), autocast:
         for batch in datamodule.predict_dataloader():
             embedder.extractor.preprocess(batch["image"].to(device, non_blocking=True))
     synchronize()
     return loader, (time.perf_counter() - started) / batches
+
+
+def trainer_precision(args):
+    """The Trainer's own precision context (its autocast) for the bare side: no imitation."""
+    trainer = L.Trainer(accelerator=args.device, devices=1, precision=args.precision, logger=False)
+    return trainer.precision_plugin.forward_context()
 
 
 def synchronize() -> None:
@@ -115,7 +115,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="32-true", choices=["32-true", *AUTOCAST_DTYPES])
+    parser.add_argument(
+        "--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"]
+    )
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -133,7 +135,7 @@ def main() -> None:
         datamodule.prepare_data()
         datamodule.setup("predict")
         embedder = FrozenEmbedder(
-            create("timm", model_name=args.model, pretrained=False),
+            TimmExtractor(model_name=args.model, pretrained=False),
             channels_last=args.channels_last,
         )
         images = torch.from_numpy(np.ascontiguousarray(datamodule.images("train"))).permute(
@@ -172,12 +174,8 @@ def main() -> None:
             f"{args.batch / np.median(bare_rates) * 1e3:.1f} ms (median)"
         )
         print(f"load average at end {os.getloadavg()}")
-        # the store holds what the model computes: rows equal a direct forward of the same images
-        autocast = autocast_for(args.precision, torch.device(args.device).type)
-        with torch.inference_mode(), autocast:
-            direct = (
-                embedder.embed_images(images[: args.batch].to(args.device)).float().cpu().numpy()
-            )
+        # the store holds what the model computes: rows equal a direct embedding of the same images
+        direct = embed_items(embedder, images[: args.batch], args.precision, args.device)
         gap = float(np.abs(store.load(key).embeddings[: args.batch] - direct).max())
         scale = float(np.abs(direct).max())
         print(f"stored rows vs a direct forward: max |diff| {gap:.2e} (max |value| {scale:.2e})")

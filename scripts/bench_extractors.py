@@ -5,9 +5,9 @@
     python scripts/bench_extractors.py --device cuda --precision bf16 --batch-size 64
 
 Each model: build from its Hydra config, one warm-up batch, then `--batches` timed batches of
-uint8 [B, 3, 224, 224] images through `extractor(images)` (its own preprocessing included, as
-in the pipeline). Models over `--big-params` million parameters run `--big-batches` batches
-(ViT-g/14 is ~1B parameters: slow on CPU). Peak memory is the process's maximum RSS so far
+uint8 [B, 3, 224, 224] images through `Trainer.predict` of a `FrozenEmbedder` (its own
+preprocessing included), as the pipeline embeds. Models over `--big-params` million parameters
+run `--big-batches` batches (ViT-g/14 is ~1B parameters: slow on CPU). Peak memory is the process's maximum RSS so far
 (CPU; each model runs in its own process) or the peak CUDA allocation (GPU).
 """
 
@@ -21,7 +21,6 @@ import resource
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -47,6 +46,8 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     from hydra.utils import instantiate
     from tests.helpers import compose_config
 
+    from cbmir.embedding import FrozenEmbedder, embed_items
+
     overrides = [f"model={name}", "model.pretrained=false"]
     if name in ("resnet50", "vgg19", "densenet121", "efficientnetv2_m"):
         overrides.append("model.input_size=224")  # the CNNs otherwise keep the image's size
@@ -63,20 +64,14 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     batches = args.big_batches if big else args.batches
     bs = args.batch_size
     images = torch.randint(0, 256, (bs, 3, args.size, args.size), dtype=torch.uint8, device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    precision = {"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(args.precision, "32-true")
+    embedder = FrozenEmbedder(extractor, precision=precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode(), autocast:
-        out = extractor(images)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            out = extractor(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+    out = embed_items(embedder, images, precision, device, bs)  # warm-up (as `cbmir` embeds)
+    t0 = time.perf_counter()
+    embed_items(embedder, images.repeat(batches, 1, 1, 1), precision, device, bs)
+    seconds = time.perf_counter() - t0
     if device.type == "cuda":
         peak_gb = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -91,7 +86,7 @@ def bench(name: str, args: argparse.Namespace) -> dict:
         "ips": batches * bs / seconds,
         "peak_gb": peak_gb,
     }
-    del extractor, out, images
+    del extractor, embedder, out, images
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

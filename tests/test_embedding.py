@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
 from cbmir.embedding import FrozenEmbedder, is_conv_net, numeric_precision
 from cbmir.errors import ConfigError
-from cbmir.extractors import create
+from cbmir.extractors.pixels import PixelExtractor
+from cbmir.extractors.timm_extractor import TimmExtractor
 from cbmir.store import make_key
 
 DATA = {"dataset": "breastmnist", "size": 28, "split": "train", "sha256": "0" * 64}
@@ -16,7 +20,7 @@ DATA = {"dataset": "breastmnist", "size": 28, "split": "train", "sha256": "0" * 
 @pytest.fixture(scope="module")
 def cnn():
     torch.manual_seed(0)
-    return create("timm", model_name="resnet18", pretrained=False)
+    return TimmExtractor(model_name="resnet18", pretrained=False)
 
 
 @pytest.mark.parametrize("name", ["32-true", "32", 32])
@@ -48,8 +52,8 @@ def test_channels_last_is_speed_only_same_key_same_embeddings(cnn) -> None:
 
 
 def test_channels_last_auto_is_on_for_conv_nets_only(cnn) -> None:
-    vit = create("timm", model_name="vit_tiny_patch16_224", pretrained=False)
-    pixels = create("pixels")
+    vit = TimmExtractor(model_name="vit_tiny_patch16_224", pretrained=False)
+    pixels = PixelExtractor()
     assert is_conv_net(cnn) and not is_conv_net(vit) and not is_conv_net(pixels)
     assert FrozenEmbedder(cnn, channels_last="auto").channels_last is True
     assert FrozenEmbedder(vit, channels_last="auto").channels_last is False
@@ -57,3 +61,27 @@ def test_channels_last_auto_is_on_for_conv_nets_only(cnn) -> None:
     assert FrozenEmbedder(vit, channels_last=True).channels_last is True
     with pytest.raises(ConfigError, match="true, false or auto"):
         FrozenEmbedder(cnn, channels_last="sometimes")
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "64-true"])
+def test_query_embeddings_are_the_runs_bit_for_bit_under_its_precision(
+    cnn, precision, tmp_path
+) -> None:
+    """The query tool embeds through `Trainer.predict` as the run did: Lightning's CPU fallback
+    of 16-mixed to bf16 and its float64 model, not a hand-made autocast (fp16 / float32)."""
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+
+    from cbmir.query.engine import embed_queries
+    from tests.helpers import compose_config
+
+    overrides = [f"paths.output_dir={tmp_path}", f"trainer.precision={precision}"]
+    cfg = compose_config(["trainer=cpu", *overrides])
+    images = list(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8))
+    embedder = FrozenEmbedder(copy.deepcopy(cnn), precision=precision)  # 64-true casts it
+    query = embed_queries(embedder, images, cfg, device="cpu", batch_size=4)  # first: 64-true
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)  # casts it
+    batches = trainer.predict(embedder, DataLoader([{"image": i} for i in images], batch_size=4))
+    run = torch.cat(batches).numpy()
+    assert query.dtype == run.dtype == np.float32 and query.shape == (6, 512)
+    np.testing.assert_array_equal(query, run)

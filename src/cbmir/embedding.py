@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,17 +100,6 @@ def resolve_channels_last(setting: bool | str, extractor: torch.nn.Module) -> bo
     return is_conv_net(extractor) if setting == "auto" else bool(setting)
 
 
-#: Lightning precision -> the autocast dtype its predict loop runs the model under
-AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
-def autocast_for(precision: str | int, device_type: str) -> contextlib.AbstractContextManager:
-    """The autocast that Lightning's `precision` means, for code that embeds outside a Trainer
-    (query embedding, benchmarks); a null context for float32 / float64."""
-    dtype = AUTOCAST_DTYPES.get(numeric_precision(precision) or "32-true")
-    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
 def numeric_precision(precision: str | int) -> str | None:
     """Lightning's `precision` as it bears on the embeddings: None for float32 ("32-true",
     "32", 32), otherwise its canonical name ("bf16-mixed", "16-mixed", "64-true", ...)."""
@@ -117,6 +108,50 @@ def numeric_precision(precision: str | int) -> str | None:
         name, name
     )
     return None if name == "32-true" else name
+
+
+@contextlib.contextmanager
+def _quiet_trainer_start() -> Iterator[None]:
+    """Hide the Trainer's start-up banner (devices, tips): a helper call is not a run."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def embed_items(
+    embedder: FrozenEmbedder,
+    images: Sequence[torch.Tensor],
+    precision: str | int = "32-true",
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+) -> np.ndarray:
+    """uint8 items (one shape) -> float32 [N, D], through `Trainer.predict` as a run embeds.
+
+    The one embedding path beside the pipeline's (query embedding, benchmarks): the same
+    `predict_step` under the Trainer's own precision plugin and inference mode, so a query is
+    embedded exactly as the database was (Lightning's CPU fallback of 16-mixed to bf16
+    included), never by a hand-made imitation of it.
+    """
+    device = torch.device(device)
+    devices = [device.index or 0] if device.type == "cuda" else 1
+    items = [{"image": torch.as_tensor(image)} for image in images]  # as DataModules yield
+    loader = torch.utils.data.DataLoader(items, batch_size=batch_size)
+    with _quiet_trainer_start():
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=devices,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        batches = trainer.predict(embedder, loader, return_predictions=True)
+    return torch.cat([batch.cpu() for batch in batches]).numpy()
 
 
 @dataclass

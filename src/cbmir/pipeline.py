@@ -22,6 +22,7 @@ from cbmir.embedding import (
     parse_channels_last,
 )
 from cbmir.extractors import weights_file
+from cbmir.figures.gallery import DEFAULT_N_QUERIES, write_gallery
 from cbmir.io_utils import write_json, write_text
 from cbmir.resume import find_finished, hold_job_dir, job_record
 from cbmir.retrieval.callback import RetrievalCallback
@@ -29,7 +30,6 @@ from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.runner import build_loggers, finish_loggers
 from cbmir.store import EmbeddingStore
 from cbmir.validation import check_data, validate_job
-from cbmir.viz.gallery import write_gallery
 from cbmir.volumes import split_model_config
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,15 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
             trainer.predict(embedder, datamodule=datamodule, return_predictions=False)
         else:
             retrieval.evaluate(trainer)
-        write_gallery(cfg, datamodule, output_dir, loggers)  # example queries: PNG (+ W&B)
+        write_gallery(  # example queries: PNG (+ W&B)
+            datamodule,
+            output_dir,
+            OmegaConf.select(cfg, "gallery.n_queries", default=DEFAULT_N_QUERIES),
+            seed=cfg.get("seed", 0),
+            run_name=cfg.get("run_name", ""),
+            distance=cfg.retrieval.distance,
+            loggers=loggers,
+        )
         status = "success"
     finally:
         finish_loggers(loggers, status)

@@ -15,13 +15,16 @@ from tests.hub_cache import add_file, safetensors_bytes, torch_bytes
 from tests.swin_names import hf_swin_names
 from tests.tiny_models import TINY_CONCH, TINY_OPEN_CLIP
 
-from cbmir.extractors import create
 from cbmir.extractors.checkpoint import (
     CheckpointError,
     UntrustedCheckpointError,
     read_state_dict,
     strip_prefix,
 )
+from cbmir.extractors.conch import ConchExtractor
+from cbmir.extractors.medclip import MedClipExtractor
+from cbmir.extractors.open_clip_extractor import OpenClipExtractor
+from cbmir.extractors.timm_extractor import TimmExtractor
 
 IMAGES = torch.randint(
     0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
@@ -29,8 +32,7 @@ IMAGES = torch.randint(
 
 
 def _timm(**kw):
-    return create(
-        "timm",
+    return TimmExtractor(
         model_name="vit_tiny_patch16_224",
         pool="cls",
         input_size=32,
@@ -41,11 +43,11 @@ def _timm(**kw):
 
 
 def _open_clip(config_path, **kw):
-    return create("open_clip", model_name="tiny-clip", model_config=str(config_path), **kw).freeze()
+    return OpenClipExtractor(model_name="tiny-clip", model_config=str(config_path), **kw).freeze()
 
 
 def _conch(**kw):
-    return create("conch", architecture=TINY_CONCH, input_size=32, **kw).freeze()
+    return ConchExtractor(architecture=TINY_CONCH, input_size=32, **kw).freeze()
 
 
 @pytest.fixture
@@ -158,20 +160,20 @@ def test_conch_checkpoint_round_trip_skips_text_and_caption_pooler(tmp_path) -> 
 def test_medclip_loads_hugging_face_swin_names(tmp_path) -> None:
     """MedCLIP's file uses transformers' Swin names; they map onto the timm network."""
     torch.manual_seed(6)
-    source = create("medclip", pretrained=False).freeze()
+    source = MedClipExtractor(pretrained=False).freeze()
     hf = hf_swin_names(source.vision_model.model.state_dict())
     state = {f"vision_model.model.{k}": v for k, v in hf.items()}
     state["vision_model.projection_head.weight"] = source.vision_model.projection_head.weight
     state["text_model.projection_head.weight"] = torch.zeros(512, 768)
     state["logit_scale"] = torch.tensor(3.0)
     path = _save(state, tmp_path / "pytorch_model.bin", "state_dict")
-    loaded = create("medclip", checkpoint=str(path)).freeze()
+    loaded = MedClipExtractor(checkpoint=str(path)).freeze()
     torch.testing.assert_close(_embed(loaded), _embed(source), rtol=0, atol=0)
 
 
 def test_mismatched_keys_list_what_did_not_fit(tmp_path) -> None:
     torch.manual_seed(7)
-    other = create("timm", model_name="resnet18", pretrained=False)
+    other = TimmExtractor(model_name="resnet18", pretrained=False)
     path = _save(other.model.state_dict(), tmp_path / "resnet.pt", "state_dict")
     with pytest.raises(CheckpointError) as info:
         _timm(checkpoint=str(path))
@@ -224,7 +226,7 @@ def _hub_identity(link) -> dict:
 
 def test_timm_tag_weights_load_through_timm(hub_cache) -> None:
     torch.manual_seed(8)
-    source = create("timm", model_name="resnet18", pretrained=False, pool="avg")
+    source = TimmExtractor(model_name="resnet18", pretrained=False, pool="avg")
     state = dict(source.model.state_dict())
     state["fc.weight"], state["fc.bias"] = (
         torch.zeros(1000, 512),
@@ -233,7 +235,7 @@ def test_timm_tag_weights_load_through_timm(hub_cache) -> None:
     link = add_file(
         hub_cache, "timm/resnet18.tv_in1k", "model.safetensors", safetensors_bytes(state)
     )
-    loaded = create("timm", model_name="resnet18.tv_in1k", pretrained=True, pool="avg").freeze()
+    loaded = TimmExtractor(model_name="resnet18.tv_in1k", pretrained=True, pool="avg").freeze()
     assert loaded.identity()["weights"] == {"timm_tag": "resnet18.tv_in1k", **_hub_identity(link)}
     torch.testing.assert_close(_embed(loaded), _embed(source.freeze()), rtol=0, atol=0)
 
@@ -250,8 +252,8 @@ def test_gated_hub_repo_weights_load_into_the_offline_architecture(hub_cache, tm
 
 def test_open_clip_tag_weights_read_only_the_image_tower(hub_cache) -> None:
     torch.manual_seed(10)
-    source = create(
-        "open_clip", model_name="ViT-B-32", weights="laion2b_s34b_b79k", pretrained=False
+    source = OpenClipExtractor(
+        model_name="ViT-B-32", weights="laion2b_s34b_b79k", pretrained=False
     ).freeze()
     state = {f"visual.{k}": v for k, v in source.model.visual.state_dict().items()}
     state["token_embedding.weight"] = torch.zeros(10, 512)
@@ -261,7 +263,7 @@ def test_open_clip_tag_weights_read_only_the_image_tower(hub_cache) -> None:
         "open_clip_model.safetensors",
         safetensors_bytes(state),
     )
-    loaded = create("open_clip", model_name="ViT-B-32", weights="laion2b_s34b_b79k").freeze()
+    loaded = OpenClipExtractor(model_name="ViT-B-32", weights="laion2b_s34b_b79k").freeze()
     assert loaded.identity()["weights"] == {
         "open_clip_tag": "laion2b_s34b_b79k",
         **_hub_identity(link),

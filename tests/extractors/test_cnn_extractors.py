@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from tests.helpers import compose_config
 
 from cbmir.errors import CbmirError
-from cbmir.extractors import create, families
 from cbmir.extractors.pixels import PixelExtractor
+from cbmir.extractors.timm_extractor import TimmExtractor
 
 
 def model_config(overrides: list[str]) -> dict:
@@ -38,7 +38,7 @@ def test_paper_cnn_dimension(model: str, dim: int) -> None:
 
 
 def test_small_images_are_upsampled_to_min_size_and_large_kept() -> None:
-    extractor = create("timm", model_name="resnet18.tv_in1k", pretrained=False)
+    extractor = TimmExtractor(model_name="resnet18.tv_in1k", pretrained=False)
     assert extractor.preprocess(torch.zeros(1, 1, 28, 28, dtype=torch.uint8)).shape == (
         1,
         3,
@@ -46,12 +46,12 @@ def test_small_images_are_upsampled_to_min_size_and_large_kept() -> None:
         32,
     )
     assert extractor.preprocess(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape[-1] == 64
-    fixed = create("timm", model_name="resnet18.tv_in1k", pretrained=False, input_size=224)
+    fixed = TimmExtractor(model_name="resnet18.tv_in1k", pretrained=False, input_size=224)
     assert fixed.preprocess(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape[-1] == 224
 
 
 def test_normalisation_uses_the_models_own_statistics() -> None:
-    extractor = create("timm", model_name="resnet18.tv_in1k", pretrained=False)
+    extractor = TimmExtractor(model_name="resnet18.tv_in1k", pretrained=False)
     white = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
     x = extractor.preprocess(white)
     mean = torch.tensor(extractor.model.pretrained_cfg["mean"])
@@ -61,7 +61,7 @@ def test_normalisation_uses_the_models_own_statistics() -> None:
 
 def test_vgg_avg_pool_is_the_conv_map_not_fc7() -> None:
     """timm's VGG head gives 4096-d fc7 features; the paper's Keras VGG19 pooled conv5."""
-    extractor = create("timm", model_name="vgg19.tv_in1k", pretrained=False).freeze()
+    extractor = TimmExtractor(model_name="vgg19.tv_in1k", pretrained=False).freeze()
     x = extractor.preprocess(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
     with torch.no_grad():
         expected = extractor.model.forward_features(x).mean(dim=(2, 3))
@@ -71,25 +71,26 @@ def test_vgg_avg_pool_is_the_conv_map_not_fc7() -> None:
 
 
 def test_identity_changes_with_weights_and_preprocessing() -> None:
-    a = create("timm", model_name="resnet18.tv_in1k", pretrained=False)
-    b = create("timm", model_name="resnet18.a1_in1k", pretrained=False)
-    c = create("timm", model_name="resnet18.tv_in1k", pretrained=False, input_size=224)
+    a = TimmExtractor(model_name="resnet18.tv_in1k", pretrained=False)
+    b = TimmExtractor(model_name="resnet18.a1_in1k", pretrained=False)
+    c = TimmExtractor(model_name="resnet18.tv_in1k", pretrained=False, input_size=224)
     assert a.identity() != b.identity()
     assert a.identity() != c.identity()
-    assert (
-        a.identity() == create("timm", model_name="resnet18.tv_in1k", pretrained=False).identity()
-    )
+    assert a.identity() == TimmExtractor(model_name="resnet18.tv_in1k", pretrained=False).identity()
 
 
 def test_unknown_timm_model_is_a_clear_error() -> None:
     with pytest.raises(CbmirError, match="timm has no model"):
-        create("timm", model_name="resnet5000", pretrained=False)
+        TimmExtractor(model_name="resnet5000", pretrained=False)
 
 
-def test_unknown_family_lists_choices() -> None:
-    with pytest.raises(CbmirError, match="valid: .*pixels"):
-        create("nonsense")
-    assert {"pixels", "timm"} <= set(families())
+def test_unknown_model_config_lists_choices() -> None:
+    """Extractors are picked by model config (`model=...`): a wrong name lists the choices."""
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="model/nonsense") as info:
+        compose_config(["model=nonsense"])
+    assert {"pixels", "timm", "resnet18"} <= set(info.value.options or ())
 
 
 def test_pixels_flatten_scaled_without_resizing() -> None:

@@ -14,8 +14,11 @@ from omegaconf import OmegaConf
 from tests.helpers import compose_config
 
 from cbmir.errors import CbmirError
-from cbmir.extractors import create, families, hub
+from cbmir.extractors import hub
+from cbmir.extractors.conch import ConchExtractor
+from cbmir.extractors.medclip import MedClipExtractor
 from cbmir.extractors.preprocessing import model_resize, pil_luma
+from cbmir.extractors.timm_extractor import TimmExtractor
 
 
 def model_config(overrides: list[str]) -> dict:
@@ -89,14 +92,23 @@ def test_big_config_builds_offline_with_documented_dimension(
     _check(model, *spec)
 
 
-def test_registered_families() -> None:
-    assert {"timm", "open_clip", "conch", "medclip", "pixels"} <= set(families())
+def test_every_extractor_class_has_a_model_config() -> None:
+    """The model configs are the catalogue: each extractor class is some config's target."""
+    from omegaconf import OmegaConf
+
+    from cbmir.config import config_dir
+
+    targets = {
+        OmegaConf.load(path).get("_target_", "").rsplit(".", 1)[-1]
+        for path in (config_dir() / "model").glob("*.yaml")
+    }
+    expected = {"TimmExtractor", "OpenClipExtractor", "ConchExtractor", "MedClipExtractor"}
+    assert expected | {"PixelExtractor"} <= targets
 
 
 def test_virchow2_skips_register_tokens() -> None:
     """cls+mean averages the patch tokens only: output[:, 1 + 4 registers:]."""
-    e = create(
-        "timm",
+    e = TimmExtractor(
         model_name="vit_tiny_patch16_224",
         pretrained=False,
         pool="cls+mean",
@@ -114,8 +126,7 @@ def test_virchow2_skips_register_tokens() -> None:
 
 
 def test_layer_kwargs_given_as_dotted_names_build_swiglu() -> None:
-    e = create(
-        "timm",
+    e = TimmExtractor(
         model_name="vit_tiny_patch16_224",
         pretrained=False,
         pool="cls",
@@ -132,8 +143,7 @@ def test_layer_kwargs_given_as_dotted_names_build_swiglu() -> None:
 
 
 def test_extractors_run_under_autocast() -> None:
-    e = create(
-        "timm",
+    e = TimmExtractor(
         model_name="vit_tiny_patch16_224",
         pretrained=False,
         pool="cls",
@@ -238,10 +248,10 @@ def test_conch_package_backend_missing_is_a_clear_error(monkeypatch) -> None:
 
     monkeypatch.setattr(builtins, "__import__", no_conch)
     with pytest.raises(CbmirError, match=r"pip install conch-fork[\s\S]*HF_TOKEN"):
-        create("conch", pretrained=False, backend="conch")
+        ConchExtractor(pretrained=False, backend="conch")
 
 
 def test_medclip_weights_offline_is_a_clear_error(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CbmirError, match="model.checkpoint=/path/to/pytorch_model.bin"):
-        create("medclip", pretrained=True, cache_dir=str(tmp_path))
+        MedClipExtractor(pretrained=True, cache_dir=str(tmp_path))

@@ -21,9 +21,10 @@ import torch
 from tests.helpers import run_cbmir
 from tests.hub_cache import add_file, safetensors_bytes, torch_bytes
 
-from cbmir.extractors import create, weights_file
+from cbmir.extractors import weights_file
 from cbmir.extractors.checkpoint import CheckpointError, UnreadableWeightsError
 from cbmir.extractors.hub import HubError
+from cbmir.extractors.timm_extractor import TimmExtractor
 
 RESNET_REPO = "timm/resnet18.tv_in1k"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -150,7 +151,7 @@ def test_truncated_cached_timm_weights_name_the_file_and_how_to_remove_it(hub_ca
     data = safetensors_bytes(resnet18_state(0))
     link = add_file(hub_cache, RESNET_REPO, "model.safetensors", data[: len(data) // 2])
     with pytest.raises(UnreadableWeightsError) as info:
-        create("timm", model_name="resnet18.tv_in1k")
+        TimmExtractor(model_name="resnet18.tv_in1k")
     _assert_cache_error(str(info.value), link)
     assert str(link.resolve()) in str(info.value)  # the blob too
 
@@ -160,7 +161,7 @@ def test_cached_weights_of_another_architecture_name_the_file(hub_cache) -> None
     other = timm.create_model("resnet10t", pretrained=False).state_dict()
     link = add_file(hub_cache, RESNET_REPO, "model.safetensors", safetensors_bytes(other))
     with pytest.raises(CheckpointError) as info:
-        create("timm", model_name="resnet18.tv_in1k")
+        TimmExtractor(model_name="resnet18.tv_in1k")
     _assert_cache_error(str(info.value), link)
 
 
@@ -169,7 +170,7 @@ def test_truncated_cached_hub_repo_weights_name_the_file(hub_cache, tmp_path) ->
     data = torch_bytes(timm.create_model("resnet10t").state_dict(), tmp_path / "w.bin")
     link = add_file(hub_cache, "SomeLab/model", "pytorch_model.bin", data[:1000])
     with pytest.raises(UnreadableWeightsError) as info:
-        create("timm", model_name="resnet10t", hf_hub_id="SomeLab/model")
+        TimmExtractor(model_name="resnet10t", hf_hub_id="SomeLab/model")
     _assert_cache_error(str(info.value), link)
 
 
@@ -184,4 +185,4 @@ def test_broken_cache_through_the_cli_is_one_message_without_traceback(hub_cache
 
 def test_missing_cached_file_is_a_hub_error(hub_cache) -> None:
     with pytest.raises(HubError, match=r"HF_HUB_OFFLINE is set and none of model.safetensors"):
-        create("timm", model_name="resnet18.tv_in1k")
+        TimmExtractor(model_name="resnet18.tv_in1k")

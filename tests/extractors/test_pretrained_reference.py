@@ -268,9 +268,9 @@ def test_medclip_cached_download_is_loaded_and_keyed_by_its_file(hub_cache, tmp_
     from cbmir.extractors.checkpoint import UnreadableWeightsError
 
     torch.manual_seed(5)
-    from cbmir.extractors import create
+    from cbmir.extractors.medclip import MedClipExtractor
 
-    source = create("medclip", pretrained=False).freeze()
+    source = MedClipExtractor(pretrained=False).freeze()
     state = {
         f"vision_model.model.{k}": v
         for k, v in hf_swin_names(source.vision_model.model.state_dict()).items()
@@ -288,7 +288,7 @@ def test_medclip_cached_download_is_loaded_and_keyed_by_its_file(hub_cache, tmp_
     assert weights["size"] == target.stat().st_size and len(weights["sha256"]) == 64
     target.write_bytes(target.read_bytes()[:2000])  # a truncated download
     with pytest.raises(UnreadableWeightsError, match=f"rm {target}"):
-        create("medclip")
+        MedClipExtractor()
 
 
 def test_medclip_matches_transformers_swin(hub_cache, tmp_path) -> None:
@@ -315,8 +315,8 @@ def test_medclip_matches_transformers_swin(hub_cache, tmp_path) -> None:
 
 # -- timm: weights published at a URL only (torch hub's cache) -------------------------------
 def test_timm_url_only_tag_matches_timm_loading_and_keys_by_the_file(hub_cache, tmp_path) -> None:
-    from cbmir.extractors import create
     from cbmir.extractors.checkpoint import UnreadableWeightsError
+    from cbmir.extractors.timm_extractor import TimmExtractor
 
     tag = "gcvit_xxtiny.in1k"
     url = timm.models.get_pretrained_cfg(tag).url
@@ -326,7 +326,7 @@ def test_timm_url_only_tag_matches_timm_loading_and_keys_by_the_file(hub_cache, 
     cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]  # TORCH_HOME
     cached.parent.mkdir(parents=True)
     cached.write_bytes(torch_bytes(state, tmp_path / "w"))
-    extractor = create("timm", model_name=tag, pool="avg")
+    extractor = TimmExtractor(model_name=tag, pool="avg")
     batch = images(8, 224)  # gcvit's windows need 224 px
     reference_model = timm.create_model(tag, pretrained=True, num_classes=0).eval()
     with torch.no_grad():
@@ -337,4 +337,4 @@ def test_timm_url_only_tag_matches_timm_loading_and_keys_by_the_file(hub_cache, 
     assert weights["size"] == cached.stat().st_size
     cached.write_bytes(cached.read_bytes()[:3000])
     with pytest.raises(UnreadableWeightsError, match=f"rm {cached}"):
-        create("timm", model_name=tag, pool="avg")
+        TimmExtractor(model_name=tag, pool="avg")

@@ -12,8 +12,11 @@ import torch
 from tests.tiny_models import TINY_CONCH, open_clip_with_layer_scale
 
 from cbmir.errors import ConfigError
-from cbmir.extractors import create
+from cbmir.extractors.conch import ConchExtractor
+from cbmir.extractors.medclip import MedClipExtractor
+from cbmir.extractors.open_clip_extractor import OpenClipExtractor
 from cbmir.extractors.random_init import INIT_SCHEME, region_sensitivity
+from cbmir.extractors.timm_extractor import TimmExtractor
 from cbmir.store import make_key
 
 #: relative change of the embedding that is more than float32 noise (~1e-7)
@@ -39,12 +42,11 @@ def digits(digits_npz) -> torch.Tensor:
 
 
 def _resnet(**kw):
-    return create("timm", model_name="resnet18", **kw)
+    return TimmExtractor(model_name="resnet18", **kw)
 
 
 def _vit(**kw):  # ViT with layer scale 1e-5 (UNI, Virchow, DINOv2 build theirs like this)
-    return create(
-        "timm",
+    return TimmExtractor(
         model_name="vit_tiny_patch16_224",
         pool="cls",
         input_size=32,
@@ -57,11 +59,11 @@ def _vit(**kw):  # ViT with layer scale 1e-5 (UNI, Virchow, DINOv2 build theirs 
 FAMILIES = {
     "timm-resnet": lambda cfg: _resnet(pretrained=False),
     "timm-vit-layerscale": lambda cfg: _vit(pretrained=False),
-    "open_clip-vit-layerscale": lambda cfg: create(
-        "open_clip", model_name="tiny-clip-ls", model_config=cfg, pretrained=False
+    "open_clip-vit-layerscale": lambda cfg: OpenClipExtractor(
+        model_name="tiny-clip-ls", model_config=cfg, pretrained=False
     ),
-    "conch": lambda cfg: create("conch", architecture=TINY_CONCH, input_size=32, pretrained=False),
-    "medclip": lambda cfg: create("medclip", pretrained=False),
+    "conch": lambda cfg: ConchExtractor(architecture=TINY_CONCH, input_size=32, pretrained=False),
+    "medclip": lambda cfg: MedClipExtractor(pretrained=False),
 }
 
 
@@ -86,8 +88,8 @@ def test_no_residual_branch_or_layer_scale_starts_at_zero(tmp_path) -> None:
     rn_config.write_text(json.dumps({"model_cfg": {"embed_dim": 16, "vision_cfg": vision}}))
     models = {
         "timm resnet18": _resnet(pretrained=False).model,
-        "open_clip ModifiedResNet": create(
-            "open_clip", model_name="tiny-rn", model_config=str(rn_config), pretrained=False
+        "open_clip ModifiedResNet": OpenClipExtractor(
+            model_name="tiny-rn", model_config=str(rn_config), pretrained=False
         ).model,
         "timm ViT, init_values=1e-5": _vit(pretrained=False).model,
     }

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cbmir.data import NpzDataModule
-from cbmir.extractors import create
+from cbmir.extractors.timm_extractor import TimmExtractor
 from cbmir.finetune.checkpoint import load_finetuned
 from cbmir.retrieval import evaluate_retrieval
 
@@ -107,8 +107,7 @@ def test_finetune_cli_writes_a_checkpoint_that_cbmir_evaluates_in_a_sweep(
         assert reported[key] == pytest.approx(expected[key], abs=1e-6), key
 
     # the base model's own checkpoint route loads the same fine-tuned backbone
-    base = create(
-        "timm",
+    base = TimmExtractor(
         model_name="test_resnet",
         pretrained=False,
         input_size=None,

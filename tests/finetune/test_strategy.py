@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cbmir.errors import ConfigError
-from cbmir.extractors import create
 from cbmir.extractors.base import Extractor
+from cbmir.extractors.timm_extractor import TimmExtractor
 from cbmir.finetune.extractor import FineTunedExtractor, ProjectionHead
 from cbmir.finetune.strategy import apply_strategy, last_block_parameters
 
@@ -15,7 +15,7 @@ SHAPE = (1, 32, 32)
 
 
 def _wrap(model_name: str, head: bool = False, **kw) -> FineTunedExtractor:
-    base = create("timm", model_name=model_name, pretrained=False, input_size=None, **kw)
+    base = TimmExtractor(model_name=model_name, pretrained=False, input_size=None, **kw)
     proj = ProjectionHead(base.output_dim(), 8) if head else None
     return FineTunedExtractor(base, proj)
 
@@ -66,7 +66,7 @@ def test_last_block_is_the_last_stage_plus_what_follows(model_name, kwargs, firs
 def test_last_block_skips_parameters_the_embedding_never_reaches() -> None:
     # average pooling of the last feature map bypasses timm's head (ConvNeXt's head.norm here,
     # VGG's 100 M-parameter pre_logits in the paper's VGG19): training those would do nothing
-    base = create("timm", model_name="test_convnext", pretrained=False, pool="avg", input_size=None)
+    base = TimmExtractor(model_name="test_convnext", pretrained=False, pool="avg", input_size=None)
     names = last_block_parameters(base, (3, 32, 32))
     assert names and all(n.startswith("model.stages.3.") for n in names)
 

@@ -1,4 +1,4 @@
-"""Finished benchmark runs for the query/plot/viz tests: the real pipeline, in-process.
+"""Finished benchmark runs for the query and figures tests: the real pipeline, in-process.
 
 `run_benchmark` composes the real config (synthetic data, random weights) and calls
 `cbmir.pipeline.run_retrieval`, so the run directory and store entries are exactly what a user's

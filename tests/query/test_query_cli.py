@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from cbmir.data import catalog
+from cbmir.figures.grid import GridLayout
 from cbmir.query.cli import main
-from cbmir.viz import GridLayout
 from tests.query.conftest import VOLUME_CLASSES
 from tests.query.runs import dir_overrides
 

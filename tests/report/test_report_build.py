@@ -10,9 +10,9 @@ import shutil
 import pandas as pd
 import pytest
 
+from cbmir.figures.report_plots import dataset_figure
 from cbmir.report.build import build_report
 from cbmir.report.collect import collect
-from cbmir.report.figures import dataset_figure
 from cbmir.resume import sha256_file
 
 

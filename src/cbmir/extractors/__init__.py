@@ -1,7 +1,6 @@
-"""Frozen feature extractors behind one interface (`Extractor`) and a registry."""
+"""Frozen feature extractors behind one interface (`Extractor`); the model configs
+(`configs/model/*.yaml`) name each one's class through `_target_`."""
 
-from . import conch, medclip, open_clip_extractor, pixels, timm_extractor  # noqa: F401  (registers the families)
 from .base import Extractor
-from .registry import create, families, get_family, register
 
-__all__ = ["Extractor", "create", "families", "get_family", "register"]
+__all__ = ["Extractor"]

@@ -40,7 +40,6 @@ from .checkpoint import (
 )
 from .preprocessing import ModelTransform
 from .random_init import build_random, random_identity
-from .registry import register
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -102,7 +101,6 @@ class _Tower(nn.Module):
         self.visual = visual
 
 
-@register("conch")
 class ConchExtractor(ModelTransform, Extractor):
     def __init__(
         self,

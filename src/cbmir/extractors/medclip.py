@@ -42,7 +42,6 @@ from .checkpoint import StateDict, hint_on_error, load_into, weights_identity
 from .hub import cache_hint, offline
 from .preprocessing import ModelTransform
 from .random_init import build_random, random_identity
-from .registry import register
 from .weights_file import cache_root, file_identity
 
 IMG_MEAN = (0.5862785803043838,)
@@ -178,7 +177,6 @@ def hf_swin_to_timm(sd: StateDict) -> StateDict:
     return out
 
 
-@register("medclip")
 class MedClipExtractor(ModelTransform, Extractor):
     def __init__(
         self,

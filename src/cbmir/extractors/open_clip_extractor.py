@@ -33,7 +33,6 @@ from .base import Extractor
 from .checkpoint import hint_on_error, load_into, weights_identity
 from .preprocessing import ModelTransform
 from .random_init import build_random, random_identity
-from .registry import register
 from .weights_file import file_identity
 
 HF_PREFIX = "hf-hub:"
@@ -62,7 +61,6 @@ class ImageTower(nn.Module):
         return self.visual(x)
 
 
-@register("open_clip")
 class OpenClipExtractor(ModelTransform, Extractor):
     """open_clip image features: `encode_image(x)`, L2-normalised when `normalize`."""
 

@@ -7,10 +7,8 @@ from typing import Any
 import torch
 
 from .base import Extractor
-from .registry import register
 
 
-@register("pixels")
 class PixelExtractor(Extractor):
     """Flattened pixels scaled to [0, 1], no resizing and no normalisation.
 

@@ -36,7 +36,6 @@ from .checkpoint import (
 )
 from .preprocessing import ModelTransform
 from .random_init import build_random, random_identity
-from .registry import register
 from .weights_file import file_identity
 
 POOLS = ("avg", "head", "cls", "cls+mean")
@@ -52,7 +51,6 @@ CALLABLE_KWARGS = (
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-@register("timm")
 class TimmExtractor(ModelTransform, Extractor):
     """`model_name` is a timm name with its weight tag (e.g. `resnet50.tv_in1k`).
 

@@ -1,1 +1,1 @@
-"""Pictures: query galleries, neighbour grids, embedding maps, report charts."""
+"""Pictures: retrieval grids, run galleries, embedding maps, report bar charts, `cbmir-plot`."""

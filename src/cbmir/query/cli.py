@@ -116,8 +116,7 @@ def _say(console: Console, text: str, style: str = "") -> None:
 
 def _table(item, indices, distances, database_labels, names, multilabel: bool) -> Table:
     """rank, database row, label name, distance (and hit, when the query's label is known)."""
-    from cbmir.viz import label_text
-    from cbmir.viz.labels import relevance
+    from cbmir.figures.labels import label_text, relevance
 
     known = item.label is not None
     label = label_text(item.label, names, multilabel) if known else "unknown"
@@ -145,15 +144,12 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     db = open_database(args.run, args.store_entry, overrides)  # config + data: cheap checks first
 
+    from cbmir.figures.grid import GridLayout
+    from cbmir.figures.images import display_image
+    from cbmir.figures.neighbours import QueryResult, neighbour_grid
+    from cbmir.figures.png import save_png
     from cbmir.query.engine import check_reproduces, embed_queries, search
     from cbmir.query.inputs import QueryItem, load_query
-    from cbmir.viz import (
-        GridLayout,
-        QueryResult,
-        display_image,
-        neighbour_grid,
-        save_png,
-    )
 
     dm = db.datamodule
     items: list[QueryItem] = [load_query(f, db.spec, args.strict) for f in files]

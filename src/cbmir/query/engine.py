@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Sequence
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cbmir.embedding import AUTOCAST_DTYPES, FrozenEmbedder, autocast_for, numeric_precision
+from cbmir.embedding import FrozenEmbedder, embed_items, numeric_precision
 from cbmir.errors import ConfigError, EmbeddingError
 
 
@@ -22,17 +21,6 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _precision(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
-    # the run's embeddings were computed under this autocast: the queries must be too
-    if numeric_precision(precision) not in (None, "64-true", *AUTOCAST_DTYPES):
-        warnings.warn(
-            f"the run used trainer.precision={precision}; queries are embedded in float32",
-            stacklevel=2,
-        )
-    return autocast_for(precision, device.type)
-
-
 def embed_queries(
     embedder: FrozenEmbedder,
     images: Sequence[torch.Tensor],
@@ -42,18 +30,11 @@ def embed_queries(
 ) -> np.ndarray:
     """uint8 items (all of the database's item shape) -> float32 [Q, D] embeddings.
 
-    The benchmark's own module (`FrozenEmbedder`: preprocessing, volume slicing) under the
-    run's precision, as in its predict run.
+    The benchmark's own module (`FrozenEmbedder`: preprocessing, volume slicing) through
+    `Trainer.predict` under the run's precision, as in its predict run (`embed_items`).
     """
-    dev = pick_device(device)
-    embedder.to(dev)
-    embedder.on_predict_start()  # frozen, eval, memory format: as in trainer.predict
-    out = []
-    with torch.inference_mode(), _precision(cfg, dev):
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack(list(images[start : start + batch_size])).to(dev)
-            out.append(embedder.embed_images(batch).float().cpu())
-    embeddings = torch.cat(out).numpy()
+    precision = OmegaConf.select(cfg, "trainer.precision", default="32-true")
+    embeddings = embed_items(embedder, images, precision, pick_device(device), batch_size)
     if not np.isfinite(embeddings).all():
         raise EmbeddingError("a query embedding holds NaN or Inf; no neighbours computed")
     return embeddings
@@ -80,8 +61,8 @@ def check_reproduces(
     stored = np.asarray(stored, dtype=np.float64)
     error = float(np.linalg.norm(fresh - stored) / max(np.linalg.norm(stored), 1e-12))
     precision = OmegaConf.select(cfg, "trainer.precision", default="32-true")
-    mixed = numeric_precision(precision) in AUTOCAST_DTYPES
-    limit = TOLERANCE["mixed" if mixed else "exact"]
+    exact = numeric_precision(precision) in (None, "64-true")
+    limit = TOLERANCE["exact" if exact else "mixed"]
     if not error <= limit:
         raise EmbeddingError(
             f"the rebuilt extractor does not reproduce the stored embeddings: database row 0 "

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cbmir.figures.png import save_png
+from cbmir.figures.report_plots import dataset_figure, metric_column, overview_figure
 from cbmir.io_utils import write_text
 from cbmir.report import tables
 from cbmir.report.collect import collect, finished
-from cbmir.report.figures import dataset_figure, metric_column, overview_figure, save_png
 from cbmir.report.names import METRICS
 from cbmir.report.reference import compare, load_reference, unmeasured
 

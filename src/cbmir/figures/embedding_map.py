@@ -10,7 +10,6 @@ map's input rank like the run's cosine distances. Above 50 dimensions PCA to 50 
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cbmir.errors import ConfigError, DataError
-from cbmir.io_utils import write_bytes, write_npz
+from cbmir.figures.labels import NO_LABEL, names_from_config
+from cbmir.figures.png import save_png
+from cbmir.io_utils import write_npz
 from cbmir.store import EmbeddingStore, StoredEmbeddings
-from cbmir.viz.labels import NO_LABEL, names_from_config
 
 METHODS = ("tsne", "umap")
 PCA_DIMS = 50
@@ -154,14 +154,14 @@ def _project(embeddings: np.ndarray, method: str, distance: str, seed: int) -> n
 
 
 def draw_map(coords: np.ndarray, classes: np.ndarray, order: list[str], title: str):
-    """Scatter coloured by class, legend of label names with counts; returns the figure."""
-    import matplotlib
+    """Scatter coloured by class, legend of label names with counts; returns the figure
+    (matplotlib's object API: no display, no global backend or figure list)."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20" if len(order) <= 20 else "turbo")
-    fig, ax = plt.subplots(figsize=(8.5, 6.5), dpi=150, layout="constrained")
+    cmap = colormaps["tab10" if len(order) <= 10 else "tab20" if len(order) <= 20 else "turbo"]
+    fig = Figure(figsize=(8.5, 6.5), dpi=150, layout="constrained")
+    ax = fig.add_subplot()
     size = max(2.0, min(18.0, 6000.0 / max(len(coords), 1)))
     for i, name in enumerate(order):
         mask = classes == name
@@ -221,15 +221,7 @@ def plot_embeddings(
         target = Path(out)
         if target.suffix.lower() != ".png":
             target = target / f"embeddings_{method}.png"
-    fig = draw_map(coords, classes, order, title)
-    import matplotlib.pyplot as plt
-
-    try:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        write_bytes(target, buffer.getvalue())
-    finally:
-        plt.close(fig)
+    save_png(draw_map(coords, classes, order, title), target)
     write_npz(
         target.with_suffix(".npz"), rows=rows, coords=coords, labels=source.entry.labels[rows]
     )

@@ -8,7 +8,6 @@ a grid is a formula of its layout (`GridLayout.size`), not whatever a plotting l
 from __future__ import annotations
 
 import importlib.util
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-from cbmir.io_utils import write_bytes
 
 #: border colours by role: the query, a relevant neighbour, an irrelevant one, label unknown
 COLOURS = {
@@ -141,10 +138,3 @@ def render_grid(
                     font,
                 )
     return canvas
-
-
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG atomically: a reader never sees half a picture."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return write_bytes(Path(path), buffer.getvalue())

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def embeddings(args: argparse.Namespace, console: Console) -> int:
-    from cbmir.plot.embedding_map import METHODS, plot_embeddings, umap_available
+    from cbmir.figures.embedding_map import METHODS, plot_embeddings, umap_available
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, not {args.threads}")

@@ -7,17 +7,16 @@ black diamonds on their bars.
 
 from __future__ import annotations
 
-import io
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cbmir.io_utils import write_bytes
 from cbmir.report.names import METRICS, model_order
+
+#: resolution of the report's PNGs (`cbmir.figures.png.save_png` writes a figure at its own dpi)
+DPI = 120
 
 
 def metric_column(metric: str) -> tuple[str, str]:
@@ -81,7 +80,9 @@ def dataset_figure(
     col, title = metric_column(metric)
     rows = df[df["dataset"] == dataset]
     ref = None if reference is None else reference[reference["dataset"] == dataset]
-    fig = Figure(figsize=(max(5.0, 0.9 * rows["model"].nunique() + 2), 4), layout="constrained")
+    fig = Figure(
+        figsize=(max(5.0, 0.9 * rows["model"].nunique() + 2), 4), dpi=DPI, layout="constrained"
+    )
     ax = fig.add_subplot()
     _draw(ax, rows, col, ref, legend=True)
     ax.set_title(f"{rows['dataset_paper'].iloc[0]}: {title} (%)")
@@ -98,7 +99,9 @@ def overview_figure(
     ncols = min(len(datasets), 2)
     nrows = math.ceil(len(datasets) / ncols)
     n_models = df["model"].nunique()
-    fig = Figure(figsize=(ncols * max(5.0, 0.9 * n_models + 2), nrows * 3.6), layout="constrained")
+    fig = Figure(
+        figsize=(ncols * max(5.0, 0.9 * n_models + 2), nrows * 3.6), dpi=DPI, layout="constrained"
+    )
     for i, dataset in enumerate(datasets):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         rows = df[df["dataset"] == dataset]
@@ -108,11 +111,3 @@ def overview_figure(
         ax.set_ylabel(f"{title} (%)", fontsize=8)
     fig.suptitle(f"{title} per dataset, extractors x image sizes (95% bootstrap intervals)")
     return fig
-
-
-def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Render on Agg and write atomically (a reader never sees half a PNG)."""
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return write_bytes(path, buffer.getvalue())

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from cbmir.viz.grid import Cell, GridLayout, render_grid
-from cbmir.viz.labels import label_text, relevance
+from cbmir.figures.grid import Cell, GridLayout, render_grid
+from cbmir.figures.labels import label_text, relevance
 
 
 @dataclass

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
-from cbmir.viz.grid import save_png
-from cbmir.viz.images import display_image
-from cbmir.viz.labels import label_text, relevance
-from cbmir.viz.neighbours import QueryResult, neighbour_grid
+from cbmir.figures.images import display_image
+from cbmir.figures.labels import label_text, relevance
+from cbmir.figures.neighbours import QueryResult, neighbour_grid
+from cbmir.figures.png import save_png
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +50,40 @@ def pick_queries(labels: np.ndarray, n: int, seed: int, multilabel: bool) -> np.
 
 
 def write_gallery(
-    cfg: DictConfig, datamodule: Any, output_dir: str | Path, loggers: Sequence[Any] = ()
+    datamodule: Any,
+    output_dir: str | Path,
+    n_queries: int | None = DEFAULT_N_QUERIES,
+    *,
+    seed: int | None = 0,
+    run_name: str = "",
+    distance: str = "?",
+    loggers: Sequence[Any] = (),
 ) -> Path | None:
     """Draw `gallery.png` into the run's output dir and log a W&B table to any WandbLogger.
 
+    Takes only what it draws: the run's DataModule (images, labels, names), its output dir (with
+    `neighbors.npz`), and the seed, name and distance for the query choice and the title.
     A failure here is logged and skipped: the run's metrics are already written, and a picture
     must not turn a finished benchmark job into a failed one.
     """
-    n = int(OmegaConf.select(cfg, "gallery.n_queries", default=DEFAULT_N_QUERIES) or 0)
+    n = int(n_queries or 0)
     if n <= 0:
         return None
     try:
-        return _write_gallery(cfg, datamodule, Path(output_dir), n, loggers)
+        caption = (run_name, distance)
+        return _write_gallery(datamodule, Path(output_dir), n, int(seed or 0), caption, loggers)
     except Exception as exc:  # noqa: BLE001  (reported, never fatal: see docstring)
         log.warning("gallery not written (%s: %s)", type(exc).__name__, exc)
         return None
 
 
 def _write_gallery(
-    cfg: DictConfig, datamodule: Any, output_dir: Path, n: int, loggers: Sequence[Any]
+    datamodule: Any,
+    output_dir: Path,
+    n: int,
+    seed: int,
+    caption: tuple[str, str],
+    loggers: Sequence[Any],
 ) -> Path:
     with np.load(output_dir / "neighbors.npz") as found:
         indices, distances = found["indices"], found["distances"]
@@ -78,7 +92,7 @@ def _write_gallery(
     queries, database = datamodule.dataset(query_split), datamodule.dataset(database_split)
     volume, multilabel = bool(datamodule.is_volume), bool(datamodule.multilabel)
     names = datamodule.label_names
-    rows = pick_queries(query_labels, n, int(cfg.get("seed", 0) or 0), multilabel)
+    rows = pick_queries(query_labels, n, seed, multilabel)
     results = [
         QueryResult(
             name=f"{query_split}[{i}]",
@@ -93,9 +107,9 @@ def _write_gallery(
     def fetch(row: int) -> np.ndarray:
         return display_image(database[row]["image"], volume)
 
-    distance = OmegaConf.select(cfg, "retrieval.distance", default="?")
+    run_name, distance = caption
     title = (
-        f"{cfg.get('run_name', '')}: {len(rows)} {query_split} queries, top {indices.shape[1]} "
+        f"{run_name}: {len(rows)} {query_split} queries, top {indices.shape[1]} "
         f"of {len(database)} {database_split} images by {distance} distance"
     )
     if volume:

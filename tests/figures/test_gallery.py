@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cbmir.viz import GridLayout
-from cbmir.viz.gallery import GALLERY_PNG, pick_queries
+from cbmir.figures.gallery import GALLERY_PNG, pick_queries, write_gallery
+from cbmir.figures.grid import GridLayout
 from tests.query.runs import run_benchmark
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gallery")
+
+
+@pytest.fixture(scope="module")
+def default_run(root: Path) -> Path:
+    """The default job (gallery on), shared by the tests that read its files."""
+    return run_benchmark(root, "default")
 
 
 def test_pick_queries_takes_classes_in_turn_with_the_seed() -> None:
@@ -36,8 +43,8 @@ def test_pick_queries_samples_multilabel_sets_without_repeats() -> None:
     assert rows.max() < 50
 
 
-def test_every_run_writes_a_gallery_of_its_own_neighbours(root: Path) -> None:
-    run = run_benchmark(root, "default")
+def test_every_run_writes_a_gallery_of_its_own_neighbours(default_run: Path) -> None:
+    run = default_run
     with Image.open(run / GALLERY_PNG) as gallery:
         assert gallery.size == GridLayout().size(8, 1 + 5, title=True)
         pixels = np.asarray(gallery.convert("RGB"))
@@ -52,6 +59,20 @@ def test_every_run_writes_a_gallery_of_its_own_neighbours(root: Path) -> None:
         x, y = layout.origin(0, col, title=True)
         expected = (44, 160, 44) if hit else (214, 39, 40)
         assert tuple(pixels[y + 1, x + 1]) == expected
+
+
+def test_write_gallery_takes_the_datamodule_not_the_config(default_run: Path, tmp_path) -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    datamodule = instantiate(OmegaConf.load(default_run / "config_resolved.yaml").data)
+    datamodule.setup("predict")
+    shutil.copy(default_run / "neighbors.npz", tmp_path / "neighbors.npz")
+    assert write_gallery(datamodule, tmp_path, 0) is None and not (tmp_path / GALLERY_PNG).exists()
+    path = write_gallery(datamodule, tmp_path, 3, seed=1, run_name="r", distance="cosine")
+    assert path == tmp_path / GALLERY_PNG
+    with Image.open(path) as gallery:
+        assert gallery.size == GridLayout().size(3, 1 + 5, title=True)
 
 
 def test_n_queries_zero_turns_the_gallery_off(root: Path) -> None:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cbmir.viz import Cell, GridLayout, display_image, label_text, relevance, render_grid
-from cbmir.viz.grid import COLOURS, _fit, _font
-from cbmir.viz.labels import NO_LABEL, names_from_config
-from cbmir.viz.neighbours import QueryResult, neighbour_grid
+from cbmir.figures.grid import COLOURS, Cell, GridLayout, _fit, _font, render_grid
+from cbmir.figures.images import display_image
+from cbmir.figures.labels import NO_LABEL, label_text, names_from_config, relevance
+from cbmir.figures.neighbours import QueryResult, neighbour_grid
 
 
 @pytest.mark.parametrize(("rows", "cols", "title"), [(1, 1, False), (3, 6, True), (8, 11, True)])
@@ -86,3 +86,18 @@ def test_label_names_come_from_medmnist_info_or_the_config() -> None:
     assert names_from_config({"flag": "breastmnist"}) == {0: "malignant", 1: "normal, benign"}
     assert names_from_config({"label_names": ["a", "b"]}) == {0: "a", 1: "b"}
     assert names_from_config({}, np.array([[0], [3]])) == {0: "0", 1: "1", 2: "2", 3: "3"}
+
+
+def test_save_png_writes_grids_and_matplotlib_figures_alike(tmp_path) -> None:
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from cbmir.figures.png import save_png
+
+    grid = render_grid([[Cell(np.full((28, 28), 200, np.uint8), ["a"], "hit")]])
+    with Image.open(save_png(grid, tmp_path / "grid.png")) as back:
+        assert np.array_equal(np.asarray(back.convert("RGB")), np.asarray(grid))
+    figure = Figure(figsize=(2, 1), dpi=50)
+    with Image.open(save_png(figure, tmp_path / "figure.png")) as back:
+        assert back.size == (100, 50)  # the figure's own dpi
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "grid.png"]  # no temps

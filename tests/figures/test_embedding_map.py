@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbmir.plot.cli import main
-from cbmir.plot.embedding_map import MULTIPLE, class_names, subsample, umap_available
-from cbmir.viz.labels import NO_LABEL
+from cbmir.figures.cli import main
+from cbmir.figures.embedding_map import MULTIPLE, class_names, subsample, umap_available
+from cbmir.figures.labels import NO_LABEL
 from tests.query.runs import run_benchmark
 
 
@@ -84,3 +84,15 @@ def test_umap_without_umap_learn_is_a_clear_error(run: Path, capsys) -> None:
 def test_a_directory_that_is_no_run_is_refused(tmp_path, capsys) -> None:
     code, _, err = plot(capsys, "embeddings", tmp_path)
     assert code == 2 and "neither a finished cbmir run" in err
+
+
+def test_cbmir_plot_console_script_points_at_the_figures_cli() -> None:
+    from importlib import import_module
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    target = tomllib.loads(pyproject.read_text())["project"]["scripts"]["cbmir-plot"]
+    module, _, function = target.partition(":")
+    assert getattr(import_module(module), function) is main

@@ -1,1 +1,0 @@
-"""Figures of stored embeddings: `cbmir-plot embeddings RUN_DIR` (see docs/query.md)."""
