@@ -137,6 +137,7 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
         faiss=OmegaConf.to_container(cfg.retrieval.get("faiss", {}), resolve=True),
         embedded_now=missing,
         data_facts=datamodule.data_facts(),
+        metrics=settings.metrics,
     )
     writer = EmbeddingStoreWriter(store, plan)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, retrieval], logger=loggers)

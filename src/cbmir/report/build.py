@@ -39,6 +39,7 @@ class Report:
     done: pd.DataFrame
     comparison: pd.DataFrame | None = None
     size_tables: dict[int | None, str] = field(default_factory=dict)
+    extra_tables: dict[int | None, str] = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
     markdown: str = ""
 
@@ -77,6 +78,10 @@ def build_report(
         report.size_tables[size] = tables.size_table(done, size)
         name = f"size_{size}.md" if size is not None else "other_data.md"
         write_text(out / "tables" / name, report.size_tables[size])
+        extra = tables.extra_table(done, size)
+        if extra:  # jobs with retrieval.metrics beyond the paper's
+            report.extra_tables[size] = extra
+            write_text(out / "tables" / name.replace(".md", "_more.md"), extra)
     if ref is not None:
         report.comparison = compare(done, ref)
         write_text(out / "comparison.csv", report.comparison.to_csv(index=False))
@@ -156,6 +161,9 @@ def _markdown(report: Report, ref: pd.DataFrame | None) -> str:
     compared = _compared_sizes(report.comparison) if report.comparison is not None else []
     for size, table in report.size_tables.items():
         parts += [f"## {size_title(size)}\n", table]
+        if size in report.extra_tables:
+            parts += ["Further metrics (`retrieval.metrics`, docs/statistics.md):\n"]
+            parts.append(report.extra_tables[size])
         if size in compared:
             parts += [
                 f"### {size} px beside the paper (Mahbod et al. 2024)\n",

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cbmir.errors import ConfigError
+from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 
 DISTANCES = ("euclidean", "cosine")
 BACKENDS = ("torch", "faiss")
@@ -165,6 +166,7 @@ class RetrievalSettings:
     search: dict[str, Any] = field(default_factory=dict)
     faiss_kind: str = "flat"
     faiss_params: dict[str, Any] = field(default_factory=dict)
+    metrics: tuple[str, ...] = PAPER_METRICS
 
     @classmethod
     def from_config(cls, conf: Mapping[str, Any]) -> RetrievalSettings:
@@ -191,6 +193,7 @@ class RetrievalSettings:
             search=search_options(conf.get("search"), "retrieval.search"),
             faiss_kind=kind,
             faiss_params=check_faiss(kind, faiss.get("params")),
+            metrics=check_metrics(conf.get("metrics", PAPER_METRICS), "retrieval.metrics"),
         )
 
     def check_database(self, n_database: int) -> None:
