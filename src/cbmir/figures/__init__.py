@@ -1,0 +1,1 @@
+"""Every picture cbmir draws (matplotlib, Agg canvas, written atomically)."""
