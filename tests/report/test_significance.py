@@ -1,4 +1,8 @@
-"""Paired tests, Holm, Friedman/Nemenyi and their place in `cbmir-report` (docs/statistics.md)."""
+"""Paired tests, Holm, Friedman/Nemenyi and their place in `cbmir-report` (docs/statistics.md).
+
+The report-level tests on the shared `made_sweep` live in test_report_build.py (same file, so
+the same pytest-xdist worker builds that sweep once); the CD diagram of a real sweep is slow.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ from scipy import stats
 from cbmir.errors import DataError
 from cbmir.report import significance as sig
 from cbmir.report.build import build_report
-from cbmir.report.cli import main as report_main
 from tests.helpers import compose_config
 
 
@@ -31,7 +34,9 @@ def test_a_known_margin_is_found_and_sized() -> None:
     pairs = sig.pairwise_tests({"A": better, "B": base, "C": same}, n_permutations=2000)
     means = {"A": better.mean(), "B": base.mean(), "C": same.mean()}
     best, tied = sig.top_group(means, pairs)
-    assert best == "A" and tied == []  # both others are significantly worse
+    assert best == ["A"] and tied == []  # both others are significantly worse
+    _, tied = sig.top_group({"B": means["B"], "C": means["C"]}, pairs)
+    assert tied == [min(("B", "C"), key=lambda n: means[n])]  # same distribution: not worse
     assert not bool(pairs.query("a == 'B' and b == 'C'")["significant"].iloc[0])
 
 
@@ -97,7 +102,7 @@ def test_jobs_with_different_queries_are_not_paired() -> None:
 
 
 # -- in the report -----------------------------------------------------------------------------
-def _run(model: str, flag: str, root: Path, store: Path, job: Path, *extra: str) -> None:
+def run_job(model: str, flag: str, root: Path, store: Path, job: Path, *extra: str) -> None:
     from cbmir.pipeline import run_retrieval
 
     run_retrieval(
@@ -118,7 +123,7 @@ def _run(model: str, flag: str, root: Path, store: Path, job: Path, *extra: str)
     )
 
 
-def _copy(sweep: Path, to: Path) -> Path:
+def copy_sweep(sweep: Path, to: Path) -> Path:
     shutil.copytree(sweep, to, ignore=shutil.ignore_patterns("report"))
     return to
 
@@ -140,31 +145,12 @@ def test_cd_diagram_of_synthetic_ranks(tmp_path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_marks_the_best_extractor_and_every_one_not_worse(made_sweep, tmp_path) -> None:
-    """The report fixture's sweep: two extractors on BreastMNIST at 28 px are paired; one
-    dataset is too few for a CD diagram, and the report says so."""
-    out = tmp_path / "report"
-    report = build_report(_copy(made_sweep, tmp_path / "sweep"), out)
-    pairs = pd.read_csv(out / "significance.csv")
-    assert set(pairs["metric"]) == {"map@5", "mmv@5", "acc@1", "acc@3", "acc@5"}
-    assert (pairs["size"] == 28).all() and len(pairs) == 5  # one pair per metric
-    assert ((pairs["p_holm"] >= pairs["p"]) & (pairs["p"] > 0)).all()
-    table = (out / "tables" / "significance_28.md").read_text()
-    for _, row in pairs.iterrows():
-        winner = row["a"] if row["diff"] > 0 else row["b"]
-        assert f"| {winner} |" in table or f"| BreastMNIST | {winner} |" in table
-    assert table.count("**") >= 2 * 5  # a bold best per metric
-    assert "which extractor is best?" in report.markdown
-    assert "No critical-difference diagram" in report.markdown
-    assert not list((out / "figures").glob("cd_*.png"))
-
-
 @pytest.fixture(scope="module")
 def cd_sweep(made_sweep, make_synthetic, tmp_path_factory) -> Path:
     """The report fixture's sweep plus three extractors x two datasets at 28 px (the new jobs
     with every metric), enough for a Friedman test and a CD diagram."""
     base = tmp_path_factory.mktemp("cd-sweep")
-    sweep = _copy(made_sweep, base / "sweep")
+    sweep = copy_sweep(made_sweep, base / "sweep")
     root = make_synthetic("retinamnist", 28).parent
     make_synthetic("breastmnist", 28)
     for model, flag in (
@@ -174,7 +160,7 @@ def cd_sweep(made_sweep, make_synthetic, tmp_path_factory) -> Path:
         ("resnet18", "retinamnist"),
     ):
         job = sweep / f"{model}-{flag}-28"
-        _run(model, flag, root, base / "store", job, "retrieval.metrics=all")
+        run_job(model, flag, root, base / "store", job, "retrieval.metrics=all")
     return sweep
 
 
@@ -194,22 +180,26 @@ def test_report_of_a_real_sweep_draws_cd_diagrams(cd_sweep, tmp_path) -> None:
     shutil.copy(cd, "/tmp/stats_cd_preview.png")  # to look at by hand
 
 
-def test_compare_two_sweeps_job_by_job_and_refuse_different_queries(
-    made_sweep, tmp_path, capsys
-) -> None:
-    a = _copy(made_sweep, tmp_path / "a")
-    out = tmp_path / "cmp"
-    assert report_main([str(a), str(made_sweep), "--compare", "--out", str(out)]) == 0
-    table = pd.read_csv(out / "compare.csv")
-    assert len(table[table["metric"] == "acc@1"]) == 3  # the three jobs both sweeps hold
-    assert (table["diff"] == 0).all() and (table["p"] == 1).all()  # identical jobs: no difference
-    # sweep B: the same job on another draw of the data -> other queries, refused
-    from cbmir.data.synthetic import write_synthetic_medmnist
+def test_further_metrics_get_their_own_table_only_where_measured() -> None:
+    from cbmir.report.tables import extra_table
 
-    other_root = tmp_path / "other-data"
-    write_synthetic_medmnist(other_root, "breastmnist", 28, seed=7)
-    other = tmp_path / "other-sweep"
-    _run("pixels", "breastmnist", other_root, tmp_path / "store", other / "pixels-28")
-    capsys.readouterr()
-    assert report_main([str(made_sweep), str(other), "--compare", "--out", str(out)]) == 2
-    assert "did not answer the same queries" in capsys.readouterr().err
+    nan = float("nan")
+    df = pd.DataFrame(
+        {
+            "size": [28, 28, 64],
+            "dataset_paper": ["BreastMNIST"] * 3,
+            "model_paper": ["A", "B", "A"],
+            "setting": ["", "", ""],
+            "map_at_5": [80.0, 70.0, 75.0],
+            "precision_at_5": [50.0, nan, nan],
+            "precision_at_5_low": [40.0, nan, nan],
+            "precision_at_5_high": [60.0, nan, nan],
+            "map_at_r": [30.0, 20.0, nan],
+            "mrr": [nan, nan, nan],
+        }
+    )
+    table = extra_table(df, 28)
+    assert table.splitlines()[0] == "| Dataset | Extractor | P@5 | MAP@R |"
+    assert "| BreastMNIST | A | 50.00 [40.0, 60.0] | 30.00 |" in table
+    assert "|  | B | — | 20.00 |" in table
+    assert extra_table(df, 64) == ""  # nothing beyond the paper's metrics at 64 px

@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for size, table in report.size_tables.items():
             print(f"\n{size_title(size)} (%, 95% bootstrap CI)\n{table}")
+            marked = report.significance.tables.get(size) if report.significance else None
+            if marked:
+                print(f"{size_title(size)}: **best**, *not significantly worse* (Holm)\n{marked}")
         if not report.problems.empty:
             from cbmir.report.tables import problem_table
 

@@ -116,19 +116,20 @@ def pairwise_tests(
 
 def top_group(
     means: Mapping[str, float], pairs: pd.DataFrame, alpha: float = ALPHA
-) -> tuple[str, list[str]]:
-    """(best, those not significantly worse than it): the highest mean, and every other whose
-    Holm-adjusted p against the best is >= alpha."""
-    best = max(means, key=lambda name: (means[name], name))
+) -> tuple[list[str], list[str]]:
+    """(best, not significantly worse): those with the highest mean (several on an exact tie),
+    and every other whose Holm-adjusted p against a best one is >= alpha."""
+    top = max(means.values())
+    best = [name for name, mean in means.items() if mean == top]
     tied = []
     for name in means:
-        if name == best:
+        if name in best:
             continue
-        row = pairs[
-            ((pairs["a"] == best) & (pairs["b"] == name))
-            | ((pairs["a"] == name) & (pairs["b"] == best))
+        against = pairs[
+            ((pairs["a"] == best[0]) & (pairs["b"] == name))
+            | ((pairs["a"] == name) & (pairs["b"] == best[0]))
         ]
-        if row.empty or float(row["p_holm"].iloc[0]) >= alpha:
+        if against.empty or float(against["p_holm"].iloc[0]) >= alpha:
             tied.append(name)
     return best, tied
 

@@ -54,7 +54,7 @@ def metric_order(keys: set[str]) -> list[str]:
 
 def group_tests(
     results: dict[str, sig.QueryResults], n_permutations: int = 10_000
-) -> tuple[pd.DataFrame, dict[str, tuple[str, list[str]]]]:
+) -> tuple[pd.DataFrame, dict[str, tuple[list[str], list[str]]]]:
     """Pairwise tests of every common metric, and per metric (best, not significantly worse)."""
     sig.check_pairable(results)
     common = set.intersection(*(set(r.values) for r in results.values()))
@@ -74,7 +74,7 @@ def sweep_significance(
 ) -> Significance:
     """Paired tests per (size, dataset, setting) among its extractors; Friedman per size."""
     frames, notes = [], []
-    marks: dict[tuple[object, ...], dict[str, tuple[str, list[str]]]] = {}
+    marks: dict[tuple[object, ...], dict[str, tuple[list[str], list[str]]]] = {}
     for key, group in done.groupby(GROUP, dropna=False, sort=False):
         if group["model"].nunique() < 2:
             continue
@@ -113,12 +113,12 @@ def _size_text(size: object) -> str:
     )
 
 
-def _cell(value: object, name: str, mark: tuple[str, list[str]] | None) -> str:
+def _cell(value: object, name: str, mark: tuple[list[str], list[str]] | None) -> str:
     text = fmt(value)
     if mark is None or text == fmt(None):
         return text
     best, tied = mark
-    if name == best:
+    if name in best:
         return f"**{text}**"
     return f"*{text}*" if name in tied else text
 
