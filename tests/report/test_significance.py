@@ -177,7 +177,6 @@ def test_report_of_a_real_sweep_draws_cd_diagrams(cd_sweep, tmp_path) -> None:
     cd = out / "figures" / "cd_acc1_28.png"
     assert cd.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and cd in report.figures
     assert "P@5" in (out / "tables" / "size_28_more.md").read_text()  # the further metrics
-    shutil.copy(cd, "/tmp/stats_cd_preview.png")  # to look at by hand
 
 
 def test_further_metrics_get_their_own_table_only_where_measured() -> None:
