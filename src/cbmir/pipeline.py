@@ -113,6 +113,7 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
         output_dir=output_dir,
         embedded_now=missing,
         data_facts=datamodule.data_facts(),
+        metrics=settings.metrics,
     )
     writer = EmbeddingStoreWriter(store, plan)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, retrieval], logger=loggers)

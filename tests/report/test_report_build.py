@@ -12,8 +12,10 @@ import pytest
 
 from cbmir.figures.report_plots import dataset_figure
 from cbmir.report.build import build_report
+from cbmir.report.cli import main as report_main
 from cbmir.report.collect import collect
 from cbmir.resume import sha256_file
+from tests.report.test_significance import copy_sweep, run_job
 
 
 @pytest.fixture
@@ -117,6 +119,7 @@ def test_wandb_summary_run_offline_holds_every_job(sweep, monkeypatch, capsys) -
     assert logged["acc_at_1"].to_dict() == pytest.approx(measured["acc_at_1"].to_dict())
     images = list((run_dir / "files" / "media" / "images" / "figures").glob("*.png"))
     assert {p.name.split("_0_")[0] for p in images} == {"acc1_breastmnist", "acc1_overview"}
+    assert run["summary"]["sweep/significance/nrows"] == 5  # pixels vs ResNet50, five metrics
     assert "W&B summary run" in capsys.readouterr().out
 
 
@@ -155,3 +158,44 @@ def test_of_two_finished_copies_of_a_job_the_tables_keep_the_latest_commit(sweep
     assert kept_acc1() == pytest.approx(100 * metrics["acc@1"])
     os.utime(rerun / "job.json", (stamp + 60, stamp + 60))  # committed after it
     assert kept_acc1() == 0.0
+
+
+# -- significance (docs/statistics.md; the statistics: test_significance.py) ---------------
+def test_report_marks_the_best_extractor_and_every_one_not_worse(made_sweep, tmp_path) -> None:
+    """The report fixture's sweep: two extractors on BreastMNIST at 28 px are paired; one
+    dataset is too few for a CD diagram, and the report says so."""
+    out = tmp_path / "report"
+    report = build_report(copy_sweep(made_sweep, tmp_path / "sweep"), out)
+    pairs = pd.read_csv(out / "significance.csv")
+    assert set(pairs["metric"]) == {"map@5", "mmv@5", "acc@1", "acc@3", "acc@5"}
+    assert (pairs["size"] == 28).all() and len(pairs) == 5  # one pair per metric
+    assert ((pairs["p_holm"] >= pairs["p"]) & (pairs["p"] > 0)).all()
+    table = (out / "tables" / "significance_28.md").read_text()
+    for _, row in pairs.iterrows():
+        winner = row["a"] if row["diff"] > 0 else row["b"]
+        assert f"| {winner} |" in table or f"| BreastMNIST | {winner} |" in table
+    assert table.count("**") >= 2 * 5  # a bold best per metric
+    assert "which extractor is best?" in report.markdown
+    assert "No critical-difference diagram" in report.markdown
+    assert not list((out / "figures").glob("cd_*.png"))
+
+
+def test_compare_two_sweeps_job_by_job_and_refuse_different_queries(
+    made_sweep, tmp_path, capsys
+) -> None:
+    a = copy_sweep(made_sweep, tmp_path / "a")
+    out = tmp_path / "cmp"
+    assert report_main([str(a), str(made_sweep), "--compare", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "compare.csv")
+    assert len(table[table["metric"] == "acc@1"]) == 3  # the three jobs both sweeps hold
+    assert (table["diff"] == 0).all() and (table["p"] == 1).all()  # identical jobs: no difference
+    # sweep B: the same job on another draw of the data -> other queries, refused
+    from cbmir.data.synthetic import write_synthetic_medmnist
+
+    other_root = tmp_path / "other-data"
+    write_synthetic_medmnist(other_root, "breastmnist", 28, seed=7)
+    other = tmp_path / "other-sweep"
+    run_job("pixels", "breastmnist", other_root, tmp_path / "store", other / "pixels-28")
+    capsys.readouterr()
+    assert report_main([str(made_sweep), str(other), "--compare", "--out", str(out)]) == 2
+    assert "did not answer the same queries" in capsys.readouterr().err

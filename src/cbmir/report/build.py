@@ -8,6 +8,9 @@ Writes into ``SWEEP_DIR/report/`` by default (all files atomically)::
     tables/size_<S>.md     per image size: dataset x extractor x mAP@5 ... ACC@5 (like S.1-S.4)
     tables/comparison_<S>.md, tables/timings.md, tables/problems.md
     figures/<metric>_<dataset>.png, figures/<metric>_overview.png
+    significance.csv       paired tests between extractors per dataset, size and metric (Holm)
+    tables/significance_<S>.md  bold: best; italic: not significantly worse than the best
+    friedman.csv, figures/cd_<metric>_<S>.png   ranks across datasets, critical differences
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cbmir.report import tables
 from cbmir.report.collect import collect, finished
 from cbmir.report.names import METRICS
 from cbmir.report.reference import compare, load_reference, unmeasured
+from cbmir.report.stats_report import Significance, sweep_significance
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,9 @@ class Report:
     done: pd.DataFrame
     comparison: pd.DataFrame | None = None
     size_tables: dict[int | None, str] = field(default_factory=dict)
+    extra_tables: dict[int | None, str] = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
+    significance: Significance | None = None
     markdown: str = ""
 
     @property
@@ -78,6 +84,10 @@ def build_report(
         report.size_tables[size] = tables.size_table(done, size)
         name = f"size_{size}.md" if size is not None else "other_data.md"
         write_text(out / "tables" / name, report.size_tables[size])
+        extra = tables.extra_table(done, size)
+        if extra:  # jobs with retrieval.metrics beyond the paper's
+            report.extra_tables[size] = extra
+            write_text(out / "tables" / name.replace(".md", "_more.md"), extra)
     if ref is not None:
         report.comparison = compare(done, ref)
         write_text(out / "comparison.csv", report.comparison.to_csv(index=False))
@@ -88,6 +98,7 @@ def build_report(
             )
     if not done.empty:
         write_text(out / "tables" / "timings.md", tables.timing_table(done))
+        report.significance = _write_significance(done, sweep, out, report.figures)
     if not report.problems.empty:
         write_text(out / "tables" / "problems.md", tables.problem_table(report.problems))
 
@@ -107,13 +118,68 @@ def build_report(
     return report
 
 
+def _write_significance(done: pd.DataFrame, sweep: Path, out: Path, figures: list[Path]):
+    """significance.csv, the marked tables, friedman.csv and one CD diagram per metric and size."""
+    from cbmir.figures.cd_diagram import cd_figure
+
+    result = sweep_significance(done, sweep)
+    if not result.pairs.empty:
+        write_text(out / "significance.csv", result.pairs.to_csv(index=False))
+    for size, table in result.tables.items():
+        name = f"significance_{size}.md" if size is not None else "significance_other_data.md"
+        write_text(out / "tables" / name, table)
+    if not result.friedman.empty:
+        write_text(out / "friedman.csv", result.friedman.to_csv(index=False))
+    for key, size, fr in result.cd_inputs:
+        stem = key.replace("@", "")
+        title = (
+            f"{key} at {size_title(size)}: mean ranks over {fr.n_datasets} datasets "
+            f"(Friedman p = {fr.pvalue:.3g}; bars: Nemenyi p >= 0.05)"
+        )
+        fig = cd_figure(fr.avg_ranks, fr.nemenyi, fr.critical_difference, title)
+        figures.append(save_png(fig, out / "figures" / f"cd_{stem}_{size}.png"))
+    return result
+
+
+def build_comparison(
+    sweep_a: str | Path, sweep_b: str | Path, out_dir: str | Path | None = None
+) -> tuple[Path, str]:
+    """compare.csv and compare.md of sweep A against sweep B (default: A/compare-<B's name>)."""
+    from cbmir.report.stats_report import compare_sweeps, compare_table
+
+    a, b = Path(sweep_a).resolve(), Path(sweep_b).resolve()
+    out = Path(out_dir).resolve() if out_dir else a / f"compare-{b.name}"
+    done_a = finished(collect(a, exclude=out))
+    done_b = finished(collect(b, exclude=out))
+    table = compare_sweeps(done_a, a, done_b, b)
+    markdown = "\n".join(
+        [
+            f"# {a.name} (A) against {b.name} (B)\n",
+            f"A: `{a}`; B: `{b}`. Jobs matched by size, dataset and extractor; metrics in %; "
+            "A - B with its paired bootstrap 95% interval over the shared queries; p: paired "
+            "sign-flip permutation test, Holm-corrected over the jobs of each metric (* below "
+            "0.05).\n",
+            compare_table(table),
+        ]
+    )
+    write_text(out / "compare.csv", table.to_csv(index=False))
+    write_text(out / "compare.md", markdown)
+    return out / "compare.md", markdown
+
+
 def size_title(size: int | None) -> str:
     return f"{size} x {size} px" if size is not None else "Other data (no MedMNIST size)"
 
 
 def _clear_previous(out: Path) -> None:
     """Remove an earlier report's tables and figures, so none outlives its jobs."""
-    for pattern in ("tables/*.md", "figures/*.png", "comparison.csv"):
+    for pattern in (
+        "tables/*.md",
+        "figures/*.png",
+        "comparison.csv",
+        "significance.csv",
+        "friedman.csv",
+    ):
         for path in out.glob(pattern):
             path.unlink()
 
@@ -132,6 +198,22 @@ def _unverified_jobs(done: pd.DataFrame) -> list[str]:
         "synthetic"
     ].astype(bool)
     return list(done.loc[failed, "job"])
+
+
+def _significance_markdown(report: Report) -> list[str]:
+    sig = report.significance
+    assert sig is not None
+    parts = []
+    if not sig.friedman.empty:
+        parts.append("## Across datasets: Friedman test and Nemenyi critical differences\n")
+        shown = sig.friedman[["size", "metric", "n_datasets", "n_extractors", "friedman_p"]]
+        rows = [[r.size, r.metric, r.n_datasets, r.n_extractors, f"{r.friedman_p:.3g}"]
+                for r in shown.itertuples()]  # fmt: skip
+        header = ["Size", "Metric", "Datasets", "Extractors", "Friedman p"]
+        parts.append(tables.markdown_table(header, rows, "rlrrr"))
+        parts.append("Average ranks per extractor: `friedman.csv`; diagrams: `figures/cd_*.png`.\n")
+    parts += [f"> {note}\n" for note in sig.notes]
+    return parts
 
 
 def _markdown(report: Report, ref: pd.DataFrame | None) -> str:
@@ -157,12 +239,27 @@ def _markdown(report: Report, ref: pd.DataFrame | None) -> str:
     compared = _compared_sizes(report.comparison) if report.comparison is not None else []
     for size, table in report.size_tables.items():
         parts += [f"## {size_title(size)}\n", table]
+        if size in report.extra_tables:
+            parts += ["Further metrics (`retrieval.metrics`, docs/statistics.md):\n"]
+            parts.append(report.extra_tables[size])
         if size in compared:
             parts += [
                 f"### {size} px beside the paper (Mahbod et al. 2024)\n",
                 "Δ = ours - paper; † the published value lies outside our 95% interval.\n",
                 tables.comparison_table(report.comparison, size),
             ]
+        sig_tables = report.significance.tables if report.significance else {}
+        if size in sig_tables:
+            parts += [
+                f"### {size_title(size)}: which extractor is best?\n",
+                "Mean over queries in %. **Bold**: the best extractor; *italic*: not "
+                "significantly worse than it (paired sign-flip permutation test on the same "
+                "queries, Holm-corrected over all pairs of the dataset, alpha = 0.05; "
+                "`significance.csv` has every pair with its paired bootstrap interval).\n",
+                sig_tables[size],
+            ]
+    if report.significance is not None:
+        parts += _significance_markdown(report)
     if ref is not None:
         missing = unmeasured(done, ref)
         if len(missing):

@@ -1,4 +1,5 @@
-"""`cbmir-report SWEEP_DIR [--out DIR] [--reference] [--wandb]`: a sweep's tables and figures."""
+"""`cbmir-report SWEEP_DIR [--out DIR] [--reference] [--wandb]`: a sweep's tables and figures;
+`cbmir-report A B --compare [--out DIR]`: two sweeps job by job, with paired tests."""
 
 from __future__ import annotations
 
@@ -19,7 +20,17 @@ def parser() -> argparse.ArgumentParser:
             "with 95%% bootstrap intervals), runtimes, and bar charts."
         ),
     )
-    p.add_argument("sweep_dir", help="the sweep directory (e.g. logs/retrieval/multiruns/paper)")
+    p.add_argument(
+        "sweep_dir",
+        nargs="+",
+        help="the sweep directory (e.g. logs/retrieval/multiruns/paper); two with --compare",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="compare sweep A with sweep B job by job (same size, dataset, extractor): paired "
+        "bootstrap interval of A - B and a sign-flip permutation test per metric, Holm-corrected",
+    )
     p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR/report)")
     p.add_argument(
         "--reference",
@@ -35,13 +46,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if len(args.sweep_dir) != (2 if args.compare else 1):
+        p.error("give one SWEEP_DIR, or two with --compare")
+    if args.compare:
+        return _compare(args.sweep_dir[0], args.sweep_dir[1], args.out, args.quiet)
     from cbmir.report.build import build_report
 
     try:
         report = build_report(
-            args.sweep_dir, args.out, reference=args.reference, metric=args.metric
+            args.sweep_dir[0], args.out, reference=args.reference, metric=args.metric
         )
     except CbmirError as exc:
         print(f"cbmir-report: error: {exc}", file=sys.stderr)
@@ -51,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for size, table in report.size_tables.items():
             print(f"\n{size_title(size)} (%, 95% bootstrap CI)\n{table}")
+            marked = report.significance.tables.get(size) if report.significance else None
+            if marked:
+                print(f"{size_title(size)}: **best**, *not significantly worse* (Holm)\n{marked}")
         if not report.problems.empty:
             from cbmir.report.tables import problem_table
 
@@ -62,6 +81,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir = log_summary(report, project=args.wandb_project, entity=args.wandb_entity)
         flush()
         print(f"cbmir-report: W&B summary run in {run_dir}")
+    return 0
+
+
+def _compare(sweep_a: str, sweep_b: str, out: str | None, quiet: bool) -> int:
+    from cbmir.report.build import build_comparison
+
+    try:
+        path, markdown = build_comparison(sweep_a, sweep_b, out)
+    except CbmirError as exc:
+        print(f"cbmir-report: error: {exc}", file=sys.stderr)
+        return 2
+    if not quiet:
+        print(markdown)
+    print(f"cbmir-report: comparison -> {path}")
     return 0
 
 

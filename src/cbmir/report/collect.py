@@ -25,6 +25,8 @@ from cbmir.report.names import (
     METRICS,
     dataset_order,
     dataset_paper_name,
+    is_metric_key,
+    metric_column,
     model_order,
     model_paper_name,
 )
@@ -148,8 +150,8 @@ def job_row(job: Path, sweep_dir: Path) -> dict[str, Any]:
     if metrics is not None:
         cis = _intervals(job, metrics)
         for key, value in metrics.items():
-            if "@" in key and isinstance(value, (int, float)):
-                col = key.replace("@", "_at_")
+            if is_metric_key(key) and isinstance(value, (int, float)):
+                col = metric_column(key)
                 row[col] = 100.0 * float(value)
                 if key in cis:
                     row[f"{col}_low"] = 100.0 * cis[key][0]

@@ -40,6 +40,27 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("acc@5", "acc_at_5", "ACC@5"),
 )
 
+#: the further metrics (`retrieval.metrics=all`): (column prefix in CSVs, header prefix)
+EXTRA_METRICS: tuple[tuple[str, str], ...] = (
+    ("precision_at_", "P@"),
+    ("recall_at_", "R@"),
+    ("ndcg_at_", "nDCG@"),
+    ("mrr", "MRR"),
+    ("r_precision", "R-Prec"),
+    ("map_at_r", "MAP@R"),
+)
+
+
+def is_metric_key(key: str) -> bool:
+    """A metrics.json key that holds a metric (``map@5``, ``mrr``, ``r_precision``, ...)."""
+    return "@" in key or key in ("mrr", "r_precision")
+
+
+def metric_column(key: str) -> str:
+    """``map@5`` -> ``map_at_5``: the column name in results.csv."""
+    return key.replace("@", "_at_")
+
+
 _MODEL_FROM_PAPER = {paper.lower(): name for name, paper in PAPER_MODELS.items()}
 
 

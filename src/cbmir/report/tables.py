@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from cbmir.report.names import METRICS
+from cbmir.report.names import EXTRA_METRICS, METRICS
 
 DASH = "—"
 
@@ -76,6 +76,33 @@ def size_table(df: pd.DataFrame, size: int | None) -> str:
     ]
     header = ["Dataset", "Extractor", *(title for _, _, title in METRICS)]
     return markdown_table(header, rows, "ll" + "r" * len(METRICS))
+
+
+def extra_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(column, header) of the further metrics some job of `df` measured, in a fixed order."""
+    out = []
+    for prefix, title in EXTRA_METRICS:
+        for col in sorted(c for c in df.columns if c.startswith(prefix)):
+            rest = col[len(prefix) :]  # the k of an @k metric; nothing for mrr, map@r, ...
+            ok = rest.isdigit() if prefix.endswith("_at_") else rest == ""
+            if ok and df[col].notna().any():
+                out.append((col, f"{title}{rest}"))
+    return out
+
+
+def extra_table(df: pd.DataFrame, size: int | None) -> str:
+    """The further metrics at one size (only where some job measured them), with intervals."""
+    at = df[df["size"].isna()] if size is None else df[df["size"] == size]
+    columns = extra_columns(at)
+    if not columns:
+        return ""
+    rows = [
+        [label, _extractor(row)]
+        + [fmt_ci(row[col], row.get(f"{col}_low"), row.get(f"{col}_high")) for col, _ in columns]
+        for label, row in _grouped(at)
+    ]
+    header = ["Dataset", "Extractor", *(title for _, title in columns)]
+    return markdown_table(header, rows, "ll" + "r" * len(columns))
 
 
 def comparison_table(cmp: pd.DataFrame, size: int) -> str:

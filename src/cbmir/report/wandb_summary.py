@@ -68,6 +68,8 @@ def log_summary(report: Report, project: str | None = None, entity: str | None =
         payload: dict[str, Any] = {"sweep/jobs": _table(report.jobs)}
         if report.comparison is not None:
             payload["sweep/comparison"] = _table(report.comparison)
+        if report.significance is not None and not report.significance.pairs.empty:
+            payload["sweep/significance"] = _table(report.significance.pairs)
         for path in report.figures:
             payload[f"figures/{path.stem}"] = wandb.Image(str(path))
         run.log(payload)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from cbmir.io_utils import write_json, write_npz
 from cbmir.retrieval.bootstrap import bootstrap_cis
+from cbmir.retrieval.metric_set import PAPER_METRICS
 from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.store import EmbeddingStore
 
@@ -44,6 +46,7 @@ class RetrievalCallback(Callback):
         faiss: dict[str, Any] | None = None,
         embedded_now: list[str] | None = None,
         data_facts: dict[str, Any] | None = None,
+        metrics: Sequence[str] | str = PAPER_METRICS,
     ) -> None:
         settings = RetrievalSettings.from_config(
             {
@@ -54,6 +57,7 @@ class RetrievalCallback(Callback):
                 "search": search,
                 "backend": backend,
                 "faiss": faiss,
+                "metrics": metrics,
             }
         )  # the pipeline checked these before embedding; direct callers get the same rules
         self.store = store
@@ -61,6 +65,7 @@ class RetrievalCallback(Callback):
         self.output_dir = Path(output_dir)
         self.k, self.distance, self.acc_ks = settings.k, settings.distance, settings.acc_ks
         self.device = settings.device
+        self.metric_names = settings.metrics
         self.search_kwargs = settings.search
         self.backend = settings.backend
         self.faiss = {"kind": settings.faiss_kind, "params": settings.faiss_params}
@@ -78,36 +83,20 @@ class RetrievalCallback(Callback):
         return self.device
 
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
-        from cbmir.retrieval import compute_retrieval_metrics, knn_search
-        from cbmir.retrieval.faiss_backend import knn_search_backend
+        from cbmir.retrieval.scoring import search_and_score
 
         queries = self.store.load(self.query_key)
         database = self.store.load(self.database_key)
         started = time.perf_counter()
         q = _as_tensor(queries.embeddings, self._search_device())
         db = _as_tensor(database.embeddings, self._search_device())
-        if self.backend == "torch":
-            distances, indices = knn_search(q, db, self.k, self.distance, **self.search_kwargs)
-        else:  # faiss: the index is saved beside the database's store entry and reused
-            kind = self.faiss.get("kind", "flat")
-            distances, indices = knn_search_backend(
-                q.cpu(),
-                db.cpu(),
-                self.k,
-                self.distance,
-                backend=self.backend,
-                faiss_kind=kind,
-                index_path=database.path / f"faiss-{kind}-{self.distance}.index",
-                **self.faiss.get("params", {}),
-            )
-        result = compute_retrieval_metrics(
-            indices,
+        distances, indices, result = search_and_score(
+            lambda rows, width: self._search(q, db, rows, width, database.path),
             queries.labels,
             database.labels,
-            map_k=self.k,
+            k=self.k,
             acc_ks=self.acc_ks,
-            mmv_k=self.k,
-            return_per_query=True,
+            metrics=self.metric_names,
         )
         search_seconds = time.perf_counter() - started
         self.per_query = result.pop("per_query")
@@ -155,6 +144,29 @@ class RetrievalCallback(Callback):
         )
         self.metrics = metrics
         return metrics
+
+    def _search(
+        self, q: torch.Tensor, db: torch.Tensor, rows: torch.Tensor, width: int, db_path: Path
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances, indices) of the query `rows` with `width` neighbours each."""
+        from cbmir.retrieval import knn_search
+        from cbmir.retrieval.faiss_backend import knn_search_backend
+
+        if not torch.equal(rows, torch.arange(q.shape[0])):  # a block of the R-metric search
+            q = q[rows.to(q.device)]
+        if self.backend == "torch":
+            return knn_search(q, db, width, self.distance, **self.search_kwargs)
+        kind = self.faiss.get("kind", "flat")  # the index is saved beside the database's entry
+        return knn_search_backend(
+            q.cpu(),
+            db.cpu(),
+            width,
+            self.distance,
+            backend=self.backend,
+            faiss_kind=kind,
+            index_path=db_path / f"faiss-{kind}-{self.distance}.index",
+            **self.faiss.get("params", {}),
+        )
 
 
 def _as_tensor(array: np.ndarray, device: str) -> torch.Tensor:

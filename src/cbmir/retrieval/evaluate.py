@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 
 from cbmir.errors import ConfigError
 from cbmir.retrieval.labels import LabelsLike
-from cbmir.retrieval.metrics import compute_retrieval_metrics
+from cbmir.retrieval.metric_set import PAPER_METRICS
+from cbmir.retrieval.scoring import search_and_score
 from cbmir.retrieval.search import knn_search
 from cbmir.retrieval.settings import PAPER_ACC_KS
 
@@ -32,12 +34,14 @@ def evaluate_retrieval(
     distance: str = "euclidean",
     *,
     return_per_query: bool = False,
+    metrics: Sequence[str] | str = PAPER_METRICS,
     **search_kwargs: Any,
 ) -> dict[str, Any]:
     """k-NN search of the queries in the database, then map@k, mmv@k and acc@{1,3,5 capped at k}.
 
     Returns python floats plus ``n_queries`` and ``n_database`` (and ``per_query`` arrays when
     asked). NaN/Inf embeddings raise EmbeddingError; label/embedding count mismatches ConfigError.
+    `metrics` adds further metrics (`cbmir.retrieval.metric_set`, e.g. "all").
     """
     for name, emb, labels in (
         ("query", query_emb, query_labels),
@@ -46,16 +50,18 @@ def evaluate_retrieval(
         n_emb, n_lab = int(emb.shape[0]), _n_rows(labels)
         if n_emb != n_lab:
             raise ConfigError(f"{n_emb} {name} embeddings but {n_lab} {name} labels")
-    _, indices = knn_search(query_emb, db_emb, k, distance, **search_kwargs)
-    result = compute_retrieval_metrics(
-        indices,
-        query_labels,
-        db_labels,
-        map_k=k,
-        acc_ks=metric_ks(k),
-        mmv_k=k,
-        return_per_query=return_per_query,
+
+    def search(rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = query_emb
+        if not torch.equal(rows, torch.arange(int(query_emb.shape[0]))):
+            queries = query_emb[rows if isinstance(query_emb, torch.Tensor) else rows.numpy()]
+        return knn_search(queries, db_emb, width, distance, **search_kwargs)
+
+    _, _, result = search_and_score(
+        search, query_labels, db_labels, k=k, acc_ks=metric_ks(k), metrics=metrics
     )
+    if not return_per_query:
+        result.pop("per_query")
     result["n_queries"] = int(query_emb.shape[0])
     result["n_database"] = int(db_emb.shape[0])
     return result

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 from torchmetrics import Metric
-from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
+from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP, RetrievalMRR, RetrievalPrecision
 
 from cbmir.errors import ConfigError
+from cbmir.retrieval import metric_set as ms
 from cbmir.retrieval.labels import LabelsLike, encode_pair, relevance
 from cbmir.retrieval.settings import check_k
 
@@ -157,13 +158,18 @@ def compute_retrieval_metrics(
     acc_ks: Sequence[int] = (1, 3, 5),
     mmv_k: int = 5,
     return_per_query: bool = False,
+    metrics: Sequence[str] = ms.PAPER_METRICS,
 ) -> dict[str, Any]:
-    """mAP@map_k, mMV@mmv_k and ACC@k for each k in acc_ks from the neighbour indices [Q, k'].
+    """mAP@map_k, mMV@mmv_k and ACC@k for each k in acc_ks from the neighbour indices [Q, k'],
+    and the further `metrics` (`cbmir.retrieval.metric_set`, at k = map_k).
 
     Values are python floats in [0, 1] computed with torchmetrics, keyed ``map@5``, ``mmv@5``,
     ``acc@1`` ... With `return_per_query`, ``per_query`` holds the same metrics per query
     (numpy float32 arrays whose means are the reported values) for bootstrap intervals.
+    R-precision and MAP@R need each query's R_q neighbours: indices at least max(R_q) wide
+    (`cbmir.retrieval.scoring.search_and_score` searches that way, block by block).
     """
+    names = ms.check_metrics(metrics, "metrics")
     idx = torch.as_tensor(indices).detach().cpu().to(torch.int64)
     if idx.ndim != 2:
         raise ConfigError(f"indices must be [Q, k], got shape {tuple(idx.shape)}")
@@ -180,17 +186,44 @@ def compute_retrieval_metrics(
     rel = relevance(q_hot, neighbor_hot)
 
     out: dict[str, Any] = {}
-    out[f"map@{map_k}"] = _torchmetrics_retrieval(RetrievalMAP, rel, map_k)
-    mmv = MajorityVoteAccuracy(k=mmv_k)
-    mmv.update(q_hot, neighbor_hot)
-    out[f"mmv@{mmv_k}"] = float(mmv.compute())
-    for a in acc_ks:
-        out[f"acc@{a}"] = _torchmetrics_retrieval(RetrievalHitRate, rel, a)
+    if "map@k" in names:
+        out[f"map@{map_k}"] = _torchmetrics_retrieval(RetrievalMAP, rel, map_k)
+    if "mmv@k" in names:
+        mmv = MajorityVoteAccuracy(k=mmv_k)
+        mmv.update(q_hot, neighbor_hot)
+        out[f"mmv@{mmv_k}"] = float(mmv.compute())
+    if "acc@k" in names:
+        for a in acc_ks:
+            out[f"acc@{a}"] = _torchmetrics_retrieval(RetrievalHitRate, rel, a)
+    counts = ms.relevant_counts(q_hot, d_hot) if set(names) & set(ms.COUNT_METRICS) else None
+    extra = {
+        **ms.k_metrics_per_query(names, rel, map_k, counts),
+        **(ms.r_metrics_per_query(names, rel, counts) if counts is not None else {}),
+    }
+    out.update(_extra_means(extra, rel, map_k))
     if return_per_query:
         per_query = {
-            f"map@{map_k}": average_precision_at_k(rel, map_k),
-            f"mmv@{mmv_k}": majority_vote_correct(q_hot, neighbor_hot, mmv_k),
-            **{f"acc@{a}": hit_at_k(rel, a) for a in acc_ks},
+            f"map@{map_k}": average_precision_at_k(rel, map_k) if "map@k" in names else None,
+            f"mmv@{mmv_k}": (
+                majority_vote_correct(q_hot, neighbor_hot, mmv_k) if "mmv@k" in names else None
+            ),
+            **{f"acc@{a}": hit_at_k(rel, a) if "acc@k" in names else None for a in acc_ks},
+            **extra,
         }
-        out["per_query"] = {key: v.numpy() for key, v in per_query.items()}
+        out["per_query"] = {key: v.numpy() for key, v in per_query.items() if v is not None}
+    return out
+
+
+def _extra_means(extra: dict[str, torch.Tensor], rel: torch.Tensor, k: int) -> dict[str, float]:
+    """Means of the further metrics: torchmetrics' own RetrievalPrecision and RetrievalMRR
+    (fed the top k, as mAP@k), `QueryMean` for those torchmetrics lacks."""
+    library = {f"precision@{k}": RetrievalPrecision, "mrr": RetrievalMRR}
+    out: dict[str, float] = {}
+    for key, values in extra.items():
+        if key in library:
+            out[key] = _torchmetrics_retrieval(library[key], rel, k)
+        else:
+            mean = ms.QueryMean()
+            mean.update(values)
+            out[key] = float(mean.compute())
     return out

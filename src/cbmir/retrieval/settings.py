@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cbmir.errors import ConfigError
+from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 
 #: the keys of a `retrieval` config (configs/retrieval/paper.yaml)
 RETRIEVAL_KEYS = ("k", "distance", "acc_ks", "device", "search", "backend", "faiss")
@@ -190,6 +191,7 @@ class RetrievalSettings:
     search: dict[str, Any] = field(default_factory=dict)
     faiss_kind: str = "flat"
     faiss_params: dict[str, Any] = field(default_factory=dict)
+    metrics: tuple[str, ...] = PAPER_METRICS
 
     @classmethod
     def from_config(cls, conf: Mapping[str, Any]) -> RetrievalSettings:
@@ -217,6 +219,7 @@ class RetrievalSettings:
             search=search_options(conf.get("search"), "retrieval.search"),
             faiss_kind=kind,
             faiss_params=check_faiss(kind, faiss.get("params")),
+            metrics=check_metrics(conf.get("metrics", PAPER_METRICS), "retrieval.metrics"),
         )
 
     def check_database(self, n_database: int) -> None:
