@@ -22,8 +22,11 @@ from cbmir.embedding import (
     parse_channels_last,
 )
 from cbmir.extractors import weights_file
+from cbmir.extractors.text import shared_space_config as text_shared_space
+from cbmir.figures.text_gallery import write_text_gallery
 from cbmir.io_utils import write_json, write_text
 from cbmir.resume import find_finished, hold_job_dir, job_record
+from cbmir.retrieval import text_queries
 from cbmir.retrieval.callback import RetrievalCallback
 from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.store import EmbeddingStore
@@ -83,6 +86,12 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     datamodule.prepare_data()
     datamodule.setup("predict")
     check_data(settings, datamodule)  # k vs the database size, labels that rank trivially
+    text = text_queries.query_mode(cfg.retrieval) == "text"
+    if text:  # prompts from the label names, checked before any weights load
+        prompts = text_queries.dataset_prompts(cfg.retrieval, datamodule)
+        model_cfg = OmegaConf.create(
+            text_shared_space(OmegaConf.to_container(model_cfg, resolve=True))
+        )
     with weights_file.recording() as weights_files:  # the files the weights came from
         extractor = instantiate(model_cfg)
     embedder = FrozenEmbedder(
@@ -98,6 +107,8 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     splits = [datamodule.query_split, datamodule.database_split]
     keys = {split: embedder.store_key(datamodule.identity(split)) for split in splits}
     missing = [s for s in dict.fromkeys(splits) if not store.has(keys[s])]
+    if text:  # text queries need only the database's images
+        missing = [s for s in missing if s == datamodule.database_split]
     dim = embedder.output_dim(tuple(datamodule.image_shape))
     plan = [
         PlannedEntry(
@@ -138,6 +149,19 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
         embedded_now=missing,
         data_facts=datamodule.data_facts(),
     )
+    if text:  # the class prompts search the database split instead (docs/text.md)
+        retrieval = text_queries.TextRetrievalCallback(
+            store=store,
+            database_key=keys[datamodule.database_split],
+            output_dir=output_dir,
+            model_cfg=OmegaConf.to_container(model_cfg, resolve=True),
+            prompts=prompts,
+            label_names=datamodule.label_names,
+            k=settings.k,
+            acc_ks=settings.acc_ks,
+            embedded_now=missing,
+            data_facts=datamodule.data_facts(),
+        )
     writer = EmbeddingStoreWriter(store, plan)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, retrieval], logger=loggers)
     status = "failed"
@@ -148,7 +172,10 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
             trainer.predict(embedder, datamodule=datamodule, return_predictions=False)
         else:
             retrieval.evaluate(trainer)
-        write_gallery(cfg, datamodule, output_dir, loggers)  # example queries: PNG (+ W&B)
+        if text:
+            write_text_gallery(cfg, datamodule, output_dir)  # top-k images per class prompt
+        else:
+            write_gallery(cfg, datamodule, output_dir, loggers)  # example queries: PNG (+ W&B)
         status = "success"
     finally:
         finish_loggers(loggers, status)

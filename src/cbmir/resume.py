@@ -87,6 +87,7 @@ def fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
         else copy.deepcopy(cfg)
     )
     assert isinstance(tree, dict)
+    _drop_unused_text_settings(tree)
     for dotted in VOLATILE_PATHS:
         *parents, leaf = dotted.split(".")
         node: Any = tree
@@ -96,6 +97,15 @@ def fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
             node.pop(leaf, None)
     text = json.dumps({"cbmir": cbmir.__version__, "config": tree}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _drop_unused_text_settings(tree: dict[str, Any]) -> None:
+    """Image queries never read `retrieval.query`/`prompts`: leave them out of the fingerprint,
+    so jobs finished before those keys existed still count as finished."""
+    retrieval = tree.get("retrieval")
+    if isinstance(retrieval, dict) and retrieval.get("query", "image") == "image":
+        retrieval.pop("query", None)
+        retrieval.pop("prompts", None)
 
 
 def resume_enabled(cfg: DictConfig) -> bool:

@@ -1,0 +1,1 @@
+"""Pictures: retrieval grids, run galleries, embedding maps, report bar charts, `cbmir-plot`."""
