@@ -180,6 +180,21 @@ def test_text_protocol_end_to_end(tmp_path) -> None:
     assert again["database_entry"] == metrics["database_entry"]
     assert again["prompts"]["malignant"] == ["a scan of malignant"]
 
+    # cbmir-query --text: a sentence equal to run2's one prompt finds run2's neighbours
+    from cbmir.query.cli import main as query_main
+
+    out = tmp_path / "q.png"
+    with pytest.raises(SystemExit) as exit_code:
+        query_main(["--text", "a scan of malignant", "--run", str(tmp_path / "run2"), "--out", str(out)])  # fmt: skip
+    assert exit_code.value.code == 0 and out.stat().st_size > 0
+    from cbmir.query.database import open_database
+    from cbmir.query.text import search_text
+
+    _, rows = search_text(open_database(tmp_path / "run2"), ["a scan of malignant"], 5)
+    np.testing.assert_array_equal(
+        rows[0], np.load(tmp_path / "run2" / "neighbors.npz")["indices"][0]
+    )
+
 
 def test_datamodule_without_names_is_a_data_error() -> None:
     class NoNames:
