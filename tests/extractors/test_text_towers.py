@@ -125,7 +125,7 @@ def test_shared_space_config_projects_conch_only() -> None:
 
 def test_models_without_text_tower_are_refused_with_the_list() -> None:
     names = text_towers.models_with_text_tower()
-    assert {"biomedclip", "conch", "openclip_vitg14", "open_clip"} <= set(names)
+    assert {"biomedclip", "conch", "medclip", "openclip_vitg14", "open_clip"} <= set(names)
     assert "resnet50" not in names and "uni" not in names
     with pytest.raises(ConfigError, match="biomedclip.*conch|conch.*biomedclip"):
         text_towers.check_text_tower({"_target_": "cbmir.extractors.timm_extractor.X"}, "uni")
@@ -146,3 +146,59 @@ def test_random_text_tower_is_seeded(tmp_path) -> None:
     assert not torch.allclose(a, c)
     torch.testing.assert_close(a.norm(dim=-1), torch.ones(len(PROMPTS)))
     assert F.cosine_similarity(a[0], a[1], dim=0) < 0.9999  # prompts differ
+
+
+def tiny_bert_dir(tmp_path):
+    """A BERT folder (config.json, vocab.txt) standing in for Bio_ClinicalBERT's hub files."""
+    from transformers import BertConfig, BertTokenizer
+
+    words = sorted({w for p in PROMPTS for w in p.split()} | {"lesion", "normal"})
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+    )
+    config.save_pretrained(folder)
+    return folder, config
+
+
+def test_medclip_text_equals_medclip_text_model(tmp_path) -> None:
+    """MedCLIP's `MedCLIPTextModel.forward` (hidden states 1, 2, -1 of transformers' BERT,
+    mean over tokens and layers, projection) + `encode_text`'s normalisation, on the same
+    checkpoint keys (`text_model.model.*`, `text_model.projection_head.weight`)."""
+    from transformers import AutoTokenizer, BertModel
+
+    folder, config = tiny_bert_dir(tmp_path)
+    torch.manual_seed(8)
+    bert = BertModel(config).eval()
+    projection = torch.nn.Linear(32, 512, bias=False)
+    state = {f"text_model.model.{k}": v for k, v in bert.state_dict().items()}
+    state["text_model.projection_head.weight"] = projection.weight.detach()
+    state["vision_model.projection_head.weight"] = torch.zeros(512, 768)  # the image side
+    torch.save(state, tmp_path / "medclip.bin")
+    tower = text_towers.build_text_encoder(
+        {
+            "_target_": text_towers.MEDCLIP_TARGET,
+            "checkpoint": str(tmp_path / "medclip.bin"),
+            "bert_type": str(folder),
+            "resize_mode": "pad",
+        }
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    rows = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            tokens = tokenizer(prompt, return_tensors="pt")
+            hidden = bert(**tokens, output_hidden_states=True)["hidden_states"]
+            stacked = torch.stack([hidden[1], hidden[2], hidden[-1]])
+            rows.append(projection(stacked.permute(1, 0, 2, 3).mean(2).mean(1))[0])
+    reference = F.normalize(torch.stack(rows), dim=-1)
+    torch.testing.assert_close(tower.encode_text(PROMPTS), reference, rtol=1e-5, atol=1e-6)

@@ -222,3 +222,29 @@ def test_image_job_fingerprints_ignore_the_text_settings() -> None:
         ["paths.output_dir=/tmp/x", "retrieval.query=text", "retrieval.prompts.templates=['{}']"]
     )
     assert len({fingerprint(cfg), fingerprint(text), fingerprint(other)}) == 3
+
+
+def test_paper_text_is_the_vlms_over_the_papers_2d_grid() -> None:
+    from tests.sweeps.test_sweep_presets import expand, job_key
+
+    jobs = {job_key(overrides) for overrides in expand("paper_text")}
+    models = {"openclip_vitg14", "conch", "medclip", "biomedclip"}
+    assert {m for _, _, m in jobs} == models
+    assert len(jobs) == 6 * 4 * 4
+    paper = {job_key(overrides) for overrides in expand("paper")}
+    assert jobs == {job for job in paper if job[2] in models and job[0] in (28, 64, 128, 224)} - {
+        job for job in paper if job[1].endswith("3d")
+    }
+    cfg = compose_config(["experiment=paper_text", "model=conch", "cell=pathmnist@64"])
+    assert cfg.retrieval.query == "text" and cfg.data.size == 64
+
+
+def test_report_puts_text_rows_beside_image_rows() -> None:
+    from omegaconf import OmegaConf
+
+    from cbmir.report.collect import _with_query
+
+    text = OmegaConf.create({"retrieval": {"query": "text"}})
+    image = OmegaConf.create({"retrieval": {"query": "image"}})
+    assert _with_query("", text) == "text" and _with_query("k=10", text) == "text,k=10"
+    assert _with_query("", image) == "" and _with_query("", None) == ""

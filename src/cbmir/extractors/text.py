@@ -258,11 +258,114 @@ def conch_tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     return F.pad(tokens["input_ids"], (0, 1), value=tokenizer.pad_token_id)
 
 
+# -- MedCLIP ----------------------------------------------------------------------------------
+MEDCLIP_BERT = "emilyalsentzer/Bio_ClinicalBERT"
+MEDCLIP_TARGET = "cbmir.extractors.medclip.MedClipExtractor"
+
+
+class MedClipTextTower(nn.Module):
+    """MedCLIP's `MedCLIPTextModel`: BERT, the mean over tokens of hidden states 1, 2 and the
+    last, averaged, then `projection_head` (Linear, no bias); names as in MedCLIP's checkpoint."""
+
+    def __init__(self, config: Any, proj_dim: int = 512) -> None:
+        super().__init__()
+        from transformers import BertModel
+
+        self.model = BertModel(config)
+        self.projection_head = nn.Linear(config.hidden_size, proj_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        )
+        hidden = out.hidden_states
+        layers = torch.stack([hidden[1], hidden[2], hidden[-1]])  # [3, B, T, W]
+        return self.projection_head(layers.permute(1, 0, 2, 3).mean(2).mean(1))
+
+
+class MedClipText(nn.Module):
+    """MedCLIP's text path: `MedCLIPModel.encode_text` (normalised), Bio_ClinicalBERT tokens.
+
+    Upstream pools over every position, padding included, so a prompt's vector would depend
+    on the other prompts of its batch; each prompt is tokenised and embedded alone (no padding).
+    """
+
+    def __init__(
+        self,
+        pretrained: bool = True,
+        checkpoint: str | None = None,
+        cache_dir: str | None = None,
+        trust_checkpoint: bool = False,
+        seed: int = 0,
+        bert_type: str = MEDCLIP_BERT,
+        **_image_only: Any,
+    ) -> None:
+        super().__init__()
+        from .medclip import download_weights
+
+        config, self.tokenizer = _bert_files(bert_type)
+
+        def build() -> nn.Module:
+            holder = nn.Module()
+            holder.text_model = MedClipTextTower(config)
+            return holder
+
+        if checkpoint or pretrained:
+            holder = build()
+            path = str(checkpoint) if checkpoint else str(download_weights(cache_dir))
+            self.weights = weights_identity(path)
+            load_into(
+                holder,
+                path,
+                label="MedCLIP's text model (BERT + projection)",
+                ignore_unexpected=(r"^(?!text_model\.)", r"position_ids$"),
+                trust=trust_checkpoint,
+            )
+        else:
+            holder = build_random(build, seed)
+            self.weights = {"random": random_identity(seed, "transformers")}
+        self.text_model = holder.text_model
+        self._ident = {"text_tower": "medclip", "bert": bert_type, "weights": self.weights}
+        self.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        device = next(self.text_model.parameters()).device
+        rows = []
+        for text in texts:
+            tokens = self.tokenizer(text, truncation=True, max_length=77, return_tensors="pt")
+            rows.append(
+                self.text_model(
+                    tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+                )[0]
+            )
+        return F.normalize(torch.stack(rows).float(), dim=-1)
+
+    def text_identity(self) -> dict[str, Any]:
+        return dict(self._ident)
+
+
+def _bert_files(bert_type: str) -> tuple[Any, Any]:
+    """BERT's config and tokenizer (a hub repository, cached, or a local folder)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        return AutoConfig.from_pretrained(bert_type), AutoTokenizer.from_pretrained(bert_type)
+    except OSError as exc:
+        from . import hub
+
+        raise CbmirError(
+            f"MedCLIP's text tower needs {bert_type}'s config and tokenizer, which are not "
+            f"cached and could not be downloaded ({type(exc).__name__}). {hub.OFFLINE_HELP}"
+        ) from None
+
+
 # -- registry ---------------------------------------------------------------------------------
 #: image extractor class (a model config's `_target_`) -> its text tower
 TEXT_TOWERS: dict[str, Callable[..., TextEncoder]] = {
     OPEN_CLIP_TARGET: OpenClipText,
     CONCH_TARGET: ConchText,
+    MEDCLIP_TARGET: MedClipText,
 }
 #: model settings the text protocol needs so the stored image features are in the shared space
 SHARED_SPACE: dict[str, dict[str, Any]] = {
