@@ -202,3 +202,39 @@ def test_medclip_text_equals_medclip_text_model(tmp_path) -> None:
             rows.append(projection(stacked.permute(1, 0, 2, 3).mean(2).mean(1))[0])
     reference = F.normalize(torch.stack(rows), dim=-1)
     torch.testing.assert_close(tower.encode_text(PROMPTS), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_biomedclip_style_hf_text_equals_custom_text_clip(tmp_path) -> None:
+    """BiomedCLIP's layout: an open_clip config whose text tower is a Hugging Face BERT
+    (`hf_model_name`, its own tokenizer), under `text.*` in the checkpoint."""
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    folder, _ = tiny_bert_dir(tmp_path)
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": TINY_TEXT_CLIP["vision_cfg"],
+        "text_cfg": {
+            "hf_model_name": str(folder),
+            "hf_tokenizer_name": str(folder),
+            "hf_proj_type": "mlp",
+            "hf_pooler_type": "cls_last_hidden_state_pooler",
+            "context_length": 16,
+            "hf_model_pretrained": False,  # as open_clip.create_model with a CLIP checkpoint
+        },
+    }
+    torch.manual_seed(9)
+    model = open_clip.model.CustomTextCLIP(**copy.deepcopy(cfg)).eval()
+    torch.save(model.state_dict(), tmp_path / "biomedclip.pt")
+    (tmp_path / "biomedclip.json").write_text(json.dumps({"model_cfg": cfg}))
+    tower = text_towers.build_text_encoder(
+        {
+            "_target_": text_towers.OPEN_CLIP_TARGET,
+            "model_name": "hf-hub:someone/tiny-biomedclip",
+            "model_config": str(tmp_path / "biomedclip.json"),
+            "checkpoint": str(tmp_path / "biomedclip.pt"),
+        }
+    )
+    with torch.no_grad():
+        reference = model.encode_text(HFTokenizer(str(folder), context_length=16)(PROMPTS), True)
+    torch.testing.assert_close(tower.encode_text(PROMPTS), reference, rtol=1e-5, atol=1e-6)

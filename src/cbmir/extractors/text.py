@@ -79,6 +79,8 @@ class OpenClipText(nn.Module):
         text_cfg = dict(cfg.get("text_cfg") or {})
         if not text_cfg:
             raise ConfigError(f"open_clip config of {model_name!r} has no text_cfg: no text tower")
+        if text_cfg.get("hf_model_name"):  # weights from the CLIP file, never the bare BERT's
+            text_cfg["hf_model_pretrained"] = False
         # CLIP keeps its text tower at the top level, CustomTextCLIP (HF text) under `text.`
         self._custom = bool(cfg.get("custom_text")) or bool(text_cfg.get("hf_model_name"))
         embed_dim, quick_gelu = int(cfg["embed_dim"]), bool(cfg.get("quick_gelu", False))
