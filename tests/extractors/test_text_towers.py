@@ -238,3 +238,15 @@ def test_biomedclip_style_hf_text_equals_custom_text_clip(tmp_path) -> None:
     with torch.no_grad():
         reference = model.encode_text(HFTokenizer(str(folder), context_length=16)(PROMPTS), True)
     torch.testing.assert_close(tower.encode_text(PROMPTS), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_text_tower_without_its_package_is_refused_up_front(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "conch" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match="conch-fork"):
+        text_towers.check_text_tower({"_target_": text_towers.CONCH_TARGET}, "conch")
+    text_towers.check_text_tower({"_target_": text_towers.MEDCLIP_TARGET}, "medclip")

@@ -393,13 +393,26 @@ def models_with_text_tower() -> list[str]:
     return names
 
 
+#: packages a text tower needs beyond cbmir's own dependencies
+TEXT_PACKAGES: dict[str, tuple[str, str]] = {
+    CONCH_TARGET: ("conch", "CONCH's text tower needs CONCH's code (pip install conch-fork)"),
+    MEDCLIP_TARGET: ("transformers", "MedCLIP's text tower needs pip install transformers"),
+}
+
+
 def check_text_tower(model_cfg: Mapping[str, Any], model_name: str) -> None:
-    """A ConfigError naming the models that have a text tower, before any weights load."""
+    """A ConfigError naming the models that have a text tower (or the missing package),
+    before any data is read or weights load."""
+    import importlib.util
+
     if not has_text_tower(model_cfg):
         raise ConfigError(
             f"retrieval.query=text needs a model with a text tower; {model_name!r} has none. "
             f"Choose one of: {', '.join(models_with_text_tower())}"
         )
+    package, hint = TEXT_PACKAGES.get(str(model_cfg.get("_target_")), ("", ""))
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"{hint}; it is not installed")
 
 
 def shared_space_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
