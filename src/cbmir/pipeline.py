@@ -22,6 +22,7 @@ from cbmir.embedding import (
     parse_channels_last,
 )
 from cbmir.extractors import weights_file
+from cbmir.extractors.text import build_text_encoder
 from cbmir.extractors.text import shared_space_config as text_shared_space
 from cbmir.figures.text_gallery import write_text_gallery
 from cbmir.io_utils import write_json, write_text
@@ -94,6 +95,8 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
         )
     with weights_file.recording() as weights_files:  # the files the weights came from
         extractor = instantiate(model_cfg)
+        if text:  # its text tower too, before any embedding (tokenizer, weights: docs/text.md)
+            text_encoder = build_text_encoder(OmegaConf.to_container(model_cfg, resolve=True))
     embedder = FrozenEmbedder(
         extractor,
         channels_last=channels_last,
@@ -154,7 +157,8 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
             store=store,
             database_key=keys[datamodule.database_split],
             output_dir=output_dir,
-            model_cfg=OmegaConf.to_container(model_cfg, resolve=True),
+            model_cfg=None,
+            encoder=text_encoder,
             prompts=prompts,
             label_names=datamodule.label_names,
             k=settings.k,

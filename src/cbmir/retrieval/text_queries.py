@@ -205,17 +205,22 @@ class TextRetrievalCallback(Callback):
         store: EmbeddingStore,
         database_key: str,
         output_dir: str | Path,
-        model_cfg: Mapping[str, Any],
+        model_cfg: Mapping[str, Any] | None,
         prompts: Mapping[int, Sequence[str]],
         label_names: Mapping[int, str],
         k: int,
         acc_ks: Sequence[int],
         embedded_now: Sequence[str] = (),
         data_facts: Mapping[str, Any] | None = None,
+        encoder: Any = None,
     ) -> None:
+        """`encoder`: the text tower, built already (the pipeline builds it with the image
+        extractor, so a missing tokenizer stops the job before the embedding); else it is
+        built from `model_cfg` when the search runs."""
+        self.encoder = encoder
         self.store, self.database_key = store, database_key
         self.output_dir = Path(output_dir)
-        self.model_cfg = dict(model_cfg)
+        self.model_cfg = dict(model_cfg or {})
         self.prompts = {int(c): list(p) for c, p in prompts.items()}
         self.label_names = dict(label_names)
         self.k, self.acc_ks = int(k), tuple(acc_ks)
@@ -231,7 +236,7 @@ class TextRetrievalCallback(Callback):
 
         database = self.store.load(self.database_key)
         started = time.perf_counter()
-        encoder = build_text_encoder(self.model_cfg)
+        encoder = self.encoder if self.encoder is not None else build_text_encoder(self.model_cfg)
         vectors = class_queries(encoder, self.prompts)
         distances, indices, similarity = text_search(vectors, database.embeddings, self.k)
         class_ids = list(self.prompts)
