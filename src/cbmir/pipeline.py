@@ -22,11 +22,15 @@ from cbmir.embedding import (
     parse_channels_last,
 )
 from cbmir.extractors import weights_file
+from cbmir.extractors.text import build_text_encoder
+from cbmir.extractors.text import shared_space_config as text_shared_space
 from cbmir.figures.gallery import DEFAULT_N_QUERIES, write_gallery
+from cbmir.figures.text_gallery import write_text_gallery
 from cbmir.io_utils import write_json, write_text
 from cbmir.resume import find_finished, hold_job_dir, job_record
+from cbmir.retrieval import text_queries
 from cbmir.retrieval.callback import RetrievalCallback
-from cbmir.retrieval.settings import RetrievalSettings
+from cbmir.retrieval.settings import TEXT_QUERY_KEYS, RetrievalSettings
 from cbmir.runner import build_loggers, finish_loggers
 from cbmir.store import EmbeddingStore
 from cbmir.validation import check_data, validate_job
@@ -65,8 +69,16 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     datamodule.prepare_data()
     datamodule.setup("predict")
     check_data(settings, datamodule)  # k vs the database size, labels that rank trivially
+    text = text_queries.query_mode(cfg.retrieval) == "text"
+    if text:  # prompts from the label names, checked before any weights load
+        prompts = text_queries.dataset_prompts(cfg.retrieval, datamodule)
+        model_cfg = OmegaConf.create(
+            text_shared_space(OmegaConf.to_container(model_cfg, resolve=True))
+        )
     with weights_file.recording() as weights_files:  # the files the weights came from
         extractor = instantiate(model_cfg)
+        if text:  # its text tower too, before any embedding (tokenizer, weights: docs/text.md)
+            text_encoder = build_text_encoder(OmegaConf.to_container(model_cfg, resolve=True))
     embedder = FrozenEmbedder(
         extractor,
         channels_last=channels_last,
@@ -80,6 +92,8 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     splits = [datamodule.query_split, datamodule.database_split]
     keys = {split: embedder.store_key(datamodule.identity(split)) for split in splits}
     missing = [s for s in dict.fromkeys(splits) if not store.has(keys[s])]
+    if text:  # text queries need only the database's images
+        missing = [s for s in missing if s == datamodule.database_split]
     dim = embedder.output_dim(tuple(datamodule.image_shape))
     plan = [
         PlannedEntry(
@@ -105,16 +119,38 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     loggers = build_loggers(cfg)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    retrieval: RetrievalCallback = instantiate(  # k, distance, ... from `cfg.retrieval`
-        cfg.retrieval,
-        store=store,
-        query_key=keys[datamodule.query_split],
-        database_key=keys[datamodule.database_split],
-        output_dir=output_dir,
-        embedded_now=missing,
-        data_facts=datamodule.data_facts(),
-        metrics=settings.metrics,
-    )
+    if text:  # the class prompts search the database split (docs/text.md)
+        retrieval: RetrievalCallback | text_queries.TextRetrievalCallback = (
+            text_queries.TextRetrievalCallback(
+                store=store,
+                database_key=keys[datamodule.database_split],
+                output_dir=output_dir,
+                model_cfg=None,
+                encoder=text_encoder,
+                prompts=prompts,
+                label_names=datamodule.label_names,
+                k=settings.k,
+                acc_ks=settings.acc_ks,
+                embedded_now=missing,
+                data_facts=datamodule.data_facts(),
+            )
+        )
+    else:
+        image_queries = {  # k, distance, ... from `cfg.retrieval`, less the text protocol's keys
+            key: value
+            for key, value in OmegaConf.to_container(cfg.retrieval, resolve=True).items()
+            if key not in TEXT_QUERY_KEYS
+        }
+        retrieval = instantiate(
+            image_queries,
+            store=store,
+            query_key=keys[datamodule.query_split],
+            database_key=keys[datamodule.database_split],
+            output_dir=output_dir,
+            embedded_now=missing,
+            data_facts=datamodule.data_facts(),
+            metrics=settings.metrics,
+        )
     writer = EmbeddingStoreWriter(store, plan)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, retrieval], logger=loggers)
     status = "failed"
@@ -125,15 +161,20 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
             trainer.predict(embedder, datamodule=datamodule, return_predictions=False)
         else:
             retrieval.evaluate(trainer)
-        write_gallery(  # example queries: PNG (+ W&B)
-            datamodule,
-            output_dir,
-            OmegaConf.select(cfg, "gallery.n_queries", default=DEFAULT_N_QUERIES),
-            seed=cfg.get("seed", 0),
-            run_name=cfg.get("run_name", ""),
-            distance=cfg.retrieval.distance,
-            loggers=loggers,
-        )
+        n_queries = OmegaConf.select(cfg, "gallery.n_queries", default=DEFAULT_N_QUERIES)
+        run_name = cfg.get("run_name", "")
+        if text:  # top-k images per class prompt
+            write_text_gallery(datamodule, output_dir, n_queries, run_name=run_name)
+        else:
+            write_gallery(  # example queries: PNG (+ W&B)
+                datamodule,
+                output_dir,
+                n_queries,
+                seed=cfg.get("seed", 0),
+                run_name=run_name,
+                distance=cfg.retrieval.distance,
+                loggers=loggers,
+            )
         status = "success"
     finally:
         finish_loggers(loggers, status)

@@ -46,6 +46,7 @@ import cbmir
 from cbmir.config import is_multirun, is_true
 from cbmir.errors import ConfigError
 from cbmir.io_utils import file_version, release, try_lock
+from cbmir.retrieval.metric_set import PAPER_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
         else copy.deepcopy(cfg)
     )
     assert isinstance(tree, dict)
+    _drop_unused_text_settings(tree)
     for dotted in VOLATILE_PATHS:
         *parents, leaf = dotted.split(".")
         node: Any = tree
@@ -98,6 +100,20 @@ def fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
             node.pop(leaf, None)
     text = json.dumps({"cbmir": cbmir.__version__, "config": tree}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _drop_unused_text_settings(tree: dict[str, Any]) -> None:
+    """Image queries never read `retrieval.query`/`prompts`: leave them out of the fingerprint,
+    so jobs finished before those keys existed still count as finished."""
+    retrieval = tree.get("retrieval")
+    if not isinstance(retrieval, dict):
+        return
+    if retrieval.get("query", "image") == "image":
+        retrieval.pop("query", None)
+        retrieval.pop("prompts", None)
+    # the paper's metric set is what every job computed before `retrieval.metrics` existed
+    if list(retrieval.get("metrics", PAPER_METRICS)) == list(PAPER_METRICS):
+        retrieval.pop("metrics", None)
 
 
 def resume_enabled(cfg: DictConfig) -> bool:

@@ -105,7 +105,18 @@ def check_config(cfg: DictConfig) -> RetrievalSettings:
     split_model_config(cfg.model)  # model.volume
     check_precision(cfg.trainer.get("precision", "32-true"))
     check_accelerator(cfg.trainer.get("accelerator", "auto"))
+    check_text_queries(cfg)
     return RetrievalSettings.from_config(cfg.retrieval)
+
+
+def check_text_queries(cfg: DictConfig) -> None:
+    """`retrieval.query=text`: a model with a text tower and valid prompts (docs/text.md)."""
+    from cbmir.extractors.text import check_text_tower
+    from cbmir.retrieval.text_queries import PromptSettings, query_mode
+
+    if query_mode(cfg.retrieval) == "text":
+        check_text_tower(cfg.model, str(cfg.model.get("name", "?")))
+        PromptSettings.from_config(cfg.retrieval.get("prompts"))
 
 
 def writable_dir(path: str | os.PathLike, key: str, hint: str) -> Path:

@@ -18,7 +18,7 @@ from cbmir.report.reference import load_reference
 from cbmir.sweeps import parse_cell
 from tests.helpers import compose_config, config_options
 
-PRESETS = ("paper", "paper_cnn", "paper_3d", "smoke")
+PRESETS = ("paper", "paper_cnn", "paper_3d", "paper_text", "smoke")
 
 
 def expand(experiment: str) -> list[list[str]]:

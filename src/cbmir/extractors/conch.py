@@ -69,6 +69,7 @@ class ConchVisual(nn.Module):
         embed_dim: int = 512,
         pooler_heads: int = 8,
         n_queries: int = 1,
+        project: bool = False,
     ) -> None:
         super().__init__()
         from open_clip.transformer import AttentionalPooler
@@ -88,6 +89,8 @@ class ConchVisual(nn.Module):
             d_model=embed_dim, context_dim=width, n_head=pooler_heads, n_queries=n_queries
         )
         self.ln_contrast = nn.LayerNorm(embed_dim)
+        if project:  # into the image-text space (text retrieval only, `proj_contrast=True`)
+            self.proj_contrast = nn.Parameter(torch.randn(embed_dim, embed_dim) * embed_dim**-0.5)
 
     def forward_no_head(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         tokens = self.trunk.forward_features(x)
@@ -116,6 +119,7 @@ class ConchExtractor(ModelTransform, Extractor):
         architecture: dict[str, Any] | None = None,
         trust_checkpoint: bool = False,
         seed: int = 0,
+        proj_contrast: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown CONCH backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -123,6 +127,8 @@ class ConchExtractor(ModelTransform, Extractor):
         self.checkpoint = str(checkpoint) if checkpoint else None
         self.backend = backend
         self.normalize = bool(normalize)
+        # the paper's features skip the contrastive projection; text retrieval needs it
+        self.proj_contrast = bool(proj_contrast)
         arch = {"image_size": 448, **dict(architecture or {})}
         self._arch = arch
         hint = "Is it CONCH's pytorch_model.bin (MahmoodLab/conch)?"
@@ -147,9 +153,11 @@ class ConchExtractor(ModelTransform, Extractor):
                 )
             else:
                 visual = (
-                    _builtin_visual(arch, path, trust_checkpoint)
+                    _builtin_visual(arch, path, trust_checkpoint, self.proj_contrast)
                     if path is not None
-                    else build_random(lambda: _builtin_visual(arch, None, False), seed)
+                    else build_random(
+                        lambda: _builtin_visual(arch, None, False, self.proj_contrast), seed
+                    )
                 )
         super().__init__(
             input_size=input_size,
@@ -165,7 +173,11 @@ class ConchExtractor(ModelTransform, Extractor):
         self._dim = int(arch.get("embed_dim", 512))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual.forward_no_head(x, normalize=self.normalize)
+        if not self.proj_contrast:
+            return self.visual.forward_no_head(x, normalize=self.normalize)
+        # CoCa.encode_image(x, proj_contrast=True): pooled @ proj_contrast, then normalised
+        projected = self.visual.forward_no_head(x) @ self.visual.proj_contrast
+        return F.normalize(projected, dim=-1) if self.normalize else projected
 
     def output_dim(self, image_shape: tuple[int, ...] | None = None) -> int:
         return self._dim
@@ -177,14 +189,17 @@ class ConchExtractor(ModelTransform, Extractor):
             architecture=self._arch,
             weights=self.weights,
             normalize=self.normalize,
-            features="encode_image(proj_contrast=False)",
+            features=f"encode_image(proj_contrast={self.proj_contrast})",
         )
         # both backends compute the same function: the store key does not depend on it
         return ident
 
 
-def _builtin_visual(arch: dict[str, Any], path: str | None, trust: bool) -> nn.Module:
-    tower = _Tower(ConchVisual(**arch))
+def _builtin_visual(
+    arch: dict[str, Any], path: str | None, trust: bool, project: bool = False
+) -> nn.Module:
+    tower = _Tower(ConchVisual(**arch, project=project))
+    unused = r"|proj_contrast" if not project else ""
     if path is not None:
         load_into(
             tower,
@@ -193,7 +208,7 @@ def _builtin_visual(arch: dict[str, Any], path: str | None, trust: bool) -> nn.M
             # the text tower, the captioning pooler and the unused projection
             ignore_unexpected=(
                 r"^(?!visual\.)",
-                r"^visual\.(attn_pool_caption|ln_caption|proj_contrast|head)\b",
+                rf"^visual\.(attn_pool_caption|ln_caption|head{unused})\b",
             ),
             trust=trust,
         )

@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (query embedding)")
     parser.add_argument("--tile", type=int, default=112, help="tile side in the grid, pixels")
+    parser.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="SENTENCE",
+        help="search the --run's database with words (repeatable; models with a text tower: "
+        "docs/text.md)",
+    )
     return parser
 
 
@@ -137,6 +145,10 @@ def _table(item, indices, distances, database_labels, names, multilabel: bool) -
 
 
 def query(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.text:
+        from cbmir.query.text import text_query
+
+        return text_query(args, out, err)
     files, overrides = _split_inputs(args.inputs)
     _check_args(args, files)
 

@@ -89,6 +89,14 @@ def _setting(job: Path) -> str:
     return ",".join(extra_overrides(str(o) for o in overrides or []))
 
 
+def _with_query(setting: str, cfg: DictConfig | None) -> str:
+    """Text-query jobs (`retrieval.query=text`) are a setting of their own: "text" leads it, so
+    their rows sit beside the image rows ("BiomedCLIP (text)") and never replace them."""
+    if _select(cfg, "retrieval.query", "image") != "text":
+        return setting
+    return ",".join(part for part in ("text", setting) if part)
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -139,7 +147,7 @@ def job_row(job: Path, sweep_dir: Path) -> dict[str, Any]:
         "dataset": dataset,
         "dataset_paper": dataset_paper_name(dataset),
         "size": int(size) if isinstance(size, int) or str(size).isdigit() else None,
-        "setting": _setting(job),
+        "setting": _with_query(_setting(job), cfg),
         "synthetic": bool(_select(cfg, "data.synthetic", False)),
         "pretrained": bool(_select(cfg, "model.pretrained", True)),
         "data_verified": None,
@@ -156,6 +164,9 @@ def job_row(job: Path, sweep_dir: Path) -> dict[str, Any]:
                 if key in cis:
                     row[f"{col}_low"] = 100.0 * cis[key][0]
                     row[f"{col}_high"] = 100.0 * cis[key][1]
+        for key in ("zero_shot_acc", "zero_shot_balanced_acc"):  # text queries (docs/text.md)
+            if isinstance(metrics.get(key), int | float):
+                row[key] = 100.0 * float(metrics[key])
         for key in ("n_queries", "n_database", "k", "distance", "embed_seconds", "search_seconds"):
             row[key] = metrics.get(key)
         row["embedded_now"] = ",".join(metrics.get("embedded_now") or [])

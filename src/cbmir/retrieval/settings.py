@@ -18,7 +18,10 @@ from cbmir.errors import ConfigError
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 
 #: the keys of a `retrieval` config (configs/retrieval/paper.yaml)
-RETRIEVAL_KEYS = ("k", "distance", "acc_ks", "device", "search", "backend", "faiss")
+RETRIEVAL_KEYS = ("k", "distance", "acc_ks", "metrics", "device", "search", "backend", "faiss")
+#: keys of the text protocol (`retrieval.query=text`, `cbmir.retrieval.text_queries`), not of
+#: the image-query callback that `instantiate(cfg.retrieval)` builds
+TEXT_QUERY_KEYS = ("query", "prompts")
 DISTANCES = ("euclidean", "cosine")
 BACKENDS = ("torch", "faiss")
 FAISS_KINDS = ("flat", "ivf", "hnsw")
@@ -78,9 +81,10 @@ def check_keys(conf: Mapping[str, Any]) -> None:
     """Only known `retrieval` keys: `instantiate(cfg.retrieval)` passes every key to the
     callback, and a misspelt one would otherwise fail there, after the weights are loaded.
     Hydra's own keys (`_target_`, ...) start with an underscore."""
-    unknown = sorted(k for k in conf if k not in RETRIEVAL_KEYS and not str(k).startswith("_"))
+    known = RETRIEVAL_KEYS + TEXT_QUERY_KEYS
+    unknown = sorted(k for k in conf if k not in known and not str(k).startswith("_"))
     if unknown:
-        raise ConfigError(f"unknown retrieval key(s) {unknown}; allowed {list(RETRIEVAL_KEYS)}")
+        raise ConfigError(f"unknown retrieval key(s) {unknown}; allowed {list(known)}")
 
 
 def check_backend(backend: Any) -> str:

@@ -1,0 +1,316 @@
+"""Text-to-image retrieval (`retrieval.query=text`): one text query per class.
+
+Each class's query is built from prompt templates x the class's name (or its descriptions in
+`retrieval.prompts.classes`); the text tower embeds every prompt once, and the class query is the
+CLIP-practice ensemble: normalise each prompt's vector, average, renormalise. The database split's
+image embeddings come from the store (embedded once through the normal path if missing). Search
+is by cosine similarity (the space the towers were trained in), whatever `retrieval.distance`
+says. Scoring uses the same metric code as image queries, with the class as the query's label;
+zero-shot classification of every database image against the class queries comes for free.
+
+Docs: docs/text.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from cbmir.errors import ConfigError, DataError
+from cbmir.io_utils import write_json, write_npz
+from cbmir.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+QUERY_MODES = ("image", "text")
+#: CLIP-style templates; `{}` is replaced by the class name or description
+DEFAULT_TEMPLATES = (
+    "a medical image of {}.",
+    "an image showing {}.",
+    "a photo of {}.",
+    "{}.",
+)
+#: the distance text queries are searched with (CLIP's training objective)
+TEXT_DISTANCE = "cosine"
+
+
+def query_mode(retrieval: Mapping[str, Any]) -> str:
+    """`retrieval.query`: image (the paper's protocol, default) or text."""
+    mode = retrieval.get("query", "image") or "image"
+    if mode not in QUERY_MODES:
+        raise ConfigError(f"retrieval.query={mode!r}; choose one of {', '.join(QUERY_MODES)}")
+    return str(mode)
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """Validated `retrieval.prompts`: templates, and per-class descriptions replacing names."""
+
+    templates: tuple[str, ...]
+    classes: dict[int, tuple[str, ...]]
+
+    @classmethod
+    def from_config(cls, prompts: Mapping[str, Any] | None) -> PromptSettings:
+        from cbmir.config import to_plain
+
+        prompts = dict(to_plain(prompts or {}))
+        unknown = sorted(set(prompts) - {"templates", "classes"})
+        if unknown:
+            raise ConfigError(
+                f"unknown retrieval.prompts key(s) {unknown}; allowed: templates, classes"
+            )
+        templates = prompts.get("templates")
+        templates = DEFAULT_TEMPLATES if templates is None else templates
+        if isinstance(templates, str) or not isinstance(templates, Sequence) or not templates:
+            raise ConfigError(
+                "retrieval.prompts.templates must be a non-empty list of sentences with {} where "
+                f"the class name goes, got {templates!r}"
+            )
+        for template in templates:
+            if not isinstance(template, str) or template.count("{}") != 1:
+                raise ConfigError(
+                    f"every retrieval.prompts.templates entry needs exactly one {{}} (the class "
+                    f"name), got {template!r}"
+                )
+        return cls(tuple(templates), _class_descriptions(prompts.get("classes")))
+
+    def class_prompts(self, label_names: Mapping[int, str]) -> dict[int, list[str]]:
+        """Every class's prompts (templates x its descriptions, default its label name)."""
+        unknown = sorted(set(self.classes) - set(label_names))
+        if unknown:
+            raise ConfigError(
+                f"retrieval.prompts.classes names class ids {unknown} that the data does not "
+                f"have; its classes: {dict(sorted(label_names.items()))}"
+            )
+        out = {}
+        for cid, name in sorted(label_names.items()):
+            descriptions = self.classes.get(cid) or (str(name),)
+            if not all(d.strip() for d in descriptions):
+                raise DataError(f"class {cid} has an empty name or description; name it in "
+                                "retrieval.prompts.classes")  # fmt: skip
+            out[cid] = [t.format(d) for d in descriptions for t in self.templates]
+        return out
+
+
+def _class_descriptions(classes: Any) -> dict[int, tuple[str, ...]]:
+    """{class id: description or list of descriptions} -> {id: (descriptions...)}."""
+    if classes is None:
+        return {}
+    if not isinstance(classes, Mapping):
+        raise ConfigError(
+            f"retrieval.prompts.classes must map class ids to descriptions, got {classes!r}"
+        )
+    out: dict[int, tuple[str, ...]] = {}
+    for key, value in classes.items():
+        try:
+            cid = int(key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"retrieval.prompts.classes key {key!r} is not a class id") from None
+        values = (value,) if isinstance(value, str) else tuple(value or ())
+        if not values or not all(isinstance(v, str) and v.strip() for v in values):
+            raise ConfigError(
+                f"retrieval.prompts.classes[{cid}] must be a description or a non-empty list of "
+                f"them, got {value!r}"
+            )
+        out[cid] = values
+    return out
+
+
+def dataset_prompts(retrieval: Mapping[str, Any], datamodule: Any) -> dict[int, list[str]]:
+    """The class prompts of a prepared datamodule (its `label_names`), checked before any
+    weights load: a dataset without class names is a clear error."""
+    names = dict(getattr(datamodule, "label_names", None) or {})
+    if not names:
+        raise DataError(
+            f"{getattr(datamodule, 'name', 'the data')} has no class names to build text "
+            "queries from; set data.label_names or retrieval.prompts.classes"
+        )
+    return PromptSettings.from_config(retrieval.get("prompts")).class_prompts(names)
+
+
+def class_queries(encoder: Any, prompts: Mapping[int, Sequence[str]]) -> torch.Tensor:
+    """[C, D] class vectors: each prompt embedded once (one batch), normalised, averaged per
+    class, renormalised (the CLIP prompt ensemble)."""
+    flat = [p for cid in prompts for p in prompts[cid]]
+    vectors = F.normalize(encoder.encode_text(flat).float(), dim=-1)
+    out, start = [], 0
+    for cid in prompts:
+        n = len(prompts[cid])
+        out.append(vectors[start : start + n].mean(dim=0))
+        start += n
+    return F.normalize(torch.stack(out), dim=-1)
+
+
+def query_labels(class_ids: Sequence[int], database_labels: np.ndarray) -> np.ndarray:
+    """Each class query's label in the database's format: its id, or a one-hot row for N x L
+    multi-label data (relevant: the image has that label)."""
+    labels = np.asarray(database_labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        rows = np.zeros((len(class_ids), labels.shape[1]), dtype=labels.dtype)
+        rows[np.arange(len(class_ids)), list(class_ids)] = 1
+        return rows
+    return np.asarray(class_ids, dtype=np.int64).reshape(-1, 1)
+
+
+def zero_shot(
+    scores: torch.Tensor, class_ids: Sequence[int], database_labels: np.ndarray
+) -> dict[str, float | None]:
+    """Accuracy and balanced accuracy of labelling every database image with its most similar
+    class query (single-label data; None for multi-label, where one class per image is wrong)."""
+    labels = np.asarray(database_labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        return {"zero_shot_acc": None, "zero_shot_balanced_acc": None}
+    truth = labels.reshape(-1).astype(np.int64)
+    predicted = np.asarray(class_ids)[scores.argmax(dim=1).cpu().numpy()]
+    recalls = [float((predicted[truth == c] == c).mean()) for c in np.unique(truth)]
+    return {
+        "zero_shot_acc": float((predicted == truth).mean()),
+        "zero_shot_balanced_acc": float(np.mean(recalls)),
+    }
+
+
+def text_search(
+    class_vectors: torch.Tensor, database: np.ndarray, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cosine distances [C, k], indices [C, k], similarities [N, C]) of the class queries."""
+    with warnings.catch_warnings():  # a read-only memory map, never written to
+        warnings.simplefilter("ignore", UserWarning)
+        db = F.normalize(torch.as_tensor(np.asarray(database)).float(), dim=-1)
+    if db.shape[1] != class_vectors.shape[1]:
+        raise DataError(
+            f"text vectors have {class_vectors.shape[1]} dimensions but the stored image "
+            f"embeddings {db.shape[1]}: the store entry is not from this model's shared space"
+        )
+    similarity = db @ class_vectors.T  # [N, C]
+    top, indices = similarity.T.topk(k, dim=1)
+    return 1.0 - top, indices, similarity
+
+
+class TextRetrievalCallback(Callback):
+    """Runs the class text queries against the database split once its embeddings exist."""
+
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        database_key: str,
+        output_dir: str | Path,
+        model_cfg: Mapping[str, Any] | None,
+        prompts: Mapping[int, Sequence[str]],
+        label_names: Mapping[int, str],
+        k: int,
+        acc_ks: Sequence[int],
+        embedded_now: Sequence[str] = (),
+        data_facts: Mapping[str, Any] | None = None,
+        encoder: Any = None,
+    ) -> None:
+        """`encoder`: the text tower, built already (the pipeline builds it with the image
+        extractor, so a missing tokenizer stops the job before the embedding); else it is
+        built from `model_cfg` when the search runs."""
+        self.encoder = encoder
+        self.store, self.database_key = store, database_key
+        self.output_dir = Path(output_dir)
+        self.model_cfg = dict(model_cfg or {})
+        self.prompts = {int(c): list(p) for c, p in prompts.items()}
+        self.label_names = dict(label_names)
+        self.k, self.acc_ks = int(k), tuple(acc_ks)
+        self.embedded_now = list(embedded_now)
+        self.data_facts = dict(data_facts or {})
+        self.metrics: dict[str, Any] | None = None
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.evaluate(trainer)
+
+    def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
+        from cbmir.extractors.text import build_text_encoder
+
+        database = self.store.load(self.database_key)
+        started = time.perf_counter()
+        encoder = self.encoder if self.encoder is not None else build_text_encoder(self.model_cfg)
+        vectors = class_queries(encoder, self.prompts)
+        distances, indices, similarity = text_search(vectors, database.embeddings, self.k)
+        class_ids = list(self.prompts)
+        metrics = self._score(indices, class_ids, np.asarray(database.labels))
+        metrics.update(zero_shot(similarity, class_ids, np.asarray(database.labels)))
+        metrics.update(
+            query="text",
+            n_queries=len(class_ids),
+            n_database=int(len(database.labels)),
+            k=self.k,
+            distance=TEXT_DISTANCE,
+            backend="torch",
+            search_seconds=time.perf_counter() - started,
+            embed_seconds=float(database.manifest.get("embed_seconds", 0.0)),
+            embedded_now=self.embedded_now,
+            database_entry=str(database.path),
+            prompts={self.label_names.get(c, str(c)): self.prompts[c] for c in class_ids},
+            text_tower=encoder.text_identity(),
+            **self.data_facts,
+        )
+        self._write(metrics, indices, distances, class_ids, database.labels, trainer)
+        return metrics
+
+    def _score(
+        self, indices: torch.Tensor, class_ids: list[int], db_labels: np.ndarray
+    ) -> dict[str, Any]:
+        from cbmir.retrieval import compute_retrieval_metrics
+
+        result = compute_retrieval_metrics(
+            indices,
+            query_labels(class_ids, db_labels),
+            db_labels,
+            map_k=self.k,
+            acc_ks=self.acc_ks,
+            mmv_k=self.k,
+            return_per_query=True,
+        )
+        per_query = result.pop("per_query")
+        metrics: dict[str, Any] = {name: float(v) for name, v in result.items()}
+        metrics["per_class"] = {
+            self.label_names.get(c, str(c)): {m: float(per_query[m][i]) for m in per_query}
+            for i, c in enumerate(class_ids)
+        }
+        return metrics
+
+    def _write(
+        self,
+        metrics: dict[str, Any],
+        indices: torch.Tensor,
+        distances: torch.Tensor,
+        class_ids: list[int],
+        db_labels: np.ndarray,
+        trainer: L.Trainer | None,
+    ) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_npz(
+            self.output_dir / "neighbors.npz",
+            indices=indices.cpu().numpy(),
+            distances=distances.cpu().numpy(),
+            query_labels=query_labels(class_ids, db_labels),
+            query_texts=np.asarray([self.label_names.get(c, str(c)) for c in class_ids]),
+        )
+        write_json(self.output_dir / "metrics.json", metrics)
+        if trainer is not None:
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            for logger in trainer.loggers:
+                logger.log_metrics(numeric)
+                logger.save()
+        summary = ", ".join(f"{n}={metrics[n]:.4f}" for n in metrics if "@" in n)
+        log.info(
+            "text retrieval: %s, zero-shot acc %s (%d class queries, %d database)",
+            summary,
+            metrics.get("zero_shot_acc"),
+            metrics["n_queries"],
+            metrics["n_database"],
+        )
+        self.metrics = metrics
