@@ -15,15 +15,21 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cbmir.distributed import (
+    DistributedStoreWriter,
+    check_launch,
+    hold_job_dir_once,
+    is_launch_primary,
+    part_ranks,
+)
 from cbmir.embedding import (
-    EmbeddingStoreWriter,
     FrozenEmbedder,
     PlannedEntry,
     parse_channels_last,
 )
 from cbmir.extractors import weights_file
 from cbmir.io_utils import write_json, write_text
-from cbmir.resume import find_finished, hold_job_dir, job_record
+from cbmir.resume import find_finished, job_record
 from cbmir.retrieval.callback import RetrievalCallback
 from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.store import EmbeddingStore
@@ -63,17 +69,20 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `metrics.json`), holding its output
     directory so that no other process runs a job there meanwhile (`cbmir.resume`)."""
     settings = validate_job(cfg)  # every setting and path, before any data or weights
-    with hold_job_dir(Path(cfg.paths.output_dir)):
+    check_launch(cfg.trainer)  # DDP: one job, never a sweep's
+    with hold_job_dir_once(Path(cfg.paths.output_dir)):  # ranks > 0 run inside rank 0's hold
         return _run_retrieval(cfg, settings)
 
 
 def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
-    finished = find_finished(cfg)  # resumable sweeps: same config, results exist -> skip
+    primary = is_launch_primary()  # DDP ranks > 0 embed their share and write nothing else
+    finished = find_finished(cfg) if primary else None  # same config, results exist -> skip
     if finished is not None:
         return finished
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if primary:
+        write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # cheap validation first (dataset, size, files), heavy work (weights, embedding) after
@@ -138,7 +147,7 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
         embedded_now=missing,
         data_facts=datamodule.data_facts(),
     )
-    writer = EmbeddingStoreWriter(store, plan)
+    writer = DistributedStoreWriter(store, plan)  # one device: EmbeddingStoreWriter
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, retrieval], logger=loggers)
     status = "failed"
     try:
@@ -146,6 +155,11 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
         if plan:
             datamodule.predict_splits = missing
             trainer.predict(embedder, datamodule=datamodule, return_predictions=False)
+            if trainer.world_size > 1:  # DDP: rank 0 searches, scores and writes the outputs
+                if not part_ranks(trainer):
+                    status = "success"
+                    return {}
+                retrieval.evaluate(trainer)
         else:
             retrieval.evaluate(trainer)
         write_gallery(cfg, datamodule, output_dir, loggers)  # example queries: PNG (+ W&B)
