@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -305,3 +306,7 @@ class DistributedStoreWriter(EmbeddingStoreWriter):
         for temp in self.temps:  # any rank: the shared temporaries, before the launcher
             shutil.rmtree(temp, ignore_errors=True)  # kills the other ranks
         self.shards, self.temps = [], []
+        if trainer.is_global_zero:  # ranks > 0 would wait in a collective for ever
+            kill = getattr(trainer.strategy.launcher, "kill", None)  # the local launcher's
+            if kill is not None:
+                kill(signal.SIGKILL)
