@@ -13,6 +13,9 @@ ones (medmnist INFO `n_samples`: test queries, train database).
 Projection (`--fraction F`, 0 < F <= 1): each split embeds ceil(F * n) images (at least 1
 query, 5 database), and the job's embedding seconds are projected linearly, split by split:
 measured seconds x n / ceil(F * n) (images/s is what is measured; F=1 measures everything).
+This is an upper bound at small fractions: each split's fixed cost (predict loop start, store
+entry open and publish, a few seconds on a loaded CPU) is scaled with the images; compare the
+images/s of a cell with few images against one with many.
 One warm-up batch per job runs before the clock starts (a real job pays it once, a tiny
 fraction would otherwise be dominated by it); building the model is not counted.
 Search: `--search full` searches random vectors of the job's real dimension at the real split
@@ -228,15 +231,17 @@ def report(timings: list[JobTiming], n_grid: int, args) -> None:
     print(f"\n{'model':<18}{'cell':<18}{'dim':>7}{'embedded':>10}{'img/s':>9}"
           f"{'embed s (full)':>16}{'search s':>10}")  # fmt: skip
     for t in timings:
-        print(f"{t.model:<18}{t.cell:<18}{t.dim:>7}{t.embedded:>10}{t.images_per_second:>9.1f}"
+        print(f"{t.model:<18}{t.cell:<18}{t.dim:>7}{t.embedded:>10}{t.images_per_second:>9.3g}"
               f"{t.embed_seconds_full:>16.1f}{t.search_seconds:>10.2f}")  # fmt: skip
     print("\nimages/s per extractor and size (embedded images / measured seconds)")
-    groups: dict[tuple[str, int], list[JobTiming]] = {}
+    groups: dict[tuple[str, str, int], list[JobTiming]] = {}
     for t in timings:
-        groups.setdefault((t.model, parse_cell(t.cell)[1]), []).append(t)
-    for (model, size), ts in sorted(groups.items()):
+        flag, size = parse_cell(t.cell)
+        groups.setdefault((t.model, "3D" if catalog.is_3d(flag) else "2D", size), []).append(t)
+    for (model, kind, size), ts in sorted(groups.items()):
         rate = sum(t.embedded for t in ts) / sum(t.embed_seconds for t in ts)
-        print(f"  {model:<18} {size:>4} px  {rate:9.1f} images/s")
+        unit = "volumes/s" if kind == "3D" else "images/s"
+        print(f"  {model:<18} {kind} {size:>4} px  {rate:9.3g} {unit}")
     embed_h = sum(t.embed_seconds_full for t in timings) / 3600
     search_h = sum(t.search_seconds for t in timings) / 3600
     print(
@@ -288,7 +293,7 @@ def main() -> None:
                 timings.append(run_job(model, make, cell, Path(tmp), args))
                 t = timings[-1]
                 print(f"{model} {cell}: {t.embedded} images in {t.embed_seconds:.2f}s "
-                      f"({t.images_per_second:.1f}/s), search {t.search_seconds:.2f}s",
+                      f"({t.images_per_second:.3g}/s), search {t.search_seconds:.2f}s",
                       flush=True)  # fmt: skip
     report(timings, len(grid_models) * len(grid_cells), args)
     if args.json:
