@@ -15,8 +15,14 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cbmir.distributed import (
+    DistributedStoreWriter,
+    check_launch,
+    hold_job_dir_once,
+    is_launch_primary,
+    part_ranks,
+)
 from cbmir.embedding import (
-    EmbeddingStoreWriter,
     FrozenEmbedder,
     PlannedEntry,
     parse_channels_last,
@@ -27,7 +33,7 @@ from cbmir.extractors.text import shared_space_config as text_shared_space
 from cbmir.figures.gallery import DEFAULT_N_QUERIES, write_gallery
 from cbmir.figures.text_gallery import write_text_gallery
 from cbmir.io_utils import write_json, write_text
-from cbmir.resume import find_finished, hold_job_dir, job_record
+from cbmir.resume import find_finished, job_record
 from cbmir.retrieval import text_queries
 from cbmir.retrieval.callback import RetrievalCallback
 from cbmir.retrieval.settings import TEXT_QUERY_KEYS, RetrievalSettings
@@ -49,17 +55,20 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `metrics.json`), holding its output
     directory so that no other process runs a job there meanwhile (`cbmir.resume`)."""
     settings = validate_job(cfg)  # every setting and path, before any data or weights
-    with hold_job_dir(Path(cfg.paths.output_dir)):
+    check_launch(cfg.trainer)  # DDP: one job, never a sweep's
+    with hold_job_dir_once(Path(cfg.paths.output_dir)):  # ranks > 0 run inside rank 0's hold
         return _run_retrieval(cfg, settings)
 
 
 def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
-    finished = find_finished(cfg)  # resumable sweeps: same config, results exist -> skip
+    primary = is_launch_primary()  # DDP ranks > 0 embed their share and write nothing else
+    finished = find_finished(cfg) if primary else None  # same config, results exist -> skip
     if finished is not None:
         return finished
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if primary:
+        write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # cheap validation first (dataset, size, files), heavy work (weights, embedding) after
@@ -151,7 +160,7 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
             data_facts=datamodule.data_facts(),
             metrics=settings.metrics,
         )
-    writer = EmbeddingStoreWriter(store, plan)
+    writer = DistributedStoreWriter(store, plan)  # one device: EmbeddingStoreWriter
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[writer, retrieval], logger=loggers)
     status = "failed"
     try:
@@ -159,6 +168,11 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
         if plan:
             datamodule.predict_splits = missing
             trainer.predict(embedder, datamodule=datamodule, return_predictions=False)
+            if trainer.world_size > 1:  # DDP: rank 0 searches, scores and writes the outputs
+                if not part_ranks(trainer):
+                    status = "success"
+                    return {}
+                retrieval.evaluate(trainer)
         else:
             retrieval.evaluate(trainer)
         n_queries = OmegaConf.select(cfg, "gallery.n_queries", default=DEFAULT_N_QUERIES)

@@ -98,6 +98,24 @@ class EmbeddingStore:
         return removed
 
 
+def checked_batch(rows: np.ndarray, values: np.ndarray, dim: int) -> np.ndarray:
+    """One batch of embeddings as float32 [B, dim], refused when its shape is wrong or a row is
+    NaN / Inf (every writer checks before anything reaches an entry)."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 2 or values.shape[1] != dim:
+        raise EmbeddingError(
+            f"extractor returned embeddings of shape {values.shape}; expected [batch, {dim}]"
+        )
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise EmbeddingError(
+            f"{int(bad.sum())} of {len(values)} embeddings in a batch are NaN or Inf "
+            f"(first dataset rows: {np.asarray(rows)[bad][:5].tolist()}); the extractor is "
+            "numerically unstable here (try trainer.precision=32-true) — no metrics are computed"
+        )
+    return values
+
+
 class EntryWriter:
     """Fills one entry batch by batch, then publishes it atomically (or throws it away)."""
 
@@ -123,19 +141,7 @@ class EntryWriter:
         self.started = time.perf_counter()
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float32)
-        if values.ndim != 2 or values.shape[1] != self.array.shape[1]:
-            raise EmbeddingError(
-                f"extractor returned embeddings of shape {values.shape}; "
-                f"expected [batch, {self.array.shape[1]}]"
-            )
-        bad = ~np.isfinite(values).all(axis=1)
-        if bad.any():
-            raise EmbeddingError(
-                f"{int(bad.sum())} of {len(values)} embeddings in a batch are NaN or Inf "
-                f"(first dataset rows: {rows[bad][:5].tolist()}); the extractor is numerically "
-                "unstable here (try trainer.precision=32-true) — no metrics are computed"
-            )
+        values = checked_batch(rows, values, self.array.shape[1])
         self.array[rows] = values
         self.written[rows] = True
 

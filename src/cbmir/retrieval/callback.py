@@ -75,7 +75,8 @@ class RetrievalCallback(Callback):
         self.per_query: dict[str, np.ndarray] | None = None
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.evaluate(trainer)
+        if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
+            self.evaluate(trainer)
 
     def _search_device(self) -> str:
         if self.device == "auto":

@@ -229,7 +229,8 @@ class TextRetrievalCallback(Callback):
         self.metrics: dict[str, Any] | None = None
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.evaluate(trainer)
+        if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
+            self.evaluate(trainer)
 
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
         from cbmir.extractors.text import build_text_encoder
