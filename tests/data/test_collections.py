@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from tests.data.collection_files import (
+    DICOM16_TAGS,
     digits,
     sorted_items,
     volumes,
@@ -315,3 +316,20 @@ def test_input_files_name_the_tree_and_every_file(tmp_path):
     files = module(root, tmp_path).input_files()
     assert root in files and root / "train" / "a" in files
     assert (root / "test" / "b" / "1.png").resolve() in files
+
+
+def test_query_files_in_dicom_and_nifti_are_decoded_like_the_collection(tmp_path):
+    import nibabel as nib
+
+    from cbmir.query.inputs import ItemSpec, load_query
+
+    image = digits(1)[0][0]
+    dcm = write_dicom(tmp_path / "q.dcm", image.astype(np.uint16) * 257, **DICOM16_TAGS)
+    item = load_query(dcm, ItemSpec((1, 28, 28), False))
+    np.testing.assert_array_equal(item.image[0].numpy(), image)
+    vol = volumes(1, depth=5)[0][0]
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "q.nii.gz")
+    item = load_query(tmp_path / "q.nii.gz", ItemSpec((5, 28, 28), True))
+    np.testing.assert_array_equal(item.image.numpy(), vol)
+    windowed = load_query(dcm, ItemSpec((1, 28, 28), False), window=(0.0, 65535.0))
+    assert not np.array_equal(windowed.image[0].numpy(), image)  # the database's window applies
