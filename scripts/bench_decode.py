@@ -61,7 +61,7 @@ def second_run(root: Path, cache: Path) -> tuple[float, float]:
     """(seconds to find the cache valid, seconds to read every image from it)."""
     start = time.perf_counter()
     collection = folder_collection(root, cache, 0, {"train": 0.8, "test": 0.2})
-    folder = prepare_collection(collection, DecodeSettings(), cache, "bench")
+    folder, _ = prepare_collection(collection, DecodeSettings(), cache, "bench")
     checked = time.perf_counter()
     total = 0
     for split in ("train", "test"):
@@ -84,14 +84,19 @@ def main() -> None:
         print(f"writing {args.n} PNG files ({args.size} px RGB) into {root} ...", flush=True)
         write_pngs(root, args.n, args.size)
     files = sorted(root.rglob("*.png"))
-    results: dict[str, list[float]] = {"bare Pillow loop": [], "cbmir 0 workers": [],
-                                       "cbmir 2 workers": []}
+    results: dict[str, list[float]] = {
+        "bare Pillow loop": [],
+        "cbmir 0 workers": [],
+        "cbmir 2 workers": [],
+    }
     for r in range(args.rounds):
         results["bare Pillow loop"].append(bare_loop(files))
         results["cbmir 0 workers"].append(cbmir_decode(root, cache, 0))
         results["cbmir 2 workers"].append(cbmir_decode(root, cache, 2))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()),
-              flush=True)
+        print(
+            f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()),
+            flush=True,
+        )
     bare = statistics.median(results["bare Pillow loop"])
     print(f"\n{len(files)} PNG files, {args.size} px, median of {args.rounds} rounds")
     for name, rates in results.items():
@@ -99,8 +104,10 @@ def main() -> None:
         print(f"  {name:18s} {med:8.0f} files/s   {med / bare:5.2f}x bare")
     check, read = second_run(root, cache)
     decode_s = len(files) / statistics.median(results["cbmir 0 workers"])
-    print(f"second run: cache check {check:.3f} s + read all {read:.3f} s = "
-          f"{100 * (check + read) / decode_s:.2f}% of the 0-worker decode ({decode_s:.1f} s)")
+    print(
+        f"second run: cache check {check:.3f} s + read all {read:.3f} s = "
+        f"{100 * (check + read) / decode_s:.2f}% of the 0-worker decode ({decode_s:.1f} s)"
+    )
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -333,3 +333,20 @@ def test_query_files_in_dicom_and_nifti_are_decoded_like_the_collection(tmp_path
     np.testing.assert_array_equal(item.image.numpy(), vol)
     windowed = load_query(dcm, ItemSpec((1, 28, 28), False), window=(0.0, 65535.0))
     assert not np.array_equal(windowed.image[0].numpy(), image)  # the database's window applies
+
+
+def test_runs_with_other_settings_or_changed_files_never_mix_caches(tmp_path):
+    root = tree(tmp_path / "s")
+    small = CollectionDataModule(root, cache_dir=tmp_path / "cache")
+    small.prepare_data()
+    big = module(root, tmp_path, size=16)  # another run, other settings, meanwhile
+    small.setup()
+    assert small.image_shape == (1, 8, 8) and big.image_shape == (1, 16, 16)
+    assert small.images("train").shape == (4, 8, 8)
+
+    stale = CollectionDataModule(root, cache_dir=tmp_path / "cache")
+    stale.prepare_data()
+    Image.new("L", (8, 8), 77).save(root / "train" / "a" / "0.png")
+    module(root, tmp_path)  # another run decodes the changed file into the same folder
+    with pytest.raises(DataError, match=r"was replaced by another run"):
+        stale.setup()

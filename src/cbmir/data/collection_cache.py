@@ -75,10 +75,16 @@ def collection_key(collection: Collection, settings: DecodeSettings, on_error: s
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def cache_dir_for(collection: Collection, cache_root: Path, name: str) -> Path:
-    """One folder per source (file or folder), replaced when its key changes."""
-    ident = hashlib.sha256(os.path.realpath(collection.source).encode()).hexdigest()[:12]
-    return cache_root / f"{name}-{ident}"
+def cache_dir_for(
+    collection: Collection, cache_root: Path, name: str, settings: DecodeSettings, on_error: str
+) -> Path:
+    """One folder per source and decode settings: runs with other settings never replace it
+    under each other; a changed file replaces it (a run still reading the old one notices, see
+    `RetrievalDataModule.dataset`)."""
+    ident = json.dumps(
+        [os.path.realpath(collection.source), settings.identity(), on_error], sort_keys=True
+    )
+    return cache_root / f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
 
 def trusted(target: Path, key: str) -> dict[str, Any] | None:
@@ -335,16 +341,16 @@ def prepare_collection(
     on_error: str = "stop",
     query_split: str = "test",
     database_split: str = "train",
-) -> Path:
-    """The decoded folder of `collection`: reused while its key holds, else decoded (once, by
-    one process) and installed atomically."""
+) -> tuple[Path, str]:
+    """(the decoded folder of `collection`, its key): reused while the key holds, else decoded
+    (once, by one process) and installed atomically."""
     if on_error not in ON_ERROR:
         raise ConfigError(f"data.on_error must be stop or skip, not {on_error!r}.")
     check_collection(collection, query_split, database_split)
     key = collection_key(collection, settings, on_error)
-    target = cache_dir_for(collection, cache_root, name)
+    target = cache_dir_for(collection, cache_root, name, settings, on_error)
     if trusted(target, key) is not None:
-        return target
+        return target, key
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -356,7 +362,7 @@ def prepare_collection(
         if locked:
             remove_temporaries(target)  # only dead writers' (a live one would hold the lock)
         if trusted(target, key) is not None:  # another process decoded it meanwhile
-            return target
+            return target, key
         log.info("decoding %s (%d files) into %s", collection.source, len(collection.rows), target)
         tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
@@ -376,7 +382,7 @@ def prepare_collection(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     read_manifest(target)
-    return target
+    return target, key
 
 
 def _install(tmp: Path, target: Path) -> None:

@@ -16,7 +16,7 @@ from cbmir.data.collection_cache import SKIPPED, prepare_collection
 from cbmir.data.datamodule import RetrievalDataModule
 from cbmir.data.decode import DecodeSettings
 from cbmir.data.files import read_manifest
-from cbmir.errors import ConfigError
+from cbmir.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class CollectionDataModule(RetrievalDataModule):
         self.decode_workers = decode_workers
         self._collection: Collection | None = None
         self._decoded: Path | None = None
+        self._key: str | None = None
         if synthetic or not verify:
             log.info("data=%s uses your files as they are; synthetic/verify change nothing", kind)
 
@@ -108,7 +109,7 @@ class CollectionDataModule(RetrievalDataModule):
     def _prepare(self) -> Path:
         if self._decoded is None:
             assert self.cache_dir is not None
-            self._decoded = prepare_collection(
+            self._decoded, self._key = prepare_collection(
                 self.collection,
                 self.settings,
                 self.cache_dir,
@@ -121,6 +122,11 @@ class CollectionDataModule(RetrievalDataModule):
         return self._decoded
 
     def _check_manifest(self, manifest: dict[str, Any], npy_dir: Path) -> None:
+        if manifest["source"].get("key") != self._key:  # replaced since it was prepared
+            raise DataError(
+                f"The decoded cache of {self.npz_file} in {npy_dir} was replaced by another run "
+                f"(its files changed); run again."
+            )
         if manifest.get("skipped"):
             log.warning(
                 "%d unreadable files were left out of %s (data.on_error=skip): see %s",
