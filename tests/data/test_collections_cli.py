@@ -111,6 +111,7 @@ def test_unreadable_file_is_one_line_exit_2_before_embedding(tmp_path):
         check=False,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "1 unreadable files:" in proc.stderr and "broken.png" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    said = proc.stdout + proc.stderr
+    assert "1 unreadable files:" in said and "broken.png" in said
+    assert "Traceback" not in said
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.npy"))
