@@ -316,6 +316,13 @@ def test_input_files_name_the_tree_and_every_file(tmp_path):
     files = module(root, tmp_path).input_files()
     assert root in files and root / "train" / "a" in files
     assert (root / "test" / "b" / "1.png").resolve() in files
+    series = tmp_path / "series"
+    for z in range(2):
+        write_dicom(series / f"{z}.dcm", np.full((8, 8), z, np.uint8))
+    table = tmp_path / "vols.csv"
+    table.write_text(f"path,label,split\n{series},a,train\n{series},a,test\n")
+    files = module(table, tmp_path, kind="csv").input_files()
+    assert table in files and series / "1.dcm" in files  # a slice edited in place counts
 
 
 def test_query_files_in_dicom_and_nifti_are_decoded_like_the_collection(tmp_path):

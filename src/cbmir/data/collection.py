@@ -169,6 +169,7 @@ def folder_collection(
     root: Path, cache_dir: Path, seed: int, fractions: Mapping[str, float]
 ) -> Collection:
     """`root/<split>/<class>/<file>`, or `root/<class>/<file>` with a drawn split."""
+    root = root.resolve()  # once: items are listed from it, so their paths are absolute too
     if not root.is_dir():
         raise DataError(
             f"data.path={root} is not a folder; data=folder expects DIR/<class>/<file>"
@@ -197,7 +198,7 @@ def folder_collection(
         raise DataError(f"{root} holds no images; expected DIR/<class>/<file>.")
     names = sorted({cls for _, cls, _ in items})
     ids = {name: i for i, name in enumerate(names)}
-    rows = [Row(path.resolve(), (ids[cls],), split) for path, cls, split in sorted(items)]
+    rows = [Row(path, (ids[cls],), split) for path, cls, split in sorted(items)]
     return Collection(root, "folder", rows, names, False, sorted(set(inputs)))
 
 
@@ -309,7 +310,10 @@ def table_collection(
         split_of, split_path = drawn_split(files, labels, cache_dir, path, seed, fractions)
         splits = [split_of[f] for f in files]
         inputs.append(split_path)
-    rows = [Row(f.resolve(), lab, s) for f, lab, s in zip(files, labels, splits, strict=True)]
+    rows = [  # absolute, `..` folded without a stat per path component
+        Row(Path(os.path.abspath(f)), lab, s)
+        for f, lab, s in zip(files, labels, splits, strict=True)
+    ]
     if not rows:
         raise DataError(f"{path} lists no files.")
     multilabel = bool(columns.labels) or len(rows[0].labels) > 1

@@ -2,7 +2,7 @@
 (`{split}_images.npy`, `{split}_labels.npy`, `manifest.json`), and reuse it while its key holds.
 
 The key is the manifest (every file's path, labels, split), each file's version stamp
-(`cbmir.io_utils.file_version`: size, mtime, ctime, inode, device), the decode settings and
+(the fields of `cbmir.io_utils.file_version`: size, mtime, ctime, inode, device), the decode settings and
 format version, and the decoding libraries' versions. Stamps, not content hashes: reading every
 file to hash it costs about what decoding it costs, which would defeat the cache; and a stamp
 cannot be faked by `cp -p`/`rsync -a` (they keep size and mtime, but the ctime and inode are
@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass, replace
 from importlib.metadata import version
@@ -37,7 +38,7 @@ from cbmir.data.files import FORMAT_VERSION as NPY_FORMAT
 from cbmir.data.files import MANIFEST, read_manifest
 from cbmir.data.locks import exclusive, remove_temporaries
 from cbmir.errors import ConfigError, DataError
-from cbmir.io_utils import file_version, write_json, write_text
+from cbmir.io_utils import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,21 @@ ON_ERROR = ("stop", "skip")
 _FLUSH_BYTES = 256 * 2**20
 
 
-def _versions(path: Path) -> list[dict[str, Any]]:
+def _stamp(st: os.stat_result) -> list[int]:
+    """`cbmir.io_utils.file_version` without the real path (the row's path is in the key
+    already, and resolving every path costs a stat per path component)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _versions(path: Path) -> list[list[int]]:
     """The stamps that a row's content depends on (a DICOM folder: itself and every slice)."""
-    stamps = [file_version(path)]
-    if path.is_dir():
-        stamps += [file_version(p) for p in sorted(path.iterdir()) if p.is_file()]
+    try:
+        st = os.stat(path)
+        stamps = [_stamp(st)]
+        if stat.S_ISDIR(st.st_mode):
+            stamps += [_stamp(os.stat(p)) for p in sorted(path.iterdir()) if p.is_file()]
+    except FileNotFoundError:
+        raise DataError(f"{path} disappeared while the collection was read; run again.") from None
     return stamps
 
 

@@ -152,9 +152,11 @@ class CollectionDataModule(RetrievalDataModule):
 
     def input_files(self) -> list[Path]:
         """What a re-launched job must find unchanged to reuse its results: the table or folder
-        tree (folders: their listing), a drawn split's file, and every item's file."""
-        rows = self.collection.rows
-        return [*self.collection.inputs, *dict.fromkeys(r.path for r in rows)]
+        tree (folders: their listing), a drawn split's file, every item's file, and each
+        slice of a DICOM series folder (editing a slice in place leaves its folder's stamp)."""
+        items = dict.fromkeys(r.path for r in self.collection.rows)
+        slices = [p for item in items if item.is_dir() for p in sorted(item.iterdir())]
+        return [*self.collection.inputs, *items, *(p for p in slices if p.is_file())]
 
     def data_facts(self) -> dict[str, Any]:
         facts = super().data_facts()
