@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 SKIPPED = "skipped_files.txt"
 ON_ERROR = ("stop", "skip")
-_FLUSH_BYTES = 256 * 2**20
+_COPY_BYTES = 256 * 2**20
 
 
 def _stamp(st: os.stat_result) -> list[int]:
@@ -226,7 +226,6 @@ def _decode_split(
         collate_fn=_as_list,
     )
     kept: list[Row] = []
-    unflushed = 0
     with tqdm(total=len(rows), desc=f"decoding {split}", unit="file", mininterval=2) as bar:
         for batch in loader:
             for index, array, error in batch:
@@ -242,13 +241,8 @@ def _decode_split(
                     continue
                 images[len(kept)] = array
                 kept.append(rows[index])
-                unflushed += array.nbytes
-            if unflushed > _FLUSH_BYTES:  # bound the dirty pages
-                images.flush()
-                unflushed = 0
             bar.update(len(batch))
-    images.flush()
-    del images
+    del images  # no msync: the kernel writes the pages back (and throttles dirty ones) itself
     failures.settle()
     if len(kept) < len(rows):
         _truncate(out, len(kept), plan.shape)
@@ -260,10 +254,9 @@ def _truncate(path: Path, n: int, shape: tuple[int, ...]) -> None:
     old = np.load(path, mmap_mode="r")
     tmp = path.with_name(path.name + ".part")
     new = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
-    step = max(1, _FLUSH_BYTES // max(1, int(np.prod(shape))))
+    step = max(1, _COPY_BYTES // max(1, int(np.prod(shape))))
     for start in range(0, n, step):
         new[start : start + step] = old[start : start + step]
-    new.flush()
     del new, old
     os.replace(tmp, path)
 

@@ -87,6 +87,8 @@ def kind_of(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
+    if name.endswith(PICTURE_SUFFIXES):  # no extra open for the common case
+        return "picture"
     if name.endswith(".dcm") or _has_dicm(path):
         return "dicom"
     return "picture"
