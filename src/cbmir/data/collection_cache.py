@@ -25,7 +25,7 @@ import shutil
 import stat
 import uuid
 from dataclasses import dataclass, replace
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +66,15 @@ def _versions(path: Path) -> list[list[int]]:
     return stamps
 
 
-def _library_versions() -> dict[str, str]:
-    return {name: version(name) for name in ("pillow", "pydicom", "nibabel", "numpy", "torch")}
+def _library_versions() -> dict[str, str | None]:
+    """The decoders' versions (None: not installed; then no file of theirs decodes)."""
+    found: dict[str, str | None] = {}
+    for name in ("pillow", "pydicom", "nibabel", "numpy", "torch"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def collection_key(collection: Collection, settings: DecodeSettings, on_error: str) -> str:

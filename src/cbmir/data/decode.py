@@ -103,6 +103,13 @@ def _has_dicm(path: Path) -> bool:
         return False
 
 
+def _missing(exc: ModuleNotFoundError, path: Path) -> str:
+    return (
+        f"{path} needs {exc.name}, which is not installed: pip install 'cbmir[collections]' "
+        f"(pydicom, nibabel, pyarrow)."
+    )
+
+
 # --------------------------------------------------------------------------- headers
 
 
@@ -119,6 +126,8 @@ def read_header(path: Path) -> Header:
         return _series_header(path)
     except DecodeError:
         raise
+    except ModuleNotFoundError as exc:
+        raise DataError(_missing(exc, path)) from None
     except Exception as exc:  # each library raises its own types; the file is what matters
         raise DecodeError(
             f"{path}: not a readable {kind} file ({type(exc).__name__}: {exc})"
@@ -209,6 +218,8 @@ def read_item(path: Path, window: tuple[float, float] | None) -> np.ndarray:
         return _read_series(path, window)
     except DecodeError:
         raise
+    except ModuleNotFoundError as exc:
+        raise DataError(_missing(exc, path)) from None
     except Exception as exc:
         raise DecodeError(
             f"{path}: not a readable {kind} file ({type(exc).__name__}: {exc})"
