@@ -357,3 +357,12 @@ def test_runs_with_other_settings_or_changed_files_never_mix_caches(tmp_path):
     module(root, tmp_path)  # another run decodes the changed file into the same folder
     with pytest.raises(DataError, match=r"was replaced by another run"):
         stale.setup()
+
+
+def test_multi_page_tiff_refused(tmp_path):
+    from cbmir.data.decode import read_header
+
+    pages = [Image.new("L", (8, 8), v) for v in (1, 2)]
+    pages[0].save(tmp_path / "p.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(DataError, match=r"multi-frame picture \(2 frames\)"):
+        read_header(tmp_path / "p.tif")

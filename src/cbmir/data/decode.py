@@ -138,7 +138,8 @@ def _picture_header(path: Path) -> Header:
     try:
         with Image.open(path) as im:
             mode, (w, h) = im.mode, im.size
-            frames = getattr(im, "n_frames", 1)
+            # multi-page TIFF/GIF; asking a PNG would make Pillow scan it for APNG frames
+            frames = getattr(im, "n_frames", 1) if im.format in ("TIFF", "GIF", "MPO") else 1
     except UnidentifiedImageError:
         raise DecodeError(f"{path}: not a picture Pillow can read") from None
     if frames > 1:
