@@ -313,7 +313,9 @@ def test_unfinished_cache_folder_is_not_trusted(tmp_path):
 
 def test_input_files_name_the_tree_and_every_file(tmp_path):
     root = tree(tmp_path / "i")
-    files = module(root, tmp_path).input_files()
+    from cbmir.pipeline import input_files
+
+    files = input_files(module(root, tmp_path), [])  # what job.json stamps for resume
     assert root in files and root / "train" / "a" in files
     assert (root / "test" / "b" / "1.png").resolve() in files
     series = tmp_path / "series"
