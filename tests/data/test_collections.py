@@ -368,3 +368,33 @@ def test_multi_page_tiff_refused(tmp_path):
     pages[0].save(tmp_path / "p.tif", save_all=True, append_images=pages[1:])
     with pytest.raises(DataError, match=r"multi-frame picture \(2 frames\)"):
         read_header(tmp_path / "p.tif")
+
+
+def test_a_run_with_on_error_skip_lists_the_skipped_files_in_its_outputs(tmp_path):
+    import json
+
+    from tests.helpers import compose_config
+
+    from cbmir.pipeline import run_retrieval
+
+    root = tree(tmp_path / "r", n=4)
+    (root / "train" / "b" / "broken.png").write_bytes(b"\x89PNG cut")
+    out = tmp_path / "out"
+    cfg = compose_config(
+        [
+            "data=folder",
+            f"data.path={root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.on_error=skip",
+            "model=pixels",
+            "logger=csv",
+            "gallery.n_queries=0",
+            "trainer.enable_progress_bar=false",
+            f"paths.store={tmp_path / 'store'}",
+            f"paths.output_dir={out}",
+        ]
+    )
+    run_retrieval(cfg)
+    assert "broken.png" in (out / "skipped_files.txt").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_files"] == 1 and metrics["n_database"] == 8
