@@ -398,3 +398,34 @@ def test_a_run_with_on_error_skip_lists_the_skipped_files_in_its_outputs(tmp_pat
     assert "broken.png" in (out / "skipped_files.txt").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped_files"] == 1 and metrics["n_database"] == 8
+
+
+def test_multi_label_tables_by_columns_or_names(tmp_path):
+    from hydra.utils import instantiate
+    from tests.helpers import compose_config
+
+    tree(tmp_path / "c")
+    files = [f"c/{s}/{c}/{i}.png" for s in ("train", "test") for c in "ab" for i in (0, 1)]
+    splits = ["train"] * 4 + ["test"] * 4
+    ones = ["1,0", "1,1", "0,1", "1,0"] * 2
+    (tmp_path / "cols.csv").write_text(
+        "path,split,effusion,nodule\n"
+        + "".join(f"{f},{s},{o}\n" for f, s, o in zip(files, splits, ones, strict=True))
+    )
+    cfg = compose_config(
+        [
+            "data=csv",
+            f"data.path={tmp_path / 'cols.csv'}",
+            f"data.cache_dir={tmp_path / 'k'}",
+            "data.columns.labels=[effusion,nodule]",
+        ]
+    )
+    dm = instantiate(cfg.data)
+    dm.setup()
+    assert dm.multilabel and dm.label_names == {0: "effusion", 1: "nodule"}
+    np.testing.assert_array_equal(dm.labels("train"), [[1, 0], [1, 1], [0, 1], [1, 0]])
+    names = ["a", "a|b", "b", "a"] * 2
+    write_table(tmp_path / "names.csv", files, names, splits)
+    dm = module(tmp_path / "names.csv", tmp_path, kind="csv")
+    assert dm.multilabel and dm.label_names == {0: "a", 1: "b"}
+    np.testing.assert_array_equal(dm.labels("test"), [[1, 0], [1, 1], [0, 1], [1, 0]])

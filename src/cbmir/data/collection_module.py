@@ -11,7 +11,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cbmir.data.collection import Collection, Columns, folder_collection, table_collection
+from cbmir.data.collection import (
+    Collection,
+    Columns,
+    check_fractions,
+    folder_collection,
+    table_collection,
+)
 from cbmir.data.collection_cache import SKIPPED, prepare_collection
 from cbmir.data.datamodule import RetrievalDataModule
 from cbmir.data.decode import DecodeSettings
@@ -76,8 +82,6 @@ class CollectionDataModule(RetrievalDataModule):
         self.settings = DecodeSettings(size, resize, tuple(window) if window else None)
         self.on_error = on_error
         self.split_seed = int(split_seed)
-        from cbmir.data.collection import check_fractions
-
         self.split_fractions = check_fractions(split_fractions or {"train": 0.8, "test": 0.2})
         self.columns = _columns(columns or {})
         self.decode_workers = decode_workers
