@@ -208,6 +208,9 @@ def test_csv_errors_name_the_rows(tmp_path):
     with pytest.raises(DataError, match=r"lacks the column\(s\) label"):
         (tmp_path / "nolabel.csv").write_text("path,split\nc/train/a/0.png,train\n")
         module(tmp_path / "nolabel.csv", tmp_path, kind="csv")
+    (tmp_path / "empty.csv").write_text("path,label,split\n")
+    with pytest.raises(DataError, match=r"empty\.csv lists no files"):
+        module(tmp_path / "empty.csv", tmp_path, kind="csv")
     with pytest.raises(DataError, match=r"missing\.csv does not exist"):
         module(tmp_path / "missing.csv", tmp_path, kind="csv")
 

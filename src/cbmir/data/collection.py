@@ -282,6 +282,8 @@ def table_collection(
 ) -> Collection:
     """Rows of a table; paths relative to its folder unless absolute; no split column: drawn."""
     frame = read_table(path)
+    if len(frame) == 0:
+        raise DataError(f"{path} lists no files.")
     needed = [columns.path] + ([] if columns.labels else [columns.label])
     _require_columns(frame, path, needed)
     files = [Path(c).expanduser() for c in _cells(frame, columns.path)]
