@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 
 def input_files(datamodule: Any, weights_files: list[Path]) -> list[Path]:
     """Files a job's results depend on beyond its config: the data file and every weights file
-    the extractor was built from (local checkpoint or cached hub file)."""
-    return [Path(datamodule.npz_file), *weights_files]
+    the extractor was built from (local checkpoint or cached hub file); a collection names
+    its table or folders and every image file (`CollectionDataModule.input_files`)."""
+    data_files = getattr(datamodule, "input_files", None)
+    return [*(data_files() if data_files else [Path(datamodule.npz_file)]), *weights_files]
 
 
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
@@ -77,6 +79,8 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("predict")
+    if getattr(datamodule, "skipped_files", ""):  # data.on_error=skip: listed in the outputs
+        write_text(output_dir / "skipped_files.txt", datamodule.skipped_files)
     check_data(settings, datamodule)  # k vs the database size, labels that rank trivially
     text = text_queries.query_mode(cfg.retrieval) == "text"
     if text:  # prompts from the label names, checked before any weights load

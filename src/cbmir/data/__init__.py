@@ -1,4 +1,4 @@
-"""MedMNIST and custom-npz data: catalog facts, file handling, datasets and DataModules.
+"""MedMNIST, custom-npz and own-collection data: catalog facts, file handling, datasets and DataModules.
 
 Exports resolve lazily so that `cbmir.data.catalog` can be imported without Lightning.
 """
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "ArraySplitDataset": "cbmir.data.datasets",
+    "CollectionDataModule": "cbmir.data.collection_module",
     "MedMNISTDataModule": "cbmir.data.datamodule",
     "NpzDataModule": "cbmir.data.datamodule",
     "RetrievalDataModule": "cbmir.data.datamodule",
@@ -20,6 +21,7 @@ _EXPORTS = {
 }
 __all__ = [
     "ArraySplitDataset",
+    "CollectionDataModule",
     "MedMNISTDataModule",
     "NpzDataModule",
     "RetrievalDataModule",
@@ -31,6 +33,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from cbmir.data.catalog import check_flag_size
+    from cbmir.data.collection_module import CollectionDataModule
     from cbmir.data.datamodule import MedMNISTDataModule, NpzDataModule, RetrievalDataModule
     from cbmir.data.datasets import ArraySplitDataset
     from cbmir.data.files import convert_npz_to_npy

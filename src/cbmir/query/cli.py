@@ -105,7 +105,7 @@ def _check_args(args: argparse.Namespace, files: list[Path]) -> None:
     """Everything checkable before a config is read or a model built."""
     if not files and not args.index:
         raise ConfigError("give at least one query: a picture/.npy file or --index N")
-    missing = [str(f) for f in files if not f.is_file()]
+    missing = [str(f) for f in files if not f.exists()]  # a folder: a DICOM series
     if missing:
         raise DataError(f"query file(s) not found: {', '.join(missing)}")
     if args.k is not None:
@@ -164,7 +164,8 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
     from cbmir.query.inputs import QueryItem, load_query
 
     dm = db.datamodule
-    items: list[QueryItem] = [load_query(f, db.spec, args.strict) for f in files]
+    window = getattr(getattr(dm, "settings", None), "window", None)  # own collections
+    items: list[QueryItem] = [load_query(f, db.spec, args.strict, window) for f in files]
     if args.index:
         split = args.split or dm.query_split
         if split not in dm.splits:

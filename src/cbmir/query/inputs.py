@@ -69,14 +69,27 @@ class _Adapter:
         self.notes.append(what)
 
 
-def load_query(path: str | Path, spec: ItemSpec, strict: bool = False) -> QueryItem:
-    """Read a picture or `.npy` file and adapt it to `spec` (see the module's policy)."""
+def load_query(
+    path: str | Path,
+    spec: ItemSpec,
+    strict: bool = False,
+    window: tuple[float, float] | None = None,
+) -> QueryItem:
+    """Read a picture, DICOM (file or series folder), NIfTI or `.npy` file and adapt it to
+    `spec` (see the module's policy). DICOM and NIfTI go through the collections' readers
+    (`cbmir.data.decode`, with the database's `data.window`), so a query file is decoded as the
+    same file in the database was."""
+    from cbmir.data.decode import kind_of, read_item
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"query file {path} does not exist")
     suffix = path.suffix.lower()
     adapter = _Adapter(str(path), strict)
-    if suffix in ARRAY_SUFFIXES:
+    kind = kind_of(path)
+    if kind != "picture":  # dicom, dicom_series, nifti
+        image = _from_array(read_item(path, window), spec, adapter)
+    elif suffix in ARRAY_SUFFIXES:
         try:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
@@ -98,7 +111,7 @@ def load_query(path: str | Path, spec: ItemSpec, strict: bool = False) -> QueryI
     else:
         raise DataError(
             f"{path}: unsupported query file type {suffix or '(none)'}; use a picture "
-            f"({', '.join(PICTURE_SUFFIXES)}) or a .npy array"
+            f"({', '.join(PICTURE_SUFFIXES)}), DICOM, NIfTI or a .npy array"
         )
     return QueryItem(name=path.name, image=image, notes=adapter.notes)
 

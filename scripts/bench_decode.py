@@ -1,0 +1,116 @@
+"""Decoding throughput of own collections (docs/data.md) against a bare Pillow loop.
+
+Writes N PNG files (RGB, 224 px by default) as a class-folder tree, then, in alternating
+rounds: a bare loop (`Image.open` + `np.asarray`, one process), and cbmir's first-run decode
+(`prepare_collection`: headers, DataLoader decode into the memmap cache, checksum, install)
+with 0 and 2 workers, each into a fresh cache. Then the second run: the key check that finds
+the cache valid, and reading every image back from the memory map.
+
+    python scripts/bench_decode.py --n 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cbmir.data.collection import folder_collection
+from cbmir.data.collection_cache import prepare_collection
+from cbmir.data.decode import DecodeSettings
+
+
+def write_pngs(root: Path, n: int, size: int) -> None:
+    """n RGB pictures with smooth structure plus noise (PNG compresses them like photos)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        split, cls = ("train", "test")[i % 5 == 0], "ab"[i % 2]
+        folder = root / split / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        base = (np.sin(xx / (7 + i % 11)) + np.cos(yy / (5 + i % 13))) * 60 + 128
+        noise = rng.integers(-20, 20, size=(size, size, 3))
+        image = np.clip(base[:, :, None] + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / f"{i:06d}.png")
+
+
+def bare_loop(files: list[Path]) -> float:
+    """files/s of the plainest decode: open, decode, to an array."""
+    start = time.perf_counter()
+    for path in files:
+        with Image.open(path) as im:
+            np.asarray(im)
+    return len(files) / (time.perf_counter() - start)
+
+
+def cbmir_decode(root: Path, cache: Path, workers: int) -> float:
+    shutil.rmtree(cache, ignore_errors=True)
+    start = time.perf_counter()
+    collection = folder_collection(root, cache, 0, {"train": 0.8, "test": 0.2})
+    prepare_collection(collection, DecodeSettings(), cache, "bench", workers=workers)
+    return len(collection.rows) / (time.perf_counter() - start)
+
+
+def second_run(root: Path, cache: Path) -> tuple[float, float]:
+    """(seconds to find the cache valid, seconds to read every image from it)."""
+    start = time.perf_counter()
+    collection = folder_collection(root, cache, 0, {"train": 0.8, "test": 0.2})
+    folder, _ = prepare_collection(collection, DecodeSettings(), cache, "bench")
+    checked = time.perf_counter()
+    total = 0
+    for split in ("train", "test"):
+        images = np.load(folder / f"{split}_images.npy", mmap_mode="r")
+        for start_row in range(0, len(images), 256):
+            total += int(images[start_row : start_row + 256].sum(dtype=np.uint64) > 0)
+    return checked - start, time.perf_counter() - checked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20_000, help="PNG files (default 20000)")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
+    args = parser.parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="bench_decode_"))
+    root, cache = work / "pngs", work / "cache"
+    if not root.is_dir():
+        print(f"writing {args.n} PNG files ({args.size} px RGB) into {root} ...", flush=True)
+        write_pngs(root, args.n, args.size)
+    files = sorted(root.rglob("*.png"))
+    results: dict[str, list[float]] = {
+        "bare Pillow loop": [],
+        "cbmir 0 workers": [],
+        "cbmir 2 workers": [],
+    }
+    for r in range(args.rounds):
+        results["bare Pillow loop"].append(bare_loop(files))
+        results["cbmir 0 workers"].append(cbmir_decode(root, cache, 0))
+        results["cbmir 2 workers"].append(cbmir_decode(root, cache, 2))
+        print(
+            f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()),
+            flush=True,
+        )
+    bare = statistics.median(results["bare Pillow loop"])
+    print(f"\n{len(files)} PNG files, {args.size} px, median of {args.rounds} rounds")
+    for name, rates in results.items():
+        med = statistics.median(rates)
+        print(f"  {name:18s} {med:8.0f} files/s   {med / bare:5.2f}x bare")
+    check, read = second_run(root, cache)
+    decode_s = len(files) / statistics.median(results["cbmir 0 workers"])
+    print(
+        f"second run: cache check {check:.3f} s + read all {read:.3f} s = "
+        f"{100 * (check + read) / decode_s:.2f}% of the 0-worker decode ({decode_s:.1f} s)"
+    )
+    if args.dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
