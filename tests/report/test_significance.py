@@ -131,9 +131,8 @@ def copy_sweep(sweep: Path, to: Path) -> Path:
 def test_cd_diagram_of_synthetic_ranks(tmp_path) -> None:
     """Five extractors whose scores grow by a known step over eight datasets: the best two
     are joined by a bar, the best and the worst are not."""
-    from cbmir.report.figures import save_png
-
     from cbmir.figures.cd_diagram import cd_figure, cliques
+    from cbmir.figures.png import save_png
 
     rng = np.random.default_rng(0)
     names = ["VGG19", "ResNet50", "UNI", "CONCH", "pixels"]
