@@ -166,6 +166,7 @@ def test_text_protocol_end_to_end(tmp_path) -> None:
     assert metrics["n_database"] == 546
     assert 0.0 <= metrics["zero_shot_acc"] <= 1.0 and 0.0 <= metrics["map@5"] <= 1.0
     assert set(metrics["per_class"]) == {"malignant", "normal, benign"}
+    assert np.load(tmp_path / "run1" / "per_query.npz")["map@5"].shape == (2,)
     found = np.load(tmp_path / "run1" / "neighbors.npz")
     assert found["indices"].shape == (2, 5)
     assert (tmp_path / "run1" / "gallery.png").stat().st_size > 0
@@ -175,9 +176,14 @@ def test_text_protocol_end_to_end(tmp_path) -> None:
     env = cbmir_env(tmp_path)
     dirs = [f"paths.{key}={env[var]}" for key, var in PATH_VARS.items()]
     overrides = [*args, *dirs, "retrieval.prompts.templates=['a scan of {}']"]
+    overrides.append("retrieval.metrics=[map@k,map@r]")  # the configured metric set
     run_retrieval(compose_config([*overrides, f"paths.output_dir={tmp_path / 'run2'}"]))
     again = json.loads((tmp_path / "run2" / "metrics.json").read_text())
     assert again["embedded_now"] == []  # reused from the store
+    per_query = np.load(tmp_path / "run2" / "per_query.npz")
+    assert sorted(per_query.files) == ["map@5", "map@r"] and per_query["map@r"].shape == (2,)
+    assert again["map@r"] == pytest.approx(float(per_query["map@r"].mean()))
+    assert again["ci95"] == {}  # two class queries: no interval
     assert again["database_entry"] == metrics["database_entry"]
     assert again["prompts"]["malignant"] == ["a scan of malignant"]
 
