@@ -433,3 +433,46 @@ def test_text_callback_leaves_ddp_scoring_to_rank_0(tmp_path, monkeypatch) -> No
     assert callback.metrics is None and not (tmp_path / "run").exists()
     callback.on_predict_end(Trainer(accelerator="cpu", devices=1, logger=False), None)
     assert callback.metrics is not None and (tmp_path / "run" / "per_query.npz").is_file()
+
+
+def test_report_tabulates_and_pairs_text_jobs(tmp_path, monkeypatch) -> None:
+    """Two finished text jobs (two towers, same prompts) in a sweep: rows "text" with the same
+    metric columns as image rows, no intervals from 3 classes, and paired with each other."""
+    from omegaconf import OmegaConf
+
+    from cbmir.io_utils import write_json, write_text
+    from cbmir.report.collect import collect, finished
+    from cbmir.report.stats_report import sweep_significance
+    from cbmir.resume import job_record
+
+    store = constructed_store(tmp_path, counts=(10, 20, 30))
+    sweep = tmp_path / "sweep"
+    for model, tower in (("biomedclip", KeywordText), ("conch", BlurredText)):
+        monkeypatch.setitem(text_towers.TEXT_TOWERS, f"tests.{tower.__name__}", tower)
+        job = sweep / model
+        cfg = compose_config(
+            [f"model={model}", "retrieval.query=text", "data.size=28", f"paths.output_dir={job}"]
+        )
+        TextRetrievalCallback(
+            store=store,
+            database_key="database",
+            output_dir=job,
+            model_cfg={"_target_": f"tests.{tower.__name__}"},
+            prompts=PromptSettings.from_config({}).class_prompts(NAMES),
+            label_names=NAMES,
+            k=5,
+            acc_ks=(1, 3, 5),
+            metrics="all",
+        ).evaluate()
+        write_text(job / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_json(job / "job.json", job_record(cfg, "success"))
+    done = finished(collect(sweep)).set_index("model")
+    assert list(done["setting"]) == ["text", "text"]
+    for model in ("biomedclip", "conch"):
+        metrics = json.loads((sweep / model / "metrics.json").read_text())
+        for key, col in (("map@5", "map_at_5"), ("map@r", "map_at_r"), ("mrr", "mrr")):
+            assert done.loc[model, col] == pytest.approx(100 * metrics[key])
+        assert np.isnan(done.loc[model, "map_at_5_low"])  # ci95 {}: not recomputed
+    pairs = sweep_significance(done.reset_index(), sweep, n_permutations=100).pairs
+    assert set(pairs["setting"]) == {"text"} and "map@r" in set(pairs["metric"])
+    assert (pairs["p"] >= 0.25).all()  # 3 class queries: exact sign flips, p >= 2 / 2^3
