@@ -5,8 +5,10 @@ Each class's query is built from prompt templates x the class's name (or its des
 CLIP-practice ensemble: normalise each prompt's vector, average, renormalise. The database split's
 image embeddings come from the store (embedded once through the normal path if missing). Search
 is by cosine similarity (the space the towers were trained in), whatever `retrieval.distance`
-says. Scoring uses the same metric code as image queries, with the class as the query's label;
-zero-shot classification of every database image against the class queries comes for free.
+says. Scoring and the files are those of image queries (`score_queries`, `publish_results`:
+the configured `retrieval.metrics`, `per_query.npz`, `ci95`), with the class as the query's
+label, so a class prompt's R is its class's database count; zero-shot classification of every
+database image against the class queries comes for free.
 
 Docs: docs/text.md.
 """
