@@ -231,6 +231,20 @@ def test_image_job_fingerprints_ignore_the_text_settings() -> None:
     assert len({fingerprint(cfg), fingerprint(text), fingerprint(other)}) == 3
 
 
+def test_text_jobs_from_before_the_metric_set_run_again(monkeypatch) -> None:
+    """Text jobs finished before text runs read `retrieval.metrics` (paper metrics whatever
+    the config said, no per_query.npz) must not be resumed: what text jobs compute is in their
+    fingerprint, not in image jobs'."""
+    from cbmir import resume
+
+    text = compose_config(["paths.output_dir=/tmp/x", "retrieval.query=text", "retrieval.metrics=all"])  # fmt: skip
+    image = compose_config(["paths.output_dir=/tmp/x"])
+    now = resume.fingerprint(text), resume.fingerprint(image)
+    monkeypatch.setattr(resume, "TEXT_RESULTS", 1)
+    assert resume.fingerprint(text) != now[0]
+    assert resume.fingerprint(image) == now[1]
+
+
 def test_paper_text_is_the_vlms_over_the_papers_2d_grid() -> None:
     from tests.sweeps.test_sweep_presets import expand, job_key
 
