@@ -146,6 +146,7 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
                 acc_ks=settings.acc_ks,
                 embedded_now=missing,
                 data_facts=datamodule.data_facts(),
+                metrics=settings.metrics,
             )
         )
     else:

@@ -72,6 +72,10 @@ VOLATILE_PATHS: tuple[str, ...] = (
     "gallery",  # pictures only; metrics do not depend on it
     "channels_last",  # memory format: speed only
 )
+#: what text-query jobs (`retrieval.query=text`) compute, in their fingerprint: 2 = the
+#: configured `retrieval.metrics`, per_query.npz and ci95; jobs finished before (paper metrics
+#: whatever the config said, no per-query results) run again
+TEXT_RESULTS = 2
 #: a job's commit record, written last: status, fingerprint, inputs, digests of RESULT_FILES
 RECORD = "job.json"
 #: the files a successful record commits (by sha256): the results and the config they are of
@@ -111,6 +115,8 @@ def _drop_unused_text_settings(tree: dict[str, Any]) -> None:
     if retrieval.get("query", "image") == "image":
         retrieval.pop("query", None)
         retrieval.pop("prompts", None)
+    else:
+        retrieval["text_results"] = TEXT_RESULTS
     # the paper's metric set is what every job computed before `retrieval.metrics` existed
     if list(retrieval.get("metrics", PAPER_METRICS)) == list(PAPER_METRICS):
         retrieval.pop("metrics", None)

@@ -51,14 +51,19 @@ def test_faiss_flat_backend_equals_exact_torch_and_reuses_its_index(tmp_path, di
 
 
 def test_the_retrieval_config_builds_the_callback(tmp_path) -> None:
-    """`cbmir.pipeline` builds the callback with `instantiate(cfg.retrieval, ...)`: every
-    setting comes from the config, through the same validation as a direct call."""
+    """`cbmir.pipeline` builds the callback with `instantiate(cfg.retrieval, ...)`, less the
+    text protocol's keys (`TEXT_QUERY_KEYS`): every setting comes from the config, through the
+    same validation as a direct call."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
     from tests.helpers import compose_config
 
+    from cbmir.retrieval.settings import TEXT_QUERY_KEYS
+
     cfg = compose_config(["retrieval=cosine", "retrieval.k=3", "+retrieval.search.db_chunk=64"])
+    conf = OmegaConf.to_container(cfg.retrieval, resolve=True)
     callback = instantiate(
-        cfg.retrieval,
+        {key: value for key, value in conf.items() if key not in TEXT_QUERY_KEYS},
         store=_store(tmp_path),
         query_key="queries",
         database_key="database",

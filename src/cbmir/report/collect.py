@@ -3,7 +3,8 @@
 A job directory is any directory holding `config_resolved.yaml`, `metrics.json` or
 `error.json` (the files `cbmir` writes); it is finished when its commit record `job.json`
 vouches for its files, as for resume (`cbmir.resume.committed`). Metrics become percentages, as in the paper; each gets
-its 95% bootstrap interval from `metrics.json` (``ci95``) or, for older jobs, recomputed from
+its 95% bootstrap interval from `metrics.json` (``ci95``; empty where the job had too few
+queries, e.g. a two-class text run) or, for older jobs without the key, recomputed from
 `per_query.npz`.
 """
 
@@ -123,7 +124,7 @@ def _status(job: Path) -> tuple[str, dict[str, Any] | None, dict[str, Any] | Non
 
 def _intervals(job: Path, metrics: dict[str, Any]) -> dict[str, tuple[float, float]]:
     stored = metrics.get("ci95")
-    if isinstance(stored, dict) and stored:
+    if isinstance(stored, dict):  # empty: too few queries for an interval (text runs)
         return {k: (float(v[0]), float(v[1])) for k, v in stored.items()}
     path = job / "per_query.npz"
     if not path.is_file():

@@ -17,6 +17,7 @@ Nemenyi post-hoc test (scipy, scikit-posthocs) give the critical-difference diag
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -156,8 +157,9 @@ def load_query_results(
     job_dir: Path, metrics: Mapping[str, object], query_split: str
 ) -> QueryResults:
     """`per_query.npz` (metric -> one value per query, in query order) and the query set: the
-    data file's sha256 and query split from metrics.json/config, the query count, and the
-    query labels of `neighbors.npz` (older jobs without a sha256 pair on labels alone)."""
+    data file's sha256, the query split from the config (text runs: their prompts), the query
+    count, and the query labels of `neighbors.npz` (older jobs without a sha256 pair on
+    labels alone)."""
     path = job_dir / "per_query.npz"
     if not path.is_file():
         raise DataError(f"{job_dir}: no per_query.npz, so its queries cannot be paired")
@@ -168,8 +170,21 @@ def load_query_results(
     if neighbours.is_file():
         with np.load(neighbours) as npz:
             labels = np.asarray(npz["query_labels"]) if "query_labels" in npz.files else None
-    query_set = (metrics.get("data_sha256"), query_split, metrics.get("n_queries"))
+    query_set = (
+        metrics.get("data_sha256"),
+        *_queries(metrics, query_split),
+        metrics.get("n_queries"),
+    )
     return QueryResults(str(job_dir), values, query_set, labels)
+
+
+def _queries(metrics: Mapping[str, object], query_split: str) -> tuple[str, str]:
+    """What the queries were: the query split's images, or a text run's class prompts (its
+    `prompts` in metrics.json), so text jobs pair only with text jobs of the very same prompts,
+    never with image queries that happen to share their count and labels."""
+    if metrics.get("query") == "text":
+        return "text", json.dumps(metrics.get("prompts"), sort_keys=True)
+    return "image", query_split
 
 
 def check_pairable(results: Mapping[str, QueryResults]) -> None:

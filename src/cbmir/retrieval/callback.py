@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,15 @@ from lightning.pytorch.callbacks import Callback
 
 from cbmir.io_utils import write_json, write_npz
 from cbmir.retrieval.bootstrap import bootstrap_cis
-from cbmir.retrieval.metric_set import PAPER_METRICS
+from cbmir.retrieval.labels import LabelsLike
+from cbmir.retrieval.metric_set import PAPER_METRICS, Search
 from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
+
+#: fewer queries get no bootstrap interval (`query_intervals`)
+MIN_CI_QUERIES = 5
 
 
 class RetrievalCallback(Callback):
@@ -84,14 +88,12 @@ class RetrievalCallback(Callback):
         return self.device
 
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
-        from cbmir.retrieval.scoring import search_and_score
-
         queries = self.store.load(self.query_key)
         database = self.store.load(self.database_key)
         started = time.perf_counter()
         q = _as_tensor(queries.embeddings, self._search_device())
         db = _as_tensor(database.embeddings, self._search_device())
-        distances, indices, result = search_and_score(
+        distances, indices, metrics, self.per_query = score_queries(
             lambda rows, width: self._search(q, db, rows, width, database.path),
             queries.labels,
             database.labels,
@@ -100,8 +102,6 @@ class RetrievalCallback(Callback):
             metrics=self.metric_names,
         )
         search_seconds = time.perf_counter() - started
-        self.per_query = result.pop("per_query")
-        metrics: dict[str, Any] = {key: float(v) for key, v in result.items()}
         metrics.update(
             n_queries=int(len(queries.labels)),
             n_database=int(len(database.labels)),
@@ -113,27 +113,18 @@ class RetrievalCallback(Callback):
                 + database.manifest.get("embed_seconds", 0.0)
             ),
             search_seconds=search_seconds,
-            # 95% bootstrap intervals over queries (1000 resamples, seed 0): the noise level
-            ci95={name: list(ci) for name, ci in bootstrap_cis(self.per_query).items()},
+            ci95=query_intervals(self.per_query),
             embedded_now=self.embedded_now,
             query_entry=str(queries.path),
             database_entry=str(database.path),
             **self.data_facts,
         )
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_npz(
-            self.output_dir / "neighbors.npz",
-            indices=indices.cpu().numpy(),
-            distances=distances.cpu().numpy(),
-            query_labels=np.asarray(queries.labels),
-        )
-        write_npz(self.output_dir / "per_query.npz", **self.per_query)
-        write_json(self.output_dir / "metrics.json", metrics)
-        if trainer is not None:
-            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            for logger in trainer.loggers:
-                logger.log_metrics(numeric)
-                logger.save()
+        neighbours = {
+            "indices": indices.cpu().numpy(),
+            "distances": distances.cpu().numpy(),
+            "query_labels": np.asarray(queries.labels),
+        }
+        publish_results(self.output_dir, metrics, self.per_query, neighbours, trainer)
         summary = ", ".join(f"{name}={metrics[name]:.4f}" for name in metrics if "@" in name)
         log.info(
             "retrieval %s: %s (%d queries, %d database, search %.2fs)",
@@ -168,6 +159,59 @@ class RetrievalCallback(Callback):
             index_path=db_path / f"faiss-{kind}-{self.distance}.index",
             **self.faiss.get("params", {}),
         )
+
+
+def score_queries(
+    search: Search,
+    query_labels: LabelsLike,
+    db_labels: LabelsLike,
+    *,
+    k: int,
+    acc_ks: Sequence[int],
+    metrics: Sequence[str],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, np.ndarray]]:
+    """(top-k distances, top-k indices, metric means as floats, per-query values): the one
+    scoring path of image and text queries (`search_and_score`), whatever the queries are."""
+    from cbmir.retrieval.scoring import search_and_score
+
+    distances, indices, result = search_and_score(
+        search, query_labels, db_labels, k=k, acc_ks=acc_ks, metrics=metrics
+    )
+    per_query = {name: np.asarray(v) for name, v in result.pop("per_query").items()}
+    return distances, indices, {key: float(v) for key, v in result.items()}, per_query
+
+
+def query_intervals(per_query: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
+    """`ci95`: 95% bootstrap intervals over queries (1000 resamples, seed 0), the noise level.
+
+    Empty below MIN_CI_QUERIES queries (e.g. the class queries of a two-class text run): the
+    resampled means of a handful of values only span their range, which is no 95% interval.
+    """
+    n = min((len(np.asarray(v).reshape(-1)) for v in per_query.values()), default=0)
+    if n < MIN_CI_QUERIES:
+        return {}
+    return {name: list(ci) for name, ci in bootstrap_cis(per_query).items()}
+
+
+def publish_results(
+    output_dir: Path,
+    metrics: dict[str, Any],
+    per_query: Mapping[str, np.ndarray],
+    neighbours: Mapping[str, np.ndarray],
+    trainer: L.Trainer | None,
+) -> None:
+    """Write `neighbors.npz`, `per_query.npz` and `metrics.json` (last: the summary that the
+    report reads) and log the numeric metrics to every logger of the trainer."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_npz(output_dir / "neighbors.npz", **neighbours)
+    write_npz(output_dir / "per_query.npz", **per_query)
+    write_json(output_dir / "metrics.json", metrics)
+    if trainer is None:
+        return
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    for logger in trainer.loggers:
+        logger.log_metrics(numeric)
+        logger.save()
 
 
 def _as_tensor(array: np.ndarray, device: str) -> torch.Tensor:

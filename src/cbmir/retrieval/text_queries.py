@@ -5,8 +5,10 @@ Each class's query is built from prompt templates x the class's name (or its des
 CLIP-practice ensemble: normalise each prompt's vector, average, renormalise. The database split's
 image embeddings come from the store (embedded once through the normal path if missing). Search
 is by cosine similarity (the space the towers were trained in), whatever `retrieval.distance`
-says. Scoring uses the same metric code as image queries, with the class as the query's label;
-zero-shot classification of every database image against the class queries comes for free.
+says. Scoring and the files are those of image queries (`score_queries`, `publish_results`:
+the configured `retrieval.metrics`, `per_query.npz`, `ci95`), with the class as the query's
+label, so a class prompt's R is its class's database count; zero-shot classification of every
+database image against the class queries comes for free.
 
 Docs: docs/text.md.
 """
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from cbmir.errors import ConfigError, DataError
-from cbmir.io_utils import write_json, write_npz
+from cbmir.retrieval.callback import publish_results, query_intervals, score_queries
+from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -180,10 +183,8 @@ def zero_shot(
     }
 
 
-def text_search(
-    class_vectors: torch.Tensor, database: np.ndarray, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cosine distances [C, k], indices [C, k], similarities [N, C]) of the class queries."""
+def class_similarity(class_vectors: torch.Tensor, database: np.ndarray) -> torch.Tensor:
+    """[N, C] cosine similarity of every database image to every class (or sentence) vector."""
     with warnings.catch_warnings():  # a read-only memory map, never written to
         warnings.simplefilter("ignore", UserWarning)
         db = F.normalize(torch.as_tensor(np.asarray(database)).float(), dim=-1)
@@ -192,9 +193,24 @@ def text_search(
             f"text vectors have {class_vectors.shape[1]} dimensions but the stored image "
             f"embeddings {db.shape[1]}: the store entry is not from this model's shared space"
         )
-    similarity = db @ class_vectors.T  # [N, C]
-    top, indices = similarity.T.topk(k, dim=1)
-    return 1.0 - top, indices, similarity
+    return db @ class_vectors.float().T  # the text vectors are normalised (TextEncoder)
+
+
+def nearest(similarity: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine distances, indices) [Q, width] of each row of a [Q, N] similarity: most similar
+    first, ties to the lower database index, so the first k of a wider list are the top k (the
+    R-metric search asks for more than k, `metric_set.r_search`)."""
+    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :width]
+    return 1.0 - similarity.gather(1, order), order
+
+
+def text_search(
+    class_vectors: torch.Tensor, database: np.ndarray, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cosine distances [C, k], indices [C, k], similarities [N, C]) of the class queries."""
+    similarity = class_similarity(class_vectors, database)
+    distances, indices = nearest(similarity.T, k)
+    return distances, indices, similarity
 
 
 class TextRetrievalCallback(Callback):
@@ -213,6 +229,7 @@ class TextRetrievalCallback(Callback):
         embedded_now: Sequence[str] = (),
         data_facts: Mapping[str, Any] | None = None,
         encoder: Any = None,
+        metrics: Sequence[str] | str = PAPER_METRICS,
     ) -> None:
         """`encoder`: the text tower, built already (the pipeline builds it with the image
         extractor, so a missing tokenizer stops the job before the embedding); else it is
@@ -226,7 +243,9 @@ class TextRetrievalCallback(Callback):
         self.k, self.acc_ks = int(k), tuple(acc_ks)
         self.embedded_now = list(embedded_now)
         self.data_facts = dict(data_facts or {})
+        self.metric_names = check_metrics(metrics)  # `retrieval.metrics`, as for image queries
         self.metrics: dict[str, Any] | None = None
+        self.per_query: dict[str, np.ndarray] | None = None
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
@@ -238,74 +257,49 @@ class TextRetrievalCallback(Callback):
         database = self.store.load(self.database_key)
         started = time.perf_counter()
         encoder = self.encoder if self.encoder is not None else build_text_encoder(self.model_cfg)
-        vectors = class_queries(encoder, self.prompts)
-        distances, indices, similarity = text_search(vectors, database.embeddings, self.k)
+        similarity = class_similarity(class_queries(encoder, self.prompts), database.embeddings)
         class_ids = list(self.prompts)
-        metrics = self._score(indices, class_ids, np.asarray(database.labels))
-        metrics.update(zero_shot(similarity, class_ids, np.asarray(database.labels)))
+        db_labels = np.asarray(database.labels)
+        labels = query_labels(class_ids, db_labels)
+        by_class = similarity.T.contiguous()  # [C, N]
+        distances, indices, metrics, self.per_query = score_queries(
+            lambda rows, width: nearest(by_class[rows], width),
+            labels,
+            db_labels,
+            k=self.k,
+            acc_ks=self.acc_ks,
+            metrics=self.metric_names,
+        )
+        names = [self.label_names.get(c, str(c)) for c in class_ids]
+        metrics["per_class"] = {
+            name: {m: float(v[i]) for m, v in self.per_query.items()}
+            for i, name in enumerate(names)
+        }
+        metrics.update(zero_shot(similarity, class_ids, db_labels))
         metrics.update(
             query="text",
             n_queries=len(class_ids),
-            n_database=int(len(database.labels)),
+            n_database=int(len(db_labels)),
             k=self.k,
             distance=TEXT_DISTANCE,
             backend="torch",
             search_seconds=time.perf_counter() - started,
             embed_seconds=float(database.manifest.get("embed_seconds", 0.0)),
+            # over the class queries: few, so wide and weak; none below MIN_CI_QUERIES classes
+            ci95=query_intervals(self.per_query),
             embedded_now=self.embedded_now,
             database_entry=str(database.path),
-            prompts={self.label_names.get(c, str(c)): self.prompts[c] for c in class_ids},
+            prompts={name: self.prompts[c] for name, c in zip(names, class_ids, strict=True)},
             text_tower=encoder.text_identity(),
             **self.data_facts,
         )
-        self._write(metrics, indices, distances, class_ids, database.labels, trainer)
-        return metrics
-
-    def _score(
-        self, indices: torch.Tensor, class_ids: list[int], db_labels: np.ndarray
-    ) -> dict[str, Any]:
-        from cbmir.retrieval import compute_retrieval_metrics
-
-        result = compute_retrieval_metrics(
-            indices,
-            query_labels(class_ids, db_labels),
-            db_labels,
-            map_k=self.k,
-            acc_ks=self.acc_ks,
-            mmv_k=self.k,
-            return_per_query=True,
-        )
-        per_query = result.pop("per_query")
-        metrics: dict[str, Any] = {name: float(v) for name, v in result.items()}
-        metrics["per_class"] = {
-            self.label_names.get(c, str(c)): {m: float(per_query[m][i]) for m in per_query}
-            for i, c in enumerate(class_ids)
+        neighbours = {
+            "indices": indices.cpu().numpy(),
+            "distances": distances.cpu().numpy(),
+            "query_labels": labels,
+            "query_texts": np.asarray(names),
         }
-        return metrics
-
-    def _write(
-        self,
-        metrics: dict[str, Any],
-        indices: torch.Tensor,
-        distances: torch.Tensor,
-        class_ids: list[int],
-        db_labels: np.ndarray,
-        trainer: L.Trainer | None,
-    ) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_npz(
-            self.output_dir / "neighbors.npz",
-            indices=indices.cpu().numpy(),
-            distances=distances.cpu().numpy(),
-            query_labels=query_labels(class_ids, db_labels),
-            query_texts=np.asarray([self.label_names.get(c, str(c)) for c in class_ids]),
-        )
-        write_json(self.output_dir / "metrics.json", metrics)
-        if trainer is not None:
-            numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-            for logger in trainer.loggers:
-                logger.log_metrics(numeric)
-                logger.save()
+        publish_results(self.output_dir, metrics, self.per_query, neighbours, trainer)
         summary = ", ".join(f"{n}={metrics[n]:.4f}" for n in metrics if "@" in n)
         log.info(
             "text retrieval: %s, zero-shot acc %s (%d class queries, %d database)",
@@ -315,3 +309,4 @@ class TextRetrievalCallback(Callback):
             metrics["n_database"],
         )
         self.metrics = metrics
+        return metrics
