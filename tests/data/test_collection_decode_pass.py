@@ -104,3 +104,24 @@ def test_decoding_checks_what_the_header_pass_checked(tmp_path) -> None:
     (tmp_path / "x.png").write_bytes(b"not a picture")
     with pytest.raises(DataError, match=r"x\.png: not a picture Pillow can read"):
         read_item(tmp_path / "x.png", None)
+
+
+def test_listing_keeps_the_sorted_path_order_and_inputs(tmp_path) -> None:
+    """Rows are stored in sorted-Path order (the cache key and row ids depend on it), also for
+    names where plain string order differs ('a-b' < 'a/x' as text, not as paths)."""
+    from cbmir.data.collection import folder_collection
+
+    root = tmp_path / "o"
+    for split in ("train", "test"):
+        for cls in ("a", "a-b", "a.b", "B", "a b"):
+            (root / split / cls).mkdir(parents=True)
+            for name in ("1.png", "10.png", "1-1.png", "é.png", "_.png"):
+                Image.new("L", (4, 4), 1).save(root / split / cls / name)
+    (root / "train" / "empty").mkdir()
+    collection = folder_collection(root, tmp_path / "cache", 0, {"train": 0.8, "test": 0.2})
+    paths = [r.path for r in collection.rows]
+    assert paths == sorted(paths) and len(paths) == 50
+    assert [str(p) for p in paths] != sorted(str(p) for p in paths)  # the case is a real one
+    parents = {p.parent for p in paths}
+    expected = sorted({root.resolve(), *(root.resolve() / s for s in ("train", "test")), *parents})
+    assert collection.inputs == expected  # an empty class folder is no input
