@@ -30,7 +30,7 @@ from cbmir.embedding import (
 from cbmir.extractors import weights_file
 from cbmir.extractors.text import build_text_encoder
 from cbmir.extractors.text import shared_space_config as text_shared_space
-from cbmir.figures.gallery import DEFAULT_N_QUERIES, write_gallery
+from cbmir.figures.gallery import DEFAULT_N_QUERIES, write_gallery, write_neighbor_table
 from cbmir.figures.text_gallery import write_text_gallery
 from cbmir.io_utils import write_json, write_text
 from cbmir.resume import find_finished, job_record
@@ -185,6 +185,7 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
         if text:  # top-k images per class prompt
             write_text_gallery(datamodule, output_dir, n_queries, run_name=run_name)
         else:
+            write_neighbor_table(datamodule, output_dir)  # own collections: files, label names
             write_gallery(  # example queries: PNG (+ W&B)
                 datamodule,
                 output_dir,

@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,7 +34,16 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from cbmir.data.collection import Collection, Row, check_collection, listing
-from cbmir.data.decode import DecodeError, DecodeSettings, Header, fit, read_header, read_item
+from cbmir.data.decode import (
+    VOLUME_KINDS,
+    DecodeError,
+    DecodeSettings,
+    Header,
+    fit,
+    kind_of,
+    read_header,
+    read_item,
+)
 from cbmir.data.files import FORMAT_VERSION as NPY_FORMAT
 from cbmir.data.files import MANIFEST, read_manifest
 from cbmir.data.locks import exclusive, remove_temporaries
@@ -123,21 +133,27 @@ def trusted(target: Path, key: str) -> dict[str, Any] | None:
 
 
 class _Items(Dataset):
-    """Rows decoded in DataLoader workers: (index, uint8 array or None, error or None)."""
+    """Rows decoded in DataLoader workers: (index, uint8 array or None, error or None, volume).
 
-    def __init__(self, rows: list[Row], settings: DecodeSettings, color: bool, volume: bool):
-        self.rows, self.settings, self.color, self.volume = rows, settings, color, volume
+    Arrays come resized but never colour-expanded: whether the collection is colour is known
+    only once every item is decoded, and the writer broadcasts a grey item into RGB for free.
+    """
+
+    def __init__(self, rows: list[Row], settings: DecodeSettings):
+        self.rows, self.settings = rows, settings
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None, bool]:
         path = self.rows[index].path
+        kind = kind_of(path)
+        volume = kind in VOLUME_KINDS
         try:
-            array = read_item(path, self.settings.window)
-            return index, fit(array, self.settings, self.color, self.volume), None
+            array = read_item(path, self.settings.window, kind)
+            return index, fit(array, self.settings, False, volume), None, volume
         except DecodeError as exc:
-            return index, None, str(exc)
+            return index, None, str(exc), volume
 
 
 def _as_list(batch: list) -> list:
@@ -146,9 +162,28 @@ def _as_list(batch: list) -> list:
 
 @dataclass
 class _Plan:
-    shape: tuple[int, ...]  # stored item shape: (H, W), (H, W, 3) or (D, H, W)
+    """The stored item shape, learned from the first decoded item (or `data.size`)."""
+
+    shape: tuple[int, ...]  # (H, W) or (D, H, W), without the colour axis
     color: bool
     volume: bool
+
+    @property
+    def stored(self) -> tuple[int, ...]:
+        return self.shape + ((3,) if self.color else ())
+
+    @classmethod
+    def first(cls, array: np.ndarray, volume: bool) -> _Plan:
+        return cls(_spatial(array, volume), not volume and array.ndim == 3, volume)
+
+    def admits(self, array: np.ndarray, volume: bool) -> bool:
+        """Same kind (2D/3D) and size; colour may differ (grey is broadcast, see `_Writer`)."""
+        return volume == self.volume and _spatial(array, volume) == self.shape
+
+
+def _spatial(array: np.ndarray, volume: bool) -> tuple[int, ...]:
+    """An item's size without its colour axis."""
+    return tuple(array.shape[:3] if volume else array.shape[:2])
 
 
 class _Failures:
@@ -171,17 +206,17 @@ class _Failures:
         )
 
 
-def _plan(collection: Collection, settings: DecodeSettings, failures: _Failures) -> _Plan:
-    """Read every header: unreadable files, 2D/3D mix, colour, and the stored shape."""
+def _explain_mismatch(collection: Collection, path: Path, plan: _Plan, found: tuple) -> None:
+    """An item that does not fit the stored shape: the collection mixes 2D and 3D or (without
+    data.size) sizes. Only now are the headers read (cheaply), to name every size found with
+    an example, as the message always has; the partial decode is thrown away by the caller."""
+    failures = _Failures("skip", collection.source)  # unreadable files are not the point here
     headers: dict[Path, Header] = {}
     for row in collection.rows:
         try:
             headers[row.path] = read_header(row.path)
         except DecodeError as exc:
             failures.add(row.path, str(exc))
-    failures.settle()
-    if not headers:
-        raise DataError(f"{collection.source}: no readable file at all.")
     kinds = {h.volume for h in headers.values()}
     if len(kinds) > 1:
         volumes = [p for p, h in headers.items() if h.volume]
@@ -189,20 +224,19 @@ def _plan(collection: Collection, settings: DecodeSettings, failures: _Failures)
             f"{collection.source} mixes 2D images and volumes "
             f"({listing(volumes, 'volumes')}); one kind per collection."
         )
-    volume, color = kinds.pop(), any(h.color for h in headers.values())
-    if settings.size is not None:
-        side = (settings.size,) * (3 if volume else 2)
-    else:
-        side = _common_shape(headers, collection.source)
-    return _Plan(side + ((3,) if color else ()), color, volume)
+    _common_shape(headers, collection.source)
+    raise DataError(  # headers agree, pixels do not: name the file itself
+        f"{collection.source}: {path} decodes to {' x '.join(map(str, found))}, the others to "
+        f"{' x '.join(map(str, plan.shape))}; set data.size=N to resize them all to N x N."
+    )
 
 
 def _common_shape(headers: dict[Path, Header], source: Path) -> tuple[int, ...]:
     shapes: dict[tuple[int, ...], list[Path]] = {}
     for path, header in headers.items():
         shapes.setdefault(header.shape, []).append(path)
-    if len(shapes) == 1:
-        return next(iter(shapes))
+    if len(shapes) <= 1:
+        return next(iter(shapes), ())
     examples = ", ".join(f"{paths[0]}: {' x '.join(map(str, s))}" for s, paths in shapes.items())
     raise DataError(
         f"{source}: the images have {len(shapes)} different sizes (e.g. {examples[:400]}); set "
@@ -210,60 +244,98 @@ def _common_shape(headers: dict[Path, Header], source: Path) -> tuple[int, ...]:
     )
 
 
-def _decode_split(
-    rows: list[Row],
-    plan: _Plan,
-    settings: DecodeSettings,
-    out: Path,
-    workers: int,
-    failures: _Failures,
-    split: str,
-) -> list[Row]:
-    """Decode rows into `out` (memmap, in order), compacting past failures; returns the rows
-    kept."""
-    from tqdm.auto import tqdm
+class _Writer:
+    """Decoded items into each split's memmap, in order, with the shape learned while decoding:
+    from the first readable item (or `data.size`). A colour item arriving in a so far grey
+    collection turns every array written so far into RGB (grey repeated, as `fit` does)."""
 
-    images = np.lib.format.open_memmap(
-        out, mode="w+", dtype=np.uint8, shape=(len(rows), *plan.shape)
-    )
-    loader = DataLoader(
-        _Items(rows, settings, plan.color, plan.volume),
-        batch_size=16,
-        num_workers=workers,
-        collate_fn=_as_list,
-    )
-    kept: list[Row] = []
-    with tqdm(total=len(rows), desc=f"decoding {split}", unit="file", mininterval=2) as bar:
-        for batch in loader:
-            for index, array, error in batch:
-                if error is not None:
-                    failures.add(rows[index].path, error)
-                    continue
-                if array.shape != plan.shape:
-                    failures.add(
-                        rows[index].path,
-                        f"{rows[index].path}: decoded shape "
-                        f"{array.shape}, its header said {plan.shape}",
-                    )
-                    continue
-                images[len(kept)] = array
-                kept.append(rows[index])
-            bar.update(len(batch))
-    del images  # no msync: the kernel writes the pages back (and throttles dirty ones) itself
-    failures.settle()
-    if len(kept) < len(rows):
-        _truncate(out, len(kept), plan.shape)
-    return kept
+    def __init__(self, collection: Collection, out: Path) -> None:
+        self.collection, self.out = collection, out
+        self.plan: _Plan | None = None
+        self.written: list[Path] = []  # finished splits' image files
+
+    def decode_split(
+        self,
+        rows: list[Row],
+        settings: DecodeSettings,
+        workers: int,
+        failures: _Failures,
+        split: str,
+    ) -> list[Row]:
+        """Decode `rows` into `{split}_images.npy`, compacting past failures; the rows kept."""
+        from tqdm.auto import tqdm
+
+        target = self.out / f"{split}_images.npy"
+        loader = DataLoader(
+            _Items(rows, settings), batch_size=16, num_workers=workers, collate_fn=_as_list
+        )
+        images: np.ndarray | None = None
+        kept: list[Row] = []
+        with tqdm(total=len(rows), desc=f"decoding {split}", unit="file", mininterval=2) as bar:
+            for batch in loader:
+                for index, array, error, volume in batch:
+                    path = rows[index].path
+                    if error is not None:
+                        failures.add(path, error)
+                        continue
+                    images = self._place(images, target, len(rows), array, volume, path)
+                    images[len(kept)] = array if array.ndim == images.ndim - 1 else array[..., None]
+                    kept.append(rows[index])
+                bar.update(len(batch))
+        del images  # no msync: the kernel writes the pages back (and throttles dirty ones) itself
+        failures.settle()
+        if kept:
+            assert self.plan is not None
+            if len(kept) < len(rows):
+                _rewrite(target, len(kept), lambda chunk: chunk)
+            self.written.append(target)
+        return kept
+
+    def _place(
+        self,
+        images: np.ndarray | None,
+        target: Path,
+        n: int,
+        array: np.ndarray,
+        volume: bool,
+        path: Path,
+    ) -> np.ndarray:
+        """The memmap to write `array` into: opened at the first item, widened to RGB at the
+        first colour item of a grey collection; a misfit stops (`_explain_mismatch`)."""
+        if self.plan is None:
+            self.plan = _Plan.first(array, volume)
+        if not self.plan.admits(array, volume):
+            _explain_mismatch(self.collection, path, self.plan, _spatial(array, volume))
+        if not volume and array.ndim == 3 and not self.plan.color:
+            self.plan.color = True
+            if images is not None:  # the caller's old map then refers to the replaced file
+                _rewrite(target, n, _as_rgb)
+                images = np.lib.format.open_memmap(target, mode="r+")
+            for done in self.written:
+                _rewrite(done, None, _as_rgb)
+        if images is None:
+            images = np.lib.format.open_memmap(
+                target, mode="w+", dtype=np.uint8, shape=(n, *self.plan.stored)
+            )
+        return images
 
 
-def _truncate(path: Path, n: int, shape: tuple[int, ...]) -> None:
-    """Keep the first n rows of an .npy file (after skipped files), copying in chunks."""
+def _as_rgb(rows: np.ndarray) -> np.ndarray:
+    return np.repeat(rows[..., None], 3, axis=-1)
+
+
+def _rewrite(path: Path, n: int | None, change: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Replace an .npy file by `change` of its first `n` rows (None: all), in chunks so that
+    RAM stays bounded (skipped files compacted away, grey made RGB); swapped in by one rename."""
     old = np.load(path, mmap_mode="r")
+    n = len(old) if n is None else n
+    shape = change(old[:1]).shape[1:]
     tmp = path.with_name(path.name + ".part")
     new = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
     step = max(1, _COPY_BYTES // max(1, int(np.prod(shape))))
     for start in range(0, n, step):
-        new[start : start + step] = old[start : start + step]
+        stop = min(n, start + step)
+        new[start:stop] = change(old[start:stop])
     del new, old
     os.replace(tmp, path)
 
@@ -293,15 +365,15 @@ def decode_into(
 ) -> dict[str, Any]:
     """Decode every split into the (empty) folder `out`; write the manifest last."""
     failures = _Failures(on_error, collection.source)
-    plan = _plan(collection, settings, failures)
-    readable = [r for r in collection.rows if r.path not in failures.errors]
+    writer = _Writer(collection, out)
     kept: list[Row] = []
     for split in collection.splits:
-        rows = [r for r in readable if r.split == split]
-        if rows:
-            kept += _decode_split(
-                rows, plan, settings, out / f"{split}_images.npy", workers, failures, split
-            )
+        kept += writer.decode_split(
+            collection.split_rows(split), settings, workers, failures, split
+        )
+    plan = writer.plan
+    if plan is None or not kept:
+        raise DataError(f"{collection.source}: no readable file at all.")
     final = replace(collection, rows=kept)
     check_collection(final, query_split, database_split)  # again: skips may empty a split
     if collection_key(collection, settings, on_error) != key:

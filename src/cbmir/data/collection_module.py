@@ -18,7 +18,13 @@ from cbmir.data.collection import (
     folder_collection,
     table_collection,
 )
-from cbmir.data.collection_cache import SKIPPED, prepare_collection
+from cbmir.data.collection_cache import (
+    SKIPPED,
+    cache_dir_for,
+    collection_key,
+    prepare_collection,
+    trusted,
+)
 from cbmir.data.datamodule import RetrievalDataModule
 from cbmir.data.decode import DecodeSettings
 from cbmir.data.files import read_manifest
@@ -153,6 +159,15 @@ class CollectionDataModule(RetrievalDataModule):
         """The source file of each stored item of `split`, in stored order."""
         self._ready()
         return (self._prepare() / f"{split}_files.txt").read_text().splitlines()
+
+    def current_manifest(self) -> dict[str, Any] | None:
+        """The decoded cache's manifest if it is current (no file changed), else None: what a
+        reader of a finished run's outputs may trust without decoding anything."""
+        assert self.cache_dir is not None
+        collection = self.collection
+        key = collection_key(collection, self.settings, self.on_error)
+        target = cache_dir_for(collection, self.cache_dir, self.name, self.settings, self.on_error)
+        return trusted(target, key)
 
     def input_files(self) -> list[Path]:
         """What a re-launched job must find unchanged to reuse its results: the table or folder

@@ -170,6 +170,11 @@ class RetrievalDataModule(L.LightningDataModule):
             self._datasets[split] = dataset
         return self._datasets[split]
 
+    def split_files(self, split: str) -> list[str] | None:
+        """The source file of each stored item of `split`; None where rows are only indices
+        (MedMNIST and `.npz` files hold no file names)."""
+        return None
+
     def labels(self, split: str) -> np.ndarray:
         """Labels [N, L] int64 (L = 1 for single-label sets)."""
         return self.dataset(split).labels

@@ -206,9 +206,16 @@ def _nifti_3d_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------- pixels
 
 
-def read_item(path: Path, window: tuple[float, float] | None) -> np.ndarray:
-    """One item as uint8: H x W, H x W x 3 or D x H x W (the module's mapping rules)."""
-    kind = kind_of(path)
+VOLUME_KINDS = ("nifti", "dicom_series")
+
+
+def read_item(
+    path: Path, window: tuple[float, float] | None, kind: str | None = None
+) -> np.ndarray:
+    """One item as uint8: H x W, H x W x 3 or D x H x W (the module's mapping rules); `kind`
+    when the caller knows it already (`kind_of`). Checks what `read_header` checks (frames,
+    slices), so a decode needs no header pass."""
+    kind = kind or kind_of(path)
     try:
         if kind == "picture":
             return _read_picture(path, window)
@@ -242,7 +249,16 @@ def to_uint8(array: np.ndarray, window: tuple[float, float] | None, source: Path
 
 
 def _read_picture(path: Path, window: tuple[float, float] | None) -> np.ndarray:
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+    except UnidentifiedImageError:
+        raise DecodeError(f"{path}: not a picture Pillow can read") from None
+    with im:
+        frames = getattr(im, "n_frames", 1) if im.format in ("TIFF", "GIF", "MPO") else 1
+        if frames > 1:
+            raise DecodeError(
+                f"{path}: a multi-frame picture ({frames} frames); one image expected"
+            )
         im.load()
         if im.mode in ("1", "LA"):
             im = im.convert("L")  # alpha dropped
@@ -317,6 +333,12 @@ def _read_series(folder: Path, window: tuple[float, float] | None) -> np.ndarray
     slices = [(_dicom_pixels(p), i) for i, p in enumerate(_series_files(folder))]
     slices.sort(key=lambda item: _slice_position(item[0][0], item[1]))
     first = slices[0][0][0]
+    shapes = sorted({values.shape for (_, values), _ in slices})
+    if len(shapes) > 1 or len(shapes[0]) != 2:
+        raise DecodeError(
+            f"{folder}: its DICOM slices differ in size ({shapes}) or are colour; one grey "
+            f"volume expected"
+        )
     volume = np.stack([values for (_, values), _ in slices])
     if window is not None or not _has_window(first):
         out = to_uint8(volume, window, folder)

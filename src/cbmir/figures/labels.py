@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 NO_LABEL = "no positive label"
 
@@ -42,11 +45,17 @@ def relevance(
     return (q_hot[:, None, :] & db_hot[idx]).any(axis=-1)
 
 
-def names_from_config(data_cfg: Mapping[str, Any], labels: np.ndarray | None = None) -> dict:
-    """Label names of a run's dataset without opening its files.
+def names_from_config(
+    data_cfg: Mapping[str, Any],
+    labels: np.ndarray | None = None,
+    source_sha256: str | None = None,
+) -> dict:
+    """Label names of a run's dataset without decoding anything.
 
-    MedMNIST flags read `INFO[flag]['label']`; a custom npz uses `data.label_names` when given,
-    else the class ids (or column numbers for multi-label) as text.
+    MedMNIST flags read `INFO[flag]['label']`; a custom npz uses `data.label_names` when given;
+    an own collection (`data=folder|csv`) the names its decoded cache recorded, when that cache
+    is current and holds the very arrays the embeddings came from (`source_sha256`, the store
+    entry's data identity); else the class ids (or column numbers for multi-label) as text.
     """
     from cbmir.data import catalog
 
@@ -56,8 +65,37 @@ def names_from_config(data_cfg: Mapping[str, Any], labels: np.ndarray | None = N
     given = data_cfg.get("label_names")
     if given:
         return catalog.name_map(given)
+    if str(data_cfg.get("_target_", "")).endswith("CollectionDataModule"):
+        recorded = _collection_names(data_cfg, source_sha256)
+        if recorded is not None:
+            return recorded
     if labels is None:
         return {}
     arr = np.asarray(labels).reshape(len(labels), -1)
     n = arr.shape[1] if arr.shape[1] > 1 else int(arr.max(initial=0)) + 1
     return {i: str(i) for i in range(n)}
+
+
+def _collection_names(data_cfg: Mapping[str, Any], source_sha256: str | None) -> dict | None:
+    """{id: name} from a collection's decoded cache; None (with a warning) when the files are
+    gone or changed since, or the cache holds other arrays than `source_sha256` names: ids are
+    shown then, never names of another decode."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from cbmir.errors import CbmirError
+
+    try:
+        datamodule = instantiate(OmegaConf.create(dict(data_cfg)))
+        manifest = datamodule.current_manifest()
+    except CbmirError as exc:
+        log.warning("label names of %s not read (%s); showing class ids", data_cfg.get("path"), exc)
+        return None
+    if manifest is None or manifest["source"]["sha256"] != source_sha256:
+        log.warning(
+            "the decoded cache of %s is not the one the embeddings came from (files changed or "
+            "not decoded); showing class ids",
+            data_cfg.get("path"),
+        )
+        return None
+    return dict(enumerate(manifest["label_names"]))

@@ -1,13 +1,15 @@
 """The retrieval picture: one row per query, the query then its k neighbours, captioned.
 
 Captions carry the label name and the distance; border colours mark relevant neighbours
-(green) and irrelevant ones (red) whenever the query's label is known, grey otherwise.
+(green) and irrelevant ones (red) whenever the query's label is known, grey otherwise. Own
+collections (`data=folder|csv`) name each case by its file; MedMNIST rows by their row number.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -25,6 +27,7 @@ class QueryResult:
     indices: np.ndarray
     distances: np.ndarray
     label: np.ndarray | None = None
+    file: str | None = None  # the query's source file (own collections)
 
 
 def neighbour_cells(
@@ -33,20 +36,24 @@ def neighbour_cells(
     database_labels: np.ndarray,
     names: Mapping[int, str],
     multilabel: bool,
+    database_files: Sequence[str] | None = None,
 ) -> list[list[Cell]]:
-    """Cells of the grid; `fetch(row)` returns a database item's display picture."""
+    """Cells of the grid; `fetch(row)` returns a database item's display picture.
+
+    With `database_files` (own collections) a neighbour is captioned by its file name, which
+    says more than its row number; the tile keeps its three caption lines either way.
+    """
     rows = []
     for result in results:
-        query_cell = Cell(
-            result.image,
-            [
-                f"query {result.name}",
-                label_text(result.label, names, multilabel)
-                if result.label is not None
-                else "label unknown",
-            ],
-            role="query",
-        )
+        query_lines = [
+            f"query {result.name}",
+            label_text(result.label, names, multilabel)
+            if result.label is not None
+            else "label unknown",
+        ]
+        if result.file is not None:
+            query_lines.append(Path(result.file).name)
+        query_cell = Cell(result.image, query_lines, role="query")
         if result.label is not None:
             hits = relevance(
                 np.asarray(result.label).reshape(1, -1),
@@ -65,7 +72,7 @@ def neighbour_cells(
                 Cell(
                     fetch(int(row)),
                     [
-                        f"#{rank} · row {int(row)}",
+                        f"#{rank} · {_case_name(int(row), database_files)}",
                         label_text(database_labels[int(row)], names, multilabel),
                         f"d = {float(dist):.4g}",
                     ],
@@ -76,6 +83,10 @@ def neighbour_cells(
     return rows
 
 
+def _case_name(row: int, files: Sequence[str] | None) -> str:
+    return Path(files[row]).name if files is not None else f"row {row}"
+
+
 def neighbour_grid(
     results: Sequence[QueryResult],
     fetch: Callable[[int], np.ndarray],
@@ -84,7 +95,8 @@ def neighbour_grid(
     multilabel: bool,
     layout: GridLayout | None = None,
     title: str | None = None,
+    database_files: Sequence[str] | None = None,
 ) -> Image.Image:
     """The whole grid as an RGB image (size: `layout.size(len(results), k + 1, bool(title))`)."""
-    cells = neighbour_cells(results, fetch, database_labels, names, multilabel)
+    cells = neighbour_cells(results, fetch, database_labels, names, multilabel, database_files)
     return render_grid(cells, layout, title)

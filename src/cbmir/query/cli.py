@@ -122,8 +122,9 @@ def _say(console: Console, text: str, style: str = "") -> None:
     console.print(Text(text, style=style))
 
 
-def _table(item, indices, distances, database_labels, names, multilabel: bool) -> Table:
-    """rank, database row, label name, distance (and hit, when the query's label is known)."""
+def _table(item, indices, distances, database_labels, names, multilabel: bool, files=None) -> Table:
+    """rank, database row, label name, distance (and hit, when the query's label is known; and
+    the file path, for own collections)."""
     from cbmir.figures.labels import label_text, relevance
 
     known = item.label is not None
@@ -131,6 +132,8 @@ def _table(item, indices, distances, database_labels, names, multilabel: bool) -
     table = Table(title=f"query {item.name} · label: {label}", title_justify="left")
     for column in ("rank", "row", "label", "distance"):
         table.add_column(column, justify="left" if column == "label" else "right")
+    if files is not None:  # the name here; the whole path below the table (`_file_lines`)
+        table.add_column("file", justify="left", no_wrap=True)
     if known:
         query_label = item.label.reshape(1, -1)
         hits = relevance(query_label, database_labels, indices.reshape(1, -1), multilabel)[0]
@@ -138,6 +141,8 @@ def _table(item, indices, distances, database_labels, names, multilabel: bool) -
     for rank, (row, dist) in enumerate(zip(indices, distances, strict=True), start=1):
         cells = [str(rank), str(int(row)), label_text(database_labels[row], names, multilabel)]
         cells.append(f"{float(dist):.6g}")
+        if files is not None:
+            cells.append(Path(files[int(row)]).name)
         if known:
             cells.append("yes" if hits[rank - 1] else "no")
         table.add_row(*cells)
@@ -166,6 +171,7 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
     dm = db.datamodule
     window = getattr(getattr(dm, "settings", None), "window", None)  # own collections
     items: list[QueryItem] = [load_query(f, db.spec, args.strict, window) for f in files]
+    query_files: list[str | None] = [str(f) for f in files]  # shown for own collections
     if args.index:
         split = args.split or dm.query_split
         if split not in dm.splits:
@@ -177,6 +183,8 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
         items += [
             QueryItem(f"{split}[{i}]", source[i]["image"], source.labels[i]) for i in args.index
         ]
+        split_files = dm.split_files(split)
+        query_files += [split_files[i] if split_files is not None else None for i in args.index]
     for item in items:
         for note in item.notes:
             _say(err, f"note: {item.name}: {note}", "yellow")
@@ -199,9 +207,18 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
         "bold",
     )
     _say(out, f"store entry: {db.entry.path}")
+    database_files = dm.split_files(db.split)
     results = []
     for q, item in enumerate(items):
-        out.print(_table(item, indices[q], distances[q], database.labels, names, multi))
+        query_file = query_files[q] if database_files is not None else None
+        table = _table(
+            item, indices[q], distances[q], database.labels, names, multi, database_files
+        )
+        out.print(table)
+        if database_files is not None:  # plain lines: a table would wrap or cut the paths
+            _say(out, f"query file: {query_file or '(given)'}")
+            for rank, row in enumerate(indices[q], start=1):
+                _say(out, f"#{rank} file: {database_files[int(row)]}")
         results.append(
             QueryResult(
                 item.name,
@@ -209,6 +226,7 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
                 indices[q],
                 distances[q],
                 item.label,
+                query_file,
             )
         )
 
@@ -219,7 +237,9 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
     title = f"{extractor_name} · {dm.name} {db.split} ({len(database)} images) · {distance}"
     if db.spec.volume:
         title += " · volumes shown by their middle slice"
-    image = neighbour_grid(results, fetch, database.labels, names, multi, layout, title)
+    image = neighbour_grid(
+        results, fetch, database.labels, names, multi, layout, title, database_files
+    )
     path = save_png(image, args.out)
     _say(out, f"grid: {path} ({image.width} x {image.height} px)")
     return 0
