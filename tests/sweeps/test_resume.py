@@ -73,6 +73,21 @@ def test_the_retrieval_target_leaves_fingerprints_as_they_were(tmp_path) -> None
     assert fingerprint(cfg) == fingerprint(before)
 
 
+def test_the_embedder_node_leaves_fingerprints_as_they_were(tmp_path) -> None:
+    """`embedder` names the class and mirrors keys already in the fingerprint: jobs finished
+    before it was added keep their fingerprint; another class or setting is a new job."""
+    cfg = _cfg(tmp_path)
+    assert OmegaConf.select(cfg, "embedder._target_") == "cbmir.embedding.FrozenEmbedder"
+    before = OmegaConf.create(OmegaConf.to_container(cfg))
+    del before["embedder"]
+    assert fingerprint(cfg) == fingerprint(before)
+    bf16 = _cfg(tmp_path, "trainer.precision=bf16-mixed")
+    assert fingerprint(bf16) != fingerprint(cfg)
+    assert OmegaConf.select(bf16, "embedder.precision") == "bf16-mixed"
+    for change in ("embedder._target_=tests.test_embedding.Doubled", "+embedder.x=1"):
+        assert fingerprint(_cfg(tmp_path, change)) != fingerprint(cfg), change
+
+
 def test_find_finished_returns_stored_metrics_of_the_same_config(tmp_path) -> None:
     sweep = tmp_path / "sweep"
     done = _cfg(sweep / "job-a")
