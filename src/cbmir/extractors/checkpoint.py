@@ -173,10 +173,15 @@ def _refused_by_weights_only(exc: BaseException) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and any(r in text for r in _REFUSALS)
 
 
+#: what a converter raises on a state dict it cannot map (a missing key, a tensor of another
+#: shape); TypeError / AttributeError are bugs in the converter and keep their traceback
+CONVERT_ERRORS = (KeyError, IndexError, ValueError, RuntimeError)
+
+
 def _unsafe_types(path: Path) -> str:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # legacy (non-zip) files cannot be listed
+    except (ValueError, RuntimeError, pickle.UnpicklingError):  # legacy (non-zip) files: none
         return ""
     shown = [
         n for n in names if n not in {f"{t.__module__}.{t.__qualname__}" for t in safe_types()}
@@ -286,9 +291,7 @@ def load_into(
         # only foreign layouts are converted: some filters (timm's Swin) are not idempotent
         try:
             sd = convert(sd)
-        except CbmirError:
-            raise
-        except Exception as exc:
+        except CONVERT_ERRORS as exc:  # a layout the converter cannot map; a bug surfaces
             raise CheckpointError(
                 f"{where} could not be converted for {label} ({type(exc).__name__}: {exc})"
             ) from exc
