@@ -58,9 +58,9 @@ def _write_results(cfg, metrics: dict) -> None:
     (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def _finish(cfg, metrics: dict) -> None:
+def _finish(cfg, metrics: dict, inputs: tuple = ()) -> None:
     _write_results(cfg, metrics)
-    write_json(Path(cfg.paths.output_dir) / "job.json", job_record(cfg, "success"))
+    write_json(Path(cfg.paths.output_dir) / "job.json", job_record(cfg, "success", [*inputs]))
 
 
 def test_the_retrieval_target_leaves_fingerprints_as_they_were(tmp_path) -> None:
@@ -136,8 +136,7 @@ def test_a_replaced_or_vanished_input_file_reruns_a_finished_job(tmp_path) -> No
     data.write_bytes(b"first contents")
     job = tmp_path / "sweep" / "job"
     cfg = _cfg(job)
-    _write_results(cfg, {"acc@1": 0.5})
-    write_json(job / "job.json", job_record(cfg, "success", [data]))
+    _finish(cfg, {"acc@1": 0.5}, (data,))
     assert find_finished(cfg) == {"acc@1": 0.5}
 
     stamp = data.stat()
@@ -145,8 +144,7 @@ def test_a_replaced_or_vanished_input_file_reruns_a_finished_job(tmp_path) -> No
     os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
     assert find_finished(cfg) is None
 
-    _write_results(cfg, {"acc@1": 0.5})
-    write_json(job / "job.json", job_record(cfg, "success", [data]))
+    _finish(cfg, {"acc@1": 0.5}, (data,))
     data.unlink()
     assert find_finished(cfg) is None
 
@@ -157,8 +155,7 @@ def test_an_input_replaced_with_its_size_and_mtime_kept_reruns_the_job(tmp_path)
     data.write_bytes(b"first contents")
     job = tmp_path / "sweep" / "job"
     cfg = _cfg(job)
-    _write_results(cfg, {"acc@1": 0.5})
-    write_json(job / "job.json", job_record(cfg, "success", [data]))
+    _finish(cfg, {"acc@1": 0.5}, (data,))
     before = data.stat()
     replacement = tmp_path / "other.npz"
     replacement.write_bytes(b"other contents")  # same size

@@ -198,14 +198,6 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
-def _is_tensor_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and bool(obj)
-        and all(isinstance(v, torch.Tensor) for v in obj.values())
-    )
-
-
 def _unwrap(obj: Any, path: Path) -> StateDict:
     if isinstance(obj, nn.Module):
         return dict(obj.state_dict())
