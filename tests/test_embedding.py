@@ -108,7 +108,9 @@ def test_the_embedder_is_instantiated_from_its_config_node(cnn) -> None:
     embedder = build_embedder(cfg, cnn, VolumeSpec(reduce="max"))
     assert type(embedder) is FrozenEmbedder and embedder.extractor is cnn
     assert embedder.channels_last is True and embedder.precision == "bf16-mixed"
-    assert embedder.volume == VolumeSpec(reduce="max")
+    assert type(embedder.volume) is VolumeSpec and embedder.volume == VolumeSpec(reduce="max")
+    by_hand = FrozenEmbedder(cnn, volume=VolumeSpec(reduce="max"), precision="bf16-mixed")
+    assert embedder.store_key(DATA) == by_hand.store_key(DATA)
     assert build_embedder(cfg, cnn, None).volume is None  # 2D data: no volume in the key
     other = compose_config(["embedder._target_=tests.test_embedding.Doubled"])
     assert type(build_embedder(other, cnn, None)) is Doubled

@@ -113,9 +113,11 @@ def unlink_embedder_mirrors(cfg: Any) -> None:
 
 def build_embedder(cfg: Any, extractor: Extractor, volume: VolumeSpec | None) -> FrozenEmbedder:
     """`instantiate(cfg.embedder)` around `extractor`; `volume` only for volume data, so 2D
-    store keys stay free of the volume settings."""
+    store keys stay free of the volume settings. Both go to the built partial, not through
+    instantiate, which would turn the `VolumeSpec` dataclass into a DictConfig."""
     check_embedder_config(cfg)
-    return instantiate(embedder_config(cfg), extractor=extractor, volume=volume)
+    build = instantiate(embedder_config(cfg), _partial_=True)
+    return build(extractor=extractor, volume=volume)
 
 
 def check_embedder_config(cfg: Any) -> None:
