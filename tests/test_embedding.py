@@ -7,12 +7,21 @@ import copy
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from cbmir.embedding import FrozenEmbedder, is_conv_net, numeric_precision
+from cbmir.embedding import (
+    FrozenEmbedder,
+    build_embedder,
+    embedder_config,
+    is_conv_net,
+    numeric_precision,
+)
 from cbmir.errors import ConfigError
 from cbmir.extractors.pixels import PixelExtractor
 from cbmir.extractors.timm_extractor import TimmExtractor
 from cbmir.store import make_key
+from cbmir.volumes import VolumeSpec
+from tests.helpers import compose_config
 
 DATA = {"dataset": "breastmnist", "size": 28, "split": "train", "sha256": "0" * 64}
 
@@ -85,3 +94,48 @@ def test_query_embeddings_are_the_runs_bit_for_bit_under_its_precision(
     run = torch.cat(batches).numpy()
     assert query.dtype == run.dtype == np.float32 and query.shape == (6, 512)
     np.testing.assert_array_equal(query, run)
+
+
+class Doubled(FrozenEmbedder):
+    """Another embedder class, to show `embedder._target_` picks what is built."""
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        return 2 * super().predict_step(batch, batch_idx, dataloader_idx)
+
+
+def test_the_embedder_is_instantiated_from_its_config_node(cnn) -> None:
+    cfg = compose_config(["channels_last=true", "trainer.precision=bf16-mixed"])
+    embedder = build_embedder(cfg, cnn, VolumeSpec(reduce="max"))
+    assert type(embedder) is FrozenEmbedder and embedder.extractor is cnn
+    assert embedder.channels_last is True and embedder.precision == "bf16-mixed"
+    assert type(embedder.volume) is VolumeSpec and embedder.volume == VolumeSpec(reduce="max")
+    by_hand = FrozenEmbedder(cnn, volume=VolumeSpec(reduce="max"), precision="bf16-mixed")
+    assert embedder.store_key(DATA) == by_hand.store_key(DATA)
+    assert build_embedder(cfg, cnn, None).volume is None  # 2D data: no volume in the key
+    other = compose_config(["embedder._target_=tests.test_embedding.Doubled"])
+    assert type(build_embedder(other, cnn, None)) is Doubled
+
+
+def test_a_run_config_from_before_the_embedder_node_keys_as_it_did(cnn) -> None:
+    """The query tool reads old runs' `config_resolved.yaml`: same embedder, same store key."""
+    cfg = compose_config(["trainer.precision=16-mixed", "channels_last=false"])
+    old = OmegaConf.create(OmegaConf.to_container(cfg))
+    del old["embedder"]
+    new, before = build_embedder(cfg, cnn, None), build_embedder(old, cnn, None)
+    assert before.store_key(DATA) == new.store_key(DATA)
+    assert before.store_key(DATA) == FrozenEmbedder(cnn, precision="16-mixed").store_key(DATA)
+    assert (before.channels_last, before.precision) == (False, "16-mixed")
+
+
+def test_a_resolved_run_config_follows_precision_overrides(tmp_path) -> None:
+    """`config_resolved.yaml` holds `embedder.precision` as a value; a query override of
+    trainer.precision must still reach the store key, as it did before the node existed."""
+    from cbmir.query.database import RUN_CONFIG, RUN_METRICS, load_run_config
+
+    cfg = compose_config(["model=pixels", f"paths.output_dir={tmp_path}"])
+    (tmp_path / RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (tmp_path / RUN_METRICS).write_text("{}")
+    loaded, _ = load_run_config(tmp_path, ["trainer.precision=bf16-mixed", "channels_last=true"])
+    node = embedder_config(loaded)
+    assert (node["precision"], node["channels_last"]) == ("bf16-mixed", True)
+    assert embedder_config(load_run_config(tmp_path)[0]) == embedder_config(cfg)

@@ -73,6 +73,8 @@ def make_readonly():
         ("gallery.n_queries=-1", "gallery.n_queries (0: no gallery) must be an integer >= 0"),
         ("gallery.n_queries=many", "gallery.n_queries (0: no gallery) must be an integer >= 0"),
         ("channels_last=sometimes", "use true, false or auto"),
+        ("embedder.channels_last=sometimes", "use true, false or auto"),
+        ("embedder.precision=bf16-mixed", "embedder.precision='bf16-mixed' differs from trainer"),
         ("model.volume.reduce=median", "model.volume.reduce='median'"),
     ],
 )

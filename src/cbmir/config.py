@@ -44,3 +44,17 @@ def is_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+#: the class `cfg.embedder` builds (`cbmir.embedding.build_embedder`)
+EMBEDDER_TARGET = "cbmir.embedding.FrozenEmbedder"
+
+
+def numeric_precision(precision: str | int) -> str | None:
+    """Lightning's `precision` as it bears on the embeddings: None for float32 ("32-true",
+    "32", 32), otherwise its canonical name ("bf16-mixed", "16-mixed", "64-true", ...)."""
+    name = str(precision).lower()
+    name = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}.get(
+        name, name
+    )
+    return None if name == "32-true" else name

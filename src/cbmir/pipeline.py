@@ -22,11 +22,7 @@ from cbmir.distributed import (
     is_launch_primary,
     part_ranks,
 )
-from cbmir.embedding import (
-    FrozenEmbedder,
-    PlannedEntry,
-    parse_channels_last,
-)
+from cbmir.embedding import PlannedEntry, build_embedder
 from cbmir.extractors import weights_file
 from cbmir.extractors.text import build_text_encoder
 from cbmir.extractors.text import shared_space_config as text_shared_space
@@ -75,7 +71,6 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
 
     # cheap validation first (dataset, size, files), heavy work (weights, embedding) after
     model_cfg, volume = split_model_config(cfg.model)  # model.volume is not an extractor arg
-    channels_last = parse_channels_last(cfg.get("channels_last", False))
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("predict")
@@ -92,12 +87,7 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
         extractor = instantiate(model_cfg)
         if text:  # its text tower too, before any embedding (tokenizer, weights: docs/text.md)
             text_encoder = build_text_encoder(OmegaConf.to_container(model_cfg, resolve=True))
-    embedder = FrozenEmbedder(
-        extractor,
-        channels_last=channels_last,
-        volume=volume if datamodule.is_volume else None,  # 2D keys stay free of volume settings
-        precision=cfg.trainer.get("precision", "32-true"),
-    )
+    embedder = build_embedder(cfg, extractor, volume if datamodule.is_volume else None)
     volume_meta = {"volume": volume.identity()} if embedder.volume is not None else {}
 
     store = EmbeddingStore(cfg.paths.store)

@@ -43,7 +43,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import cbmir
-from cbmir.config import is_multirun, is_true
+from cbmir.config import EMBEDDER_TARGET, is_multirun, is_true, numeric_precision
 from cbmir.errors import ConfigError
 from cbmir.io_utils import file_version, release, try_lock
 from cbmir.retrieval.metric_set import PAPER_METRICS
@@ -95,6 +95,7 @@ def fingerprint(cfg: DictConfig | dict[str, Any]) -> str:
     )
     assert isinstance(tree, dict)
     _drop_unused_text_settings(tree)
+    _drop_default_embedder(tree)
     for dotted in VOLATILE_PATHS:
         *parents, leaf = dotted.split(".")
         node: Any = tree
@@ -120,6 +121,24 @@ def _drop_unused_text_settings(tree: dict[str, Any]) -> None:
     # the paper's metric set is what every job computed before `retrieval.metrics` existed
     if list(retrieval.get("metrics", PAPER_METRICS)) == list(PAPER_METRICS):
         retrieval.pop("metrics", None)
+
+
+def _drop_default_embedder(tree: dict[str, Any]) -> None:
+    """The `embedder` node as config.yaml sets it only names the class and mirrors keys that
+    are already in the fingerprint (channels_last: speed only; the precision, which
+    `check_embedder_config` holds equal to the Trainer's): leave it out, so jobs finished
+    before it existed still count as finished. Any other setting or class stays in."""
+    node = tree.get("embedder")
+    if not isinstance(node, dict) or node.get("_target_") != EMBEDDER_TARGET:
+        return
+    trainer = tree.get("trainer") if isinstance(tree.get("trainer"), dict) else {}
+    if numeric_precision(node.get("precision", "32-true")) == numeric_precision(
+        trainer.get("precision", "32-true")
+    ):
+        node.pop("precision", None)
+    node.pop("channels_last", None)
+    if set(node) == {"_target_"}:
+        del tree["embedder"]
 
 
 def resume_enabled(cfg: DictConfig) -> bool:

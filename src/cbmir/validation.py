@@ -89,7 +89,7 @@ def check_int(value: Any, key: str, minimum: int) -> int:
 
 def check_config(cfg: DictConfig) -> RetrievalSettings:
     """Stage 1: every setting's value; returns the validated retrieval settings."""
-    from cbmir.embedding import parse_channels_last
+    from cbmir.embedding import check_embedder_config
     from cbmir.resume import resume_enabled
     from cbmir.volumes import split_model_config
 
@@ -101,9 +101,9 @@ def check_config(cfg: DictConfig) -> RetrievalSettings:
     check_int(cfg.data.get("num_workers", 0), "data.num_workers", 0)
     n_gallery = OmegaConf.select(cfg, "gallery.n_queries", default=0)
     check_int(0 if n_gallery is None else n_gallery, "gallery.n_queries (0: no gallery)", 0)
-    parse_channels_last(cfg.get("channels_last", False))
     split_model_config(cfg.model)  # model.volume
     check_precision(cfg.trainer.get("precision", "32-true"))
+    check_embedder_config(cfg)  # channels_last; the store key's precision is the Trainer's
     check_accelerator(cfg.trainer.get("accelerator", "auto"))
     check_text_queries(cfg)
     return RetrievalSettings.from_config(cfg.retrieval)

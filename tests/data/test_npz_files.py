@@ -200,6 +200,21 @@ def test_download_failure_is_a_clear_data_error(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [".breastmnist_64.npz.lock"]
 
 
+def test_a_bug_under_the_download_is_a_traceback_not_a_data_error(tmp_path, monkeypatch):
+    """Only what a failed download raises becomes the one-line DataError; a TypeError (a bug)
+    keeps its traceback, and the part file is still removed."""
+    import torchvision.datasets.utils as tv
+
+    def buggy(**kwargs):
+        (tmp_path / kwargs["filename"]).write_bytes(b"partial")
+        raise TypeError("download_url() got an unexpected keyword argument")
+
+    monkeypatch.setattr(tv, "download_url", buggy)
+    with pytest.raises(TypeError):
+        files.download_npz("breastmnist", 64, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [".breastmnist_64.npz.lock"]
+
+
 def test_download_uses_medmnist_url_and_md5(tmp_path, monkeypatch):
     import torchvision.datasets.utils as tv
 

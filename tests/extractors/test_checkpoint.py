@@ -18,6 +18,7 @@ from tests.tiny_models import TINY_CONCH, TINY_OPEN_CLIP
 from cbmir.extractors.checkpoint import (
     CheckpointError,
     UntrustedCheckpointError,
+    load_into,
     read_state_dict,
     strip_prefix,
 )
@@ -333,3 +334,25 @@ def test_lightning_checkpoint_with_plain_hyper_parameters_loads_by_default(tmp_p
         path,
     )
     torch.testing.assert_close(_embed(_timm(checkpoint=str(path))), _embed(source), rtol=0, atol=0)
+
+
+def test_a_layout_the_converter_cannot_map_is_one_line_but_its_bugs_are_tracebacks() -> None:
+    linear = torch.nn.Linear(2, 2)
+    foreign = {"fc.w": torch.zeros(2, 2), "fc.b": torch.zeros(2)}
+
+    def mapped(sd):
+        return {"weight": sd["fc.w"], "bias": sd["fc.b"]}
+
+    assert load_into(linear, foreign, label="tiny", convert=mapped) is not None
+
+    def unmappable(sd):
+        return {"weight": sd["fc.weight"]}  # KeyError: not the layout it maps
+
+    with pytest.raises(CheckpointError, match="could not be converted for tiny"):
+        load_into(linear, foreign, label="tiny", convert=unmappable)
+
+    def buggy(sd):
+        return {key.upper(): value for key, value in sd.itemz()}  # AttributeError: a bug
+
+    with pytest.raises(AttributeError):
+        load_into(linear, foreign, label="tiny", convert=buggy)

@@ -58,9 +58,9 @@ def _write_results(cfg, metrics: dict) -> None:
     (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def _finish(cfg, metrics: dict) -> None:
+def _finish(cfg, metrics: dict, inputs: tuple = ()) -> None:
     _write_results(cfg, metrics)
-    write_json(Path(cfg.paths.output_dir) / "job.json", job_record(cfg, "success"))
+    write_json(Path(cfg.paths.output_dir) / "job.json", job_record(cfg, "success", [*inputs]))
 
 
 def test_the_retrieval_target_leaves_fingerprints_as_they_were(tmp_path) -> None:
@@ -71,6 +71,21 @@ def test_the_retrieval_target_leaves_fingerprints_as_they_were(tmp_path) -> None
     before = OmegaConf.create(OmegaConf.to_container(cfg))
     del before.retrieval["_target_"]
     assert fingerprint(cfg) == fingerprint(before)
+
+
+def test_the_embedder_node_leaves_fingerprints_as_they_were(tmp_path) -> None:
+    """`embedder` names the class and mirrors keys already in the fingerprint: jobs finished
+    before it was added keep their fingerprint; another class or setting is a new job."""
+    cfg = _cfg(tmp_path)
+    assert OmegaConf.select(cfg, "embedder._target_") == "cbmir.embedding.FrozenEmbedder"
+    before = OmegaConf.create(OmegaConf.to_container(cfg))
+    del before["embedder"]
+    assert fingerprint(cfg) == fingerprint(before)
+    bf16 = _cfg(tmp_path, "trainer.precision=bf16-mixed")
+    assert fingerprint(bf16) != fingerprint(cfg)
+    assert OmegaConf.select(bf16, "embedder.precision") == "bf16-mixed"
+    for change in ("embedder._target_=tests.test_embedding.Doubled", "+embedder.x=1"):
+        assert fingerprint(_cfg(tmp_path, change)) != fingerprint(cfg), change
 
 
 def test_find_finished_returns_stored_metrics_of_the_same_config(tmp_path) -> None:
@@ -121,8 +136,7 @@ def test_a_replaced_or_vanished_input_file_reruns_a_finished_job(tmp_path) -> No
     data.write_bytes(b"first contents")
     job = tmp_path / "sweep" / "job"
     cfg = _cfg(job)
-    _write_results(cfg, {"acc@1": 0.5})
-    write_json(job / "job.json", job_record(cfg, "success", [data]))
+    _finish(cfg, {"acc@1": 0.5}, (data,))
     assert find_finished(cfg) == {"acc@1": 0.5}
 
     stamp = data.stat()
@@ -130,8 +144,7 @@ def test_a_replaced_or_vanished_input_file_reruns_a_finished_job(tmp_path) -> No
     os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
     assert find_finished(cfg) is None
 
-    _write_results(cfg, {"acc@1": 0.5})
-    write_json(job / "job.json", job_record(cfg, "success", [data]))
+    _finish(cfg, {"acc@1": 0.5}, (data,))
     data.unlink()
     assert find_finished(cfg) is None
 
@@ -142,8 +155,7 @@ def test_an_input_replaced_with_its_size_and_mtime_kept_reruns_the_job(tmp_path)
     data.write_bytes(b"first contents")
     job = tmp_path / "sweep" / "job"
     cfg = _cfg(job)
-    _write_results(cfg, {"acc@1": 0.5})
-    write_json(job / "job.json", job_record(cfg, "success", [data]))
+    _finish(cfg, {"acc@1": 0.5}, (data,))
     before = data.stat()
     replacement = tmp_path / "other.npz"
     replacement.write_bytes(b"other contents")  # same size

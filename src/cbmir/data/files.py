@@ -35,7 +35,7 @@ import numpy as np
 from cbmir.data.catalog import SPLITS, check_flag_size, size_suffix, url_and_md5
 from cbmir.data.digests import Digests, file_digests, stamp
 from cbmir.data.locks import exclusive, remove_temporaries
-from cbmir.errors import DataError
+from cbmir.errors import DOWNLOAD_ERRORS, DataError
 
 FORMAT_VERSION = 2  # 2: trusted by the source's sha256 (1: by size + mtime)
 MANIFEST = "manifest.json"
@@ -93,8 +93,11 @@ def download_part(url: str, md5: str, target: Path) -> Path:
         download_url(url=url, root=str(target.parent), filename=part.name, md5=md5)
         if not part.is_file():
             raise FileNotFoundError(part)
-    except Exception as exc:  # the network stack's traceback helps nobody here
-        part.unlink(missing_ok=True)
+    except BaseException as exc:
+        part.unlink(missing_ok=True)  # no half-downloaded file, whatever stopped the transfer
+        if not isinstance(exc, DOWNLOAD_ERRORS):
+            raise  # a bug (or Ctrl-C): its traceback
+        # a failed download: the network stack's traceback helps nobody here
         raise DataError(
             f"Could not download {target.name} ({type(exc).__name__}: {exc}). Expected the file "
             f"at {target}. Download it manually from {url} (MD5 {md5}) and place it there, or "

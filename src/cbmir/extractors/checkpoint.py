@@ -173,10 +173,15 @@ def _refused_by_weights_only(exc: BaseException) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and any(r in text for r in _REFUSALS)
 
 
+#: what a converter raises on a state dict it cannot map (a missing key, a tensor of another
+#: shape); TypeError / AttributeError are bugs in the converter and keep their traceback
+CONVERT_ERRORS = (KeyError, IndexError, ValueError, RuntimeError)
+
+
 def _unsafe_types(path: Path) -> str:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # legacy (non-zip) files cannot be listed
+    except (ValueError, RuntimeError, pickle.UnpicklingError):  # legacy (non-zip) files: none
         return ""
     shown = [
         n for n in names if n not in {f"{t.__module__}.{t.__qualname__}" for t in safe_types()}
@@ -191,14 +196,6 @@ def _reason(exc: BaseException) -> str:
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
-
-
-def _is_tensor_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and bool(obj)
-        and all(isinstance(v, torch.Tensor) for v in obj.values())
-    )
 
 
 def _unwrap(obj: Any, path: Path) -> StateDict:
@@ -286,9 +283,7 @@ def load_into(
         # only foreign layouts are converted: some filters (timm's Swin) are not idempotent
         try:
             sd = convert(sd)
-        except CbmirError:
-            raise
-        except Exception as exc:
+        except CONVERT_ERRORS as exc:  # a layout the converter cannot map; a bug surfaces
             raise CheckpointError(
                 f"{where} could not be converted for {label} ({type(exc).__name__}: {exc})"
             ) from exc

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbmir.errors import CbmirError, ConfigError
+from cbmir.errors import DOWNLOAD_ERRORS, CbmirError, ConfigError
 
 from . import hub
 from .base import Extractor
@@ -255,7 +255,7 @@ def _download_weights(model_name: str, weights: str, gated: bool) -> tuple[str, 
     try:  # URL-only weights (a few OpenAI / older tags)
         path = open_clip.pretrained.download_pretrained(cfg)
         return path, file_identity(path, source="url", url=cfg.get("url"), open_clip_tag=weights)
-    except Exception as exc:
+    except DOWNLOAD_ERRORS as exc:
         raise CbmirError(
             f"could not download open_clip weights {model_name} {weights} from {cfg.get('url')}: "
             f"{type(exc).__name__}. " + hub.OFFLINE_HELP

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import torch
 
 from cbmir.config import to_plain as _plain
-from cbmir.errors import CbmirError
+from cbmir.errors import DOWNLOAD_ERRORS, CbmirError
 
 from . import hub
 from .base import Extractor
@@ -282,7 +282,7 @@ def _url_weights_file(url: str, tag: str) -> tuple[str, dict[str, Any]]:
         )
     try:
         path = download_cached_file(url, check_hash=False, progress=False)
-    except Exception as exc:
+    except DOWNLOAD_ERRORS as exc:
         raise hub.HubError(
             f"could not download timm weights {tag!r} from {url} ({type(exc).__name__}). "
             + hub.OFFLINE_HELP

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cbmir.embedding import unlink_embedder_mirrors
 from cbmir.errors import ConfigError, DataError
 from cbmir.store import EmbeddingStore, StoredEmbeddings, canonical_json
 
@@ -84,6 +85,7 @@ def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[DictC
             "output directory of a run that completed (it holds metrics.json and neighbors.npz)."
         )
     cfg = OmegaConf.load(run_dir / RUN_CONFIG)
+    unlink_embedder_mirrors(cfg)  # written resolved: follow channels_last etc. again
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key:
@@ -189,18 +191,13 @@ def build_embedder(cfg: DictConfig, volume: bool) -> Any:
     against; `check_reproduces` verifies the weights on a few rows all the same."""
     import lightning as L
 
-    from cbmir.embedding import FrozenEmbedder
+    from cbmir.embedding import build_embedder
     from cbmir.volumes import instantiate_extractor
 
     # as the run did (random weights no longer depend on it: they come from model.seed)
     L.seed_everything(int(cfg.get("seed", 0) or 0), verbose=False)
     extractor, spec = instantiate_extractor(cfg.model)
-    return FrozenEmbedder(
-        extractor,
-        channels_last=cfg.get("channels_last", False),
-        volume=spec if volume else None,
-        precision=OmegaConf.select(cfg, "trainer.precision", default="32-true"),
-    )
+    return build_embedder(cfg, extractor, spec if volume else None)
 
 
 def attach_embedder(database: Database, embedder: Any) -> None:

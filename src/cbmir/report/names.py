@@ -29,8 +29,6 @@ PAPER_DATASETS: tuple[str, ...] = (
     "adrenalmnist3d",
     "synapsemnist3d",
 )
-PAPER_SIZES_2D: tuple[int, ...] = (28, 64, 128, 224)
-PAPER_SIZES_3D: tuple[int, ...] = (28, 64)
 #: (metric key in metrics.json, column name in CSVs, header in tables), the paper's order
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("map@5", "map_at_5", "mAP@5"),
@@ -88,17 +86,6 @@ def dataset_paper_name(flag: str) -> str:
 def dataset_config_name(paper: str) -> str:
     """``BreastMNIST`` -> ``breastmnist``."""
     return str(paper).lower()
-
-
-def paper_grid_cells() -> list[str]:
-    """The paper's dataset@size cells: six 2D sets x 4 sizes, two 3D sets x 2 sizes."""
-    from cbmir.data import catalog
-
-    return [
-        f"{flag}@{size}"
-        for flag in PAPER_DATASETS
-        for size in (PAPER_SIZES_3D if catalog.is_3d(flag) else PAPER_SIZES_2D)
-    ]
 
 
 def model_order(name: str) -> tuple[int, str]:
