@@ -905,6 +905,7 @@ def knn_search(
         if faiss is not None:
             m = min(shortlist, n_database)
             given = searcher.faiss_shortlist(faiss, query_rows.to(torch.float32), m)
+            log.debug("knn_search: pass 1 by faiss knn_L2sqr (%d database rows)", n_database)
         for start in range(0, n_queries, block_queries):
             block = _Queries.build(
                 query_rows[start : start + block_queries].to(search_device, torch.float32),
