@@ -561,7 +561,7 @@ class _Searcher:
         return torch.full_like(queries.sqn, 4 * rel * (q_max + self.db.max_norm) ** 2)
 
     # -- exact keys --------------------------------------------------------------------------
-    def exact_keys(self, queries: _Queries, idx: torch.Tensor) -> torch.Tensor:
+    def exact_keys(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Direct float32 key: ||q - x||^2 (euclidean) or 1 - q^.x^ (cosine), [B, m].
 
         The euclidean sum runs over the GEMM pieces (`_piece_sums`), so its rounding interval
@@ -573,9 +573,9 @@ class _Searcher:
         """
         step = max(1, BLOCK_BYTES // (4 * max(1, idx.shape[1] * self.dim)))
         out = []
-        for start in range(0, queries.count, step):
+        for start in range(0, q.shape[0], step):
             rows = self.db.rows(idx[start : start + step])
-            query = queries.q[start : start + step].unsqueeze(1)
+            query = q[start : start + step].unsqueeze(1)
             if self.db.cosine:
                 out.append(1.0 - (rows * query).sum(dim=-1))
             else:
@@ -583,9 +583,10 @@ class _Searcher:
         return torch.cat(out) if len(out) != 1 else out[0]
 
     def valid_keys(
-        self, keys_of: Callable, queries: _Queries, idx: torch.Tensor, valid: torch.Tensor
+        self, keys_of: Callable, q: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
-        """`keys_of(queries, idx)` (`exact_keys` or `exact_keys64`) where `valid`, inf elsewhere.
+        """`keys_of(q, idx)` (`exact_keys` with `_Queries.q` or `exact_keys64` with
+        `_Queries.raw`) where `valid`, inf elsewhere.
 
         Queries are grouped by their number c of valid candidates and each group gathers just
         its c rows: a block's lists are as wide as its widest query, and on 12,288-d pixels
@@ -599,13 +600,13 @@ class _Searcher:
                 continue
             group = (counts == count).nonzero().squeeze(1)
             mask = valid[group]
-            keys = keys_of(queries.select(group), idx[group][mask].view(-1, count))
+            keys = keys_of(q[group], idx[group][mask].view(-1, count))
             part = out[group]
             part[mask] = keys.reshape(-1)
             out[group] = part
         return out
 
-    def exact_keys64(self, queries: _Queries, idx: torch.Tensor) -> torch.Tensor:
+    def exact_keys64(self, raw: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The same keys in float64 from the float32 inputs, to order near-ties.
 
         Differences and squares of float32 numbers are exact in float64; the sum is ~1e-16
@@ -614,11 +615,11 @@ class _Searcher:
         """
         step = max(1, BLOCK_BYTES // (8 * max(1, idx.shape[1] * self.dim)))
         out = []
-        for start in range(0, queries.count, step):
+        for start in range(0, raw.shape[0], step):
             rows_idx = idx[start : start + step]
             rows = self.db.x.index_select(0, rows_idx.reshape(-1)).double()
             rows = rows.view(*rows_idx.shape, self.dim)
-            query = queries.raw[start : start + step].double().unsqueeze(1)
+            query = raw[start : start + step].double().unsqueeze(1)
             if self.db.cosine:
                 inv_norm = 1.0 / rows.norm(dim=-1).clamp_min(1e-300)
                 query_unit = query / query.norm(dim=-1, keepdim=True).clamp_min(1e-300)
@@ -698,9 +699,7 @@ class _Searcher:
             self.n_float64 += int(uncertain.numel())
             width = int(valid[uncertain].sum(dim=1).max())  # valid entries come first
             sub_idx, sub_valid = idx[uncertain, :width], valid[uncertain, :width]
-            keys64 = self.valid_keys(
-                self.exact_keys64, queries.select(uncertain), sub_idx, sub_valid
-            )
+            keys64 = self.valid_keys(self.exact_keys64, queries.raw[uncertain], sub_idx, sub_valid)
             order = _sorted_by(keys64, sub_idx)[:, :k]
             sub_keys = keys[uncertain, :width].gather(1, order).cummax(dim=1).values
             keys, idx = keys[:, :k].clone(), idx[:, :k].clone()
@@ -764,7 +763,7 @@ class _Searcher:
             error = self.score_error(queries, low)
             kth_offset = self.to_score_units(torch.zeros_like(queries.sqn), queries)
         cand, valid = self.prune(approx, idx, error)
-        exact = self.valid_keys(self.exact_keys, queries, cand, valid)
+        exact = self.valid_keys(self.exact_keys, queries.q, cand, valid)
         keys, top_idx, kth_upper = self.rank(queries, exact, cand, valid)
         if approx.shape[1] == self.n:
             return keys, top_idx
@@ -819,8 +818,8 @@ class _Searcher:
                 for c in range(0, width, cols):
                     piece_idx = cand[r : r + rows, c : c + cols]
                     ok = valid[r : r + rows, c : c + cols]
-                    keys = torch.where(ok, self.exact_keys(sub, piece_idx), math.inf)
-                    keys64 = torch.where(ok, self.exact_keys64(sub, piece_idx), math.inf)
+                    keys = torch.where(ok, self.exact_keys(sub.q, piece_idx), math.inf)
+                    keys64 = torch.where(ok, self.exact_keys64(sub.raw, piece_idx), math.inf)
                     merged_idx = torch.cat([best_idx[r : r + rows], piece_idx], 1)
                     order = _sorted_by(
                         torch.cat([best_keys64[r : r + rows], keys64], 1), merged_idx
