@@ -341,6 +341,14 @@ def _piecewise_sq_norms(t: torch.Tensor, norms: torch.Tensor, pieces: list[slice
     return out
 
 
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] along rows; by numpy fancy indexing on the CPU, where torch's index_select of
+    131,072-wide rows ran at ~1/12 the speed (8.4 s against 0.67 s for 1,500 rows)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(x.numpy()[idx.numpy()])
+    return x.index_select(0, idx)
+
+
 def _piece_sums(t: torch.Tensor, pieces: list[slice]) -> torch.Tensor:
     """Sum over the last axis, piece by piece and then over the pieces.
 
@@ -388,7 +396,7 @@ class _Database:
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Gathered rows [..., D]; cosine rows normalised."""
-        gathered = self.x.index_select(0, idx.reshape(-1)).view(*idx.shape, self.x.shape[1])
+        gathered = _gather_rows(self.x, idx.reshape(-1)).view(*idx.shape, self.x.shape[1])
         if self.cosine:
             gathered.mul_((-self.neg_inv[idx]).unsqueeze(-1))
         return gathered
@@ -621,7 +629,7 @@ class _Searcher:
         out = []
         for start in range(0, raw.shape[0], step):
             rows_idx = idx[start : start + step]
-            rows = self.db.x.index_select(0, rows_idx.reshape(-1)).double()
+            rows = _gather_rows(self.db.x, rows_idx.reshape(-1)).double()
             rows = rows.view(*rows_idx.shape, self.dim)
             query = raw[start : start + step].double().unsqueeze(1)
             if self.db.cosine:
