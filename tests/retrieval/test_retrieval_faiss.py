@@ -162,3 +162,21 @@ def test_auto_pass1_routes_large_databases_to_faiss(monkeypatch, caplog, cluster
         d2, i2 = knn_search(q, x, 5)
         assert "pass 1 by faiss" in caplog.text
     assert torch.equal(i2, knn_search(q, x, 5, pass1="torch")[1])
+
+
+def test_faiss_scores_lie_within_their_bound():
+    """faiss' float32 ||q||^2 + ||x||^2 - 2 q.x against float64 direct distances: every score is
+    within `faiss_error` (the certificate's premise), and the error is real, not vacuous."""
+    import faiss
+
+    g = torch.Generator().manual_seed(9)
+    x = 1000.0 + 1e-2 * torch.randn(60, 256, generator=g)
+    q = 1000.0 + 1e-2 * torch.randn(500, 256, generator=g)
+    db = search_module._Database.build(x, search_module.row_norms(x), False, None)
+    searcher = search_module._Searcher(db, k=5, db_chunk=60, score_dtype=None)
+    queries = search_module._Queries.build(q, search_module.row_norms(q), False, None)
+    scores, idx = searcher.faiss_shortlist(faiss, q, 60)
+    true = torch.cdist(q.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    miss = (scores.double() - true.square().gather(1, idx)).abs()
+    assert (miss <= searcher.faiss_error(queries)[:, None]).all()
+    assert miss.max() > 1.0  # cancellation at ||q||^2 ~ 2.6e8: far above the true ~0.05
