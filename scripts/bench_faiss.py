@@ -95,6 +95,12 @@ def main() -> None:
     p.add_argument("--exact-only", action="store_true", help="only torch vs faiss flat")
     p.add_argument("--rounds", type=int, default=1, help="alternating exact rounds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pass1",
+        choices=["auto", "torch", "faiss"],
+        default="auto",
+        help="knn_search's pass 1 (auto: faiss from FAISS_MIN_ROWS database rows)",
+    )
     args = p.parse_args()
 
     import faiss
@@ -121,7 +127,7 @@ def main() -> None:
     for _ in range(args.rounds):  # side by side, alternating, same data
         c0, t0 = time.process_time(), time.perf_counter()
         with CountPasses() as passes:
-            _, truth = knn_search(q, x, k)
+            _, truth = knn_search(q, x, k, pass1=args.pass1)
         torch_times.append(time.perf_counter() - t0)
         torch_cpu.append(time.process_time() - c0)
         c0, t0 = time.process_time(), time.perf_counter()
@@ -130,7 +136,7 @@ def main() -> None:
         flat_cpu.append(time.process_time() - c0)
     exact_torch, flat_search = min(torch_times), min(flat_times)
     print(
-        f"torch knn_search (exact, certified): search {exact_torch:.1f} s (rounds: "
+        f"knn_search pass1={args.pass1} (exact, certified): search {exact_torch:.1f} s (rounds: "
         f"{', '.join(f'{t:.1f}' for t in torch_times)}; process CPU s: "
         f"{', '.join(f'{t:.1f}' for t in torch_cpu)}); certificate: {passes.summary()}"
     )
@@ -141,7 +147,7 @@ def main() -> None:
     )
     same = int((found == truth).all(dim=1).sum())
     print(
-        f"exact: torch / faiss flat search time = {exact_torch / flat_search:.3f}; "
+        f"exact: knn_search / faiss flat search time = {exact_torch / flat_search:.3f}; "
         f"neighbours equal on {same}/{args.queries} queries (faiss breaks ties its own way)"
     )
     rows = [("faiss flat (exact)", flat_build, flat_search, recall(found, truth))]

@@ -1,5 +1,6 @@
 """The optional faiss backend: same convention as knn_search, recall, persistence."""
 
+import logging
 import sys
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from cbmir.errors import CbmirError, ConfigError
 from cbmir.retrieval import faiss_backend as fb
 from cbmir.retrieval import knn_search
+from cbmir.retrieval import search as search_module
 
 pytest.importorskip("faiss")
 
@@ -102,3 +104,79 @@ def test_errors(clustered, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(CbmirError, match="pip install faiss-cpu"):
         fb.build_index(x)
+
+
+def _exact_order(q, x, k):
+    """float64 direct differences (no ||q||^2 + ||x||^2 - 2 q.x), stable: lower index first."""
+    dist = torch.cdist(q.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    return dist.argsort(dim=1, stable=True)[:, :k]
+
+
+def _torch_and_faiss_pass1(q, x, k, caplog):
+    reference = knn_search(q, x, k, pass1="torch")
+    with caplog.at_level(logging.DEBUG, logger="cbmir.retrieval.search"):
+        via_faiss = knn_search(q, x, k, pass1="faiss")
+    return reference, via_faiss
+
+
+def test_faiss_pass1_gives_the_torch_result_with_ties_and_certificate(caplog):
+    """Pass 1 from faiss' brute force: same neighbours, tie order (lower index first) and
+    distances as the torch pass; 40 copies of a row overflow the 21-row shortlist, so the
+    certificate must send that query to the exhaustive second pass."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3000, 16, generator=g)
+    copies = torch.randperm(3000, generator=g)[:40]
+    x[copies] = x[copies[0]].clone()
+    x[2999] = x[11]  # one more exact tie, far apart in index
+    q = torch.cat([x[copies[0]][None], x[11][None] + 1e-4, torch.randn(30, 16, generator=g)])
+    (dt, it), (df, i_f) = _torch_and_faiss_pass1(q, x, 5, caplog)
+    assert "pass 1 by faiss" in caplog.text
+    assert "1 of 32 queries needed the exhaustive second pass" in caplog.text
+    assert torch.equal(i_f, it) and torch.equal(df, dt)
+    assert i_f[0].tolist() == sorted(copies.tolist())[:5]
+    assert i_f[1, :2].tolist() == [11, 2999]
+    exact = _exact_order(q, x, 5)
+    assert torch.equal(i_f, exact)
+
+
+def test_faiss_pass1_bound_catches_large_offset_cancellation(caplog):
+    """||q||^2 + ||x||^2 - 2 q.x cancels catastrophically at 1000 +- 0.01: faiss' own ranking
+    is wrong here, the certified result is exact. 500 x 256 query elements take faiss' BLAS
+    path (from 128,000), not its direct per-pair distances."""
+    g = torch.Generator().manual_seed(2)
+    x = 1000.0 + 1e-2 * torch.randn(60, 256, generator=g)
+    q = 1000.0 + 1e-2 * torch.randn(500, 256, generator=g)
+    (dt, it), (df, i_f) = _torch_and_faiss_pass1(q, x, 5, caplog)
+    exact = _exact_order(q, x, 5)
+    assert torch.equal(i_f, exact) and torch.equal(i_f, it)
+    assert torch.equal(df, dt)
+    assert not torch.equal(fb.search(fb.build_index(x, "flat"), q, 5)[1], exact)
+
+
+def test_auto_pass1_routes_large_databases_to_faiss(monkeypatch, caplog, clustered):
+    q, x = clustered
+    monkeypatch.setattr(search_module, "FAISS_MIN_ROWS", 2000)
+    with caplog.at_level(logging.DEBUG, logger="cbmir.retrieval.search"):
+        d, i = knn_search(q, x[:1999], 5)
+        assert "pass 1 by faiss" not in caplog.text
+        d2, i2 = knn_search(q, x, 5)
+        assert "pass 1 by faiss" in caplog.text
+    assert torch.equal(i2, knn_search(q, x, 5, pass1="torch")[1])
+
+
+def test_faiss_scores_lie_within_their_bound():
+    """faiss' float32 ||q||^2 + ||x||^2 - 2 q.x against float64 direct distances: every score is
+    within `faiss_error` (the certificate's premise), and the error is real, not vacuous."""
+    import faiss
+
+    g = torch.Generator().manual_seed(9)
+    x = 1000.0 + 1e-2 * torch.randn(60, 256, generator=g)
+    q = 1000.0 + 1e-2 * torch.randn(500, 256, generator=g)
+    db = search_module._Database.build(x, search_module.row_norms(x), False, None)
+    searcher = search_module._Searcher(db, k=5, db_chunk=60, score_dtype=None)
+    queries = search_module._Queries.build(q, search_module.row_norms(q), False, None)
+    scores, idx = searcher.faiss_shortlist(faiss, q, 60)
+    true = torch.cdist(q.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    miss = (scores.double() - true.square().gather(1, idx)).abs()
+    assert (miss <= searcher.faiss_error(queries)[:, None]).all()
+    assert miss.max() > 1.0  # cancellation at ||q||^2 ~ 2.6e8: far above the true ~0.05

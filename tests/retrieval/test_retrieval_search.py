@@ -257,3 +257,34 @@ def test_grouped_selection_keeps_the_smallest_and_nothing_smaller_outside():
         assert torch.equal(values.sort(dim=1).values, scores.sort(dim=1).values[:, :m])
         outside = torch.ones_like(scores, dtype=torch.bool).scatter_(1, cols, False)
         assert (scores[outside].view(7, -1) >= values.max(dim=1, keepdim=True).values).all()
+
+
+def test_wide_vectors_re_rank_in_float32_where_piecewise_sums_separate_neighbours():
+    """12,288-d neighbours 3e-4 apart (relative): the re-rank sums piece by piece, so their
+    rounding intervals (gamma_1038, 6e-5) no longer overlap as the whole-width ones did
+    (gamma_12291, 7.3e-4) and no query needs float64 ordering; the order stays exact."""
+    dim = 12288
+    scale = torch.arange(30, dtype=torch.float64).mul(3e-4).add(1.0)
+    values = 100.0 * scale[torch.randperm(30, generator=torch.Generator().manual_seed(8))] / dim
+    x = values.sqrt().float()[:, None].expand(30, dim).contiguous()
+    q = torch.zeros(2, dim)
+    q[1] = 1e-3
+    db = _Database.build(x, row_norms(x), cosine=False, score_dtype=None)
+    searcher = _Searcher(db, k=5, db_chunk=30, score_dtype=None)
+    queries = _Queries.build(q, row_norms(q), cosine=False, score_dtype=None)
+    _, i = searcher.search(queries, m=21)
+    assert torch.equal(i, brute_force(q, x, 5)[1])
+    assert searcher.n_float64 == 0
+
+
+def test_pass1_option_is_checked_before_any_work(data):
+    q, x = data
+    with pytest.raises(ConfigError, match="pass1 must be one of"):
+        knn_search(q, x, 3, pass1="blas")
+    pytest.importorskip("faiss")
+    for kwargs in ({"distance": "cosine"}, {"rerank": False}, {"device": "meta"}):
+        with pytest.raises(ConfigError, match="pass1='faiss' serves exact euclidean CPU"):
+            knn_search(q, x, 3, pass1="faiss", **kwargs)
+    wide = torch.randn(4, 1100)
+    with pytest.raises(ConfigError, match="<= 1024 dims"):
+        knn_search(wide, wide, 2, pass1="faiss")

@@ -8,8 +8,12 @@ How it stays fast and exact:
    Only a [query_chunk, db_chunk] block ever exists, never the full Q x N matrix. On the CPU
    the GEMM runs in numpy's BLAS; vectors wider than GEMM_PIECE are multiplied piece by piece
    so that the rounding-error bound grows with the piece width, not with the full width.
-2. The shortlist is re-ranked with float32 distances computed directly (``sum((q - x)^2)``,
-   cosine ``1 - q^.x^``); ties go to the lower database index (stable lexicographic sort).
+   Large exact euclidean CPU searches (FAISS_MIN_ROWS rows, <= GEMM_PIECE dims) take this
+   shortlist from faiss' brute force instead when faiss is installed (`pass1`), with a bound
+   of its own (`_Searcher.faiss_error`); steps 2 and 3 are the same.
+2. The shortlist is re-ranked with float32 distances computed directly (``sum((q - x)^2)``
+   summed over the same pieces, cosine ``1 - q^.x^``), gathering only the rows that can still
+   be in the top k; ties go to the lower database index (stable lexicographic sort).
    Where two of the first k + 1 keys are closer than their own rounding error, that query is
    ordered by the same keys in float64 instead, so float32 rounding cannot swap near-ties.
 3. A rounding-error bound ``E`` of the GEMM score (derived in `_Searcher.score_error`)
@@ -29,9 +33,10 @@ import functools
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import threadpoolctl
@@ -56,6 +61,59 @@ GEMM_PIECE = 1024
 """Widest piece of the feature axis multiplied at once (see `_pieces`)."""
 SELECT_GROUP = 64
 """Columns per group in the two-stage shortlist selection (see `_smallest`)."""
+FAISS_MIN_ROWS = 2**18
+"""Database rows from which an exact CPU search takes its pass 1 from faiss (`_faiss_shortlist`).
+
+At 200k x 512 torch and faiss took the same CPU time; at 1M x 512 faiss' flat scan took ~0.7x
+torch's (docs/benchmarks.md)."""
+PASS1 = ("auto", "torch", "faiss")
+
+
+def _faiss() -> Any | None:
+    """The faiss module if installed (an optional dependency), else None."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _pass1_faiss(
+    pass1: str, device: torch.device, exact_l2: bool, dim: int, n_database: int
+) -> Any | None:
+    """The faiss module where pass 1 is taken from faiss (see FAISS_MIN_ROWS), else None.
+
+    Only exact euclidean CPU searches of at most GEMM_PIECE dims qualify: faiss multiplies the
+    whole width at once, so its rounding-error bound (`_Searcher.faiss_error`) would grow with
+    wider vectors where the torch pass sums pieces.
+    """
+    if pass1 not in PASS1:
+        raise ConfigError(f"pass1 must be one of {', '.join(PASS1)}, got {pass1!r}")
+    if pass1 == "torch":
+        return None
+    supported = device.type == "cpu" and exact_l2 and dim <= GEMM_PIECE
+    if pass1 == "auto":  # import faiss only where it would be used
+        return _faiss() if supported and n_database >= FAISS_MIN_ROWS else None
+    faiss = _faiss()
+    if faiss is None:
+        raise ConfigError("pass1='faiss' needs faiss: pip install faiss-cpu (cbmir[faiss])")
+    if not supported:
+        raise ConfigError(
+            f"pass1='faiss' serves exact euclidean CPU searches of <= {GEMM_PIECE} dims "
+            "(no score_dtype, rerank=True)"
+        )
+    return faiss
+
+
+@contextlib.contextmanager
+def _omp_threads(faiss: Any) -> Iterator[None]:
+    """Hold faiss' OpenMP threads to torch's thread count for one call."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _as_matrix(data: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
@@ -283,6 +341,28 @@ def _piecewise_sq_norms(t: torch.Tensor, norms: torch.Tensor, pieces: list[slice
     return out
 
 
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] along rows; by numpy fancy indexing on the CPU, where torch's index_select of
+    131,072-wide rows ran at ~1/12 the speed (8.4 s against 0.67 s for 1,500 rows)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(x.numpy()[idx.numpy()])
+    return x.index_select(0, idx)
+
+
+def _piece_sums(t: torch.Tensor, pieces: list[slice]) -> torch.Tensor:
+    """Sum over the last axis, piece by piece and then over the pieces.
+
+    Each term then passes through at most (width - 1) + (pieces - 1) additions, whatever order
+    torch sums in: the depth `_Searcher.key_bounds` assumes. One piece: a plain sum.
+    """
+    if len(pieces) == 1:
+        return t.sum(dim=-1)
+    width = pieces[0].stop - pieces[0].start
+    if width * len(pieces) == t.shape[-1]:
+        return t.unflatten(-1, (len(pieces), width)).sum(dim=-1).sum(dim=-1)
+    return torch.stack([t[..., piece].sum(dim=-1) for piece in pieces], dim=-1).sum(dim=-1)
+
+
 @dataclass
 class _Database:
     """The database on the search device plus the per-row terms every block needs."""
@@ -316,7 +396,7 @@ class _Database:
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Gathered rows [..., D]; cosine rows normalised."""
-        gathered = self.x.index_select(0, idx.reshape(-1)).view(*idx.shape, self.x.shape[1])
+        gathered = _gather_rows(self.x, idx.reshape(-1)).view(*idx.shape, self.x.shape[1])
         if self.cosine:
             gathered.mul_((-self.neg_inv[idx]).unsqueeze(-1))
         return gathered
@@ -439,6 +519,43 @@ class _Searcher:
         big_m = self.db.max_norm
         return 1.01 * rel * (2 * q_norm * big_m + big_m**2)
 
+    def faiss_error(self, queries: _Queries) -> torch.Tensor:
+        """Bound E on |faiss score - ||q - x||^2| per query, float64 (see `faiss_shortlist`).
+
+        faiss scores S = fl(fl(a + b) - 2 p), clamped at 0, with a = fl(||q||^2) (within
+        gamma_D a), b our float32 ||x||^2 (`_Database.sqn`: gamma_{D+3} M^2, one piece) and
+        p = fl(q . x) in IEEE float32 BLAS (gamma_D |q| M). Each term passes through at most
+        D + 5 roundings and the terms sum to <= (|q| + M)^2, so |S - T| <= gamma_{D+5}
+        (|q| + M)^2; clamping only moves S towards T >= 0. Doubled as slack for kernels that
+        are not ours (SIMD norms, FMA), 1% for the float64 arithmetic of the certificate.
+        """
+        q_norm = queries.sqn.sqrt() * (1.0 + 2 * _U32)
+        return 2.02 * _gamma(self.dim + 5) * (q_norm + self.db.max_norm) ** 2
+
+    def faiss_shortlist(
+        self, faiss: Any, queries: torch.Tensor, m: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 1 by faiss' exact brute force (`knn_L2sqr`): the m smallest float32 scores
+        ||q - x||^2 per query (all queries at once) and their rows.
+
+        faiss multiplies 4096-query x 1024-row tiles that stay in cache and keeps a heap per
+        query; at 1M x 512 that beat the torch pass (docs/benchmarks.md). It is given our
+        ||x||^2, so the bound `faiss_error` holds for the very numbers it adds.
+        """
+        q = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
+        x = self.db.x.contiguous().numpy()
+        sqn = np.ascontiguousarray(self.db.sqn.numpy(), dtype=np.float32)
+        scores = np.empty((q.shape[0], m), dtype=np.float32)
+        idx = np.empty((q.shape[0], m), dtype=np.int64)
+        ptr = faiss.swig_ptr
+        with _omp_threads(faiss):
+            faiss.knn_L2sqr(
+                ptr(q), ptr(x), self.dim, q.shape[0], self.n, m, ptr(scores), ptr(idx), ptr(sqn)
+            )
+        if (idx < 0).any():  # never for a flat scan of finite rows; refuse rather than guess
+            raise EmbeddingError("faiss left shortlist slots empty; search with pass1='torch'")
+        return torch.from_numpy(scores), torch.from_numpy(idx)
+
     def _low_score_error(self, queries: _Queries) -> torch.Tensor:
         """Half-precision scores: the earlier worst-case bound (whole-dim accumulation)."""
         u_in = _input_roundoff(self.device, self.score_dtype)
@@ -456,25 +573,52 @@ class _Searcher:
         return torch.full_like(queries.sqn, 4 * rel * (q_max + self.db.max_norm) ** 2)
 
     # -- exact keys --------------------------------------------------------------------------
-    def exact_keys(self, queries: _Queries, idx: torch.Tensor) -> torch.Tensor:
+    def exact_keys(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Direct float32 key: ||q - x||^2 (euclidean) or 1 - q^.x^ (cosine), [B, m].
 
+        The euclidean sum runs over the GEMM pieces (`_piece_sums`), so its rounding interval
+        (`key_bounds`) grows with width + pieces, not the full width: at 131,072 dims the
+        whole-width interval (7.8e-3 relative) sent most queries to float64 ordering.
         Gathered a few queries at a time, so the [B, m, D] gather stays near BLOCK_BYTES and the
         query block itself can be as tall as the GEMM wants (wide vectors: 130-row GEMMs took
         2.5x the CPU time of 800-row ones).
         """
         step = max(1, BLOCK_BYTES // (4 * max(1, idx.shape[1] * self.dim)))
         out = []
-        for start in range(0, queries.count, step):
+        for start in range(0, q.shape[0], step):
             rows = self.db.rows(idx[start : start + step])
-            query = queries.q[start : start + step].unsqueeze(1)
+            query = q[start : start + step].unsqueeze(1)
             if self.db.cosine:
                 out.append(1.0 - (rows * query).sum(dim=-1))
             else:
-                out.append(rows.sub_(query).square_().sum(dim=-1))
+                out.append(_piece_sums(rows.sub_(query).square_(), self.pieces))
         return torch.cat(out) if len(out) != 1 else out[0]
 
-    def exact_keys64(self, queries: _Queries, idx: torch.Tensor) -> torch.Tensor:
+    def valid_keys(
+        self, keys_of: Callable, q: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """`keys_of(q, idx)` (`exact_keys` with `_Queries.q` or `exact_keys64` with
+        `_Queries.raw`) where `valid`, inf elsewhere.
+
+        Queries are grouped by their number c of valid candidates and each group gathers just
+        its c rows: a block's lists are as wide as its widest query, and on 12,288-d pixels
+        gathering every slot read ~3.7x the rows the valid ones need.
+        """
+        counts = valid.sum(dim=1)
+        dtype = torch.float64 if keys_of == self.exact_keys64 else torch.float32
+        out = torch.full(idx.shape, math.inf, dtype=dtype, device=self.device)
+        for count in counts.unique().tolist():
+            if count == 0:
+                continue
+            group = (counts == count).nonzero().squeeze(1)
+            mask = valid[group]
+            keys = keys_of(q[group], idx[group][mask].view(-1, count))
+            part = out[group]
+            part[mask] = keys.reshape(-1)
+            out[group] = part
+        return out
+
+    def exact_keys64(self, raw: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The same keys in float64 from the float32 inputs, to order near-ties.
 
         Differences and squares of float32 numbers are exact in float64; the sum is ~1e-16
@@ -483,11 +627,11 @@ class _Searcher:
         """
         step = max(1, BLOCK_BYTES // (8 * max(1, idx.shape[1] * self.dim)))
         out = []
-        for start in range(0, queries.count, step):
+        for start in range(0, raw.shape[0], step):
             rows_idx = idx[start : start + step]
-            rows = self.db.x.index_select(0, rows_idx.reshape(-1)).double()
+            rows = _gather_rows(self.db.x, rows_idx.reshape(-1)).double()
             rows = rows.view(*rows_idx.shape, self.dim)
-            query = queries.raw[start : start + step].double().unsqueeze(1)
+            query = raw[start : start + step].double().unsqueeze(1)
             if self.db.cosine:
                 inv_norm = 1.0 / rows.norm(dim=-1).clamp_min(1e-300)
                 query_unit = query / query.norm(dim=-1, keepdim=True).clamp_min(1e-300)
@@ -500,17 +644,20 @@ class _Searcher:
         """float64 interval [low, high] holding the true key of each float32 exact key.
 
         Euclidean: sum of D rounded squares of rounded differences, each term off by <= 3
-        roundings and the sum by <= D - 1 more: K is within gamma_{D+2} T of the true T, so
-        T is in [K (1 - g), K / (1 - g)] with g = gamma_{D+3} (one u of slack for the float64
+        roundings and the sum by r more (r = w - 1 + P - 1 for P pieces of <= w columns, see
+        `_piece_sums`; D - 1 for one piece): K is within gamma_{r+3} T of the true T, so
+        T is in [K (1 - g), K / (1 - g)] with g = gamma_{r+4} (one u of slack for the float64
         arithmetic here), plus D * 2^-126 for squares that underflow. Cosine: both normalisations (gamma_{D+2} each, from float32
         norms), the product and the sum (gamma_{D+1}) and the final 1 - (u), absolute.
         """
         keys64 = keys.double()
+        width = max(p.stop - p.start for p in self.pieces)
+        sum_roundings = (width - 1) + (len(self.pieces) - 1)  # `_piece_sums`; D - 1 for one piece
         if self.db.cosine:
             # 2 (D+2) + (D+1) + 1 <= 3D + 10 roundings in all; 1% for the float64 arithmetic
             band = _gamma(3 * self.dim + 10) * 1.01
             return keys64 - band, keys64 + band
-        rel = _gamma(self.dim + 3)
+        rel = _gamma(sum_roundings + 4)
         tiny = self.dim * 2.0**-126  # each of the D squares may underflow by < 2^-126
         # K <= T (1 + g) gives T >= K / (1 + g) >= K (1 - g); K >= T (1 - g) gives
         # T <= K / (1 - g) <= K (1 + g (1 + 2g)), as (1 + g + 2g^2)(1 - g) >= 1 for g <= 1/2
@@ -564,8 +711,7 @@ class _Searcher:
             self.n_float64 += int(uncertain.numel())
             width = int(valid[uncertain].sum(dim=1).max())  # valid entries come first
             sub_idx, sub_valid = idx[uncertain, :width], valid[uncertain, :width]
-            keys64 = self.exact_keys64(queries.select(uncertain), sub_idx)
-            keys64 = torch.where(sub_valid, keys64, math.inf)
+            keys64 = self.valid_keys(self.exact_keys64, queries.raw[uncertain], sub_idx, sub_valid)
             order = _sorted_by(keys64, sub_idx)[:, :k]
             sub_keys = keys[uncertain, :width].gather(1, order).cummax(dim=1).values
             keys, idx = keys[:, :k].clone(), idx[:, :k].clone()
@@ -592,31 +738,51 @@ class _Searcher:
         return best_scores, best_idx
 
     def search(
-        self, queries: _Queries, m: int, low: bool = False, rerank: bool = True
+        self,
+        queries: _Queries,
+        m: int,
+        low: bool = False,
+        rerank: bool = True,
+        given: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(distances, indices) of one query block; see the module docstring."""
-        keys, idx = self.search_keys(queries, m, low, rerank)
+        keys, idx = self.search_keys(queries, m, low, rerank, given)
         return self.to_distance(keys), idx
 
     def search_keys(
-        self, queries: _Queries, m: int, low: bool, rerank: bool
+        self,
+        queries: _Queries,
+        m: int,
+        low: bool,
+        rerank: bool,
+        given: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k exact keys (squared L2 or 1 - cos) and indices, certified by the bound."""
+        """Top-k exact keys (squared L2 or 1 - cos) and indices, certified by the bound.
+
+        `given`: a pass-1 shortlist from `faiss_shortlist` (scores are whole ||q - x||^2, with
+        the bound `faiss_error`); else pass 1 runs here.
+        """
         k = self.k
         m = min(max(m, k), self.n)
-        approx, idx = self.shortlist(queries, m, low)
-        if not rerank:
-            offset = 1.0 if self.db.cosine else queries.sqn.unsqueeze(1).float()
-            return _lex_topk(approx + offset, idx, k)
-        error = self.score_error(queries, low)
+        if given is not None:
+            approx, idx = given
+            error, kth_offset = self.faiss_error(queries), torch.zeros_like(queries.sqn)
+        else:
+            approx, idx = self.shortlist(queries, m, low)
+            if not rerank:
+                offset = 1.0 if self.db.cosine else queries.sqn.unsqueeze(1).float()
+                return _lex_topk(approx + offset, idx, k)
+            error = self.score_error(queries, low)
+            kth_offset = self.to_score_units(torch.zeros_like(queries.sqn), queries)
         cand, valid = self.prune(approx, idx, error)
-        keys, top_idx, kth_upper = self.rank(queries, self.exact_keys(queries, cand), cand, valid)
-        if m == self.n:
+        exact = self.valid_keys(self.exact_keys, queries.q, cand, valid)
+        keys, top_idx, kth_upper = self.rank(queries, exact, cand, valid)
+        if approx.shape[1] == self.n:
             return keys, top_idx
         # Certificate: a row outside the shortlist has approximate score >= the m-th score s_m,
         # so its true key is >= s_m - E; if that exceeds the k-th true key's upper bound, no
         # such row can enter (or tie into) the top k.
-        kth_score = self.to_score_units(kth_upper, queries)
+        kth_score = kth_upper + kth_offset
         flagged = (kth_score >= approx.max(dim=1).values.double() - error).nonzero().squeeze(1)
         if flagged.numel() == 0:
             return keys, top_idx
@@ -624,8 +790,9 @@ class _Searcher:
         sub = queries.select(flagged)
         if low:  # half precision could not certify these: redo them in float32
             sub_keys, sub_idx = self.search_keys(sub, k + max(16, k), low=False, rerank=True)
-        else:
-            threshold = kth_score[flagged] + self.score_error(sub, low=False)
+        else:  # pass 2 in the torch pass' own score units and bound
+            kth_torch = self.to_score_units(kth_upper[flagged], sub)
+            threshold = kth_torch + self.score_error(sub, low=False)
             sub_keys, sub_idx = self.threshold_search(sub, threshold)
             found = torch.isfinite(sub_keys).all(dim=1)  # always, unless the bound were wrong
             flagged, sub_keys, sub_idx = flagged[found], sub_keys[found], sub_idx[found]
@@ -663,8 +830,8 @@ class _Searcher:
                 for c in range(0, width, cols):
                     piece_idx = cand[r : r + rows, c : c + cols]
                     ok = valid[r : r + rows, c : c + cols]
-                    keys = torch.where(ok, self.exact_keys(sub, piece_idx), math.inf)
-                    keys64 = torch.where(ok, self.exact_keys64(sub, piece_idx), math.inf)
+                    keys = torch.where(ok, self.exact_keys(sub.q, piece_idx), math.inf)
+                    keys64 = torch.where(ok, self.exact_keys64(sub.raw, piece_idx), math.inf)
                     merged_idx = torch.cat([best_idx[r : r + rows], piece_idx], 1)
                     order = _sorted_by(
                         torch.cat([best_keys64[r : r + rows], keys64], 1), merged_idx
@@ -691,6 +858,7 @@ def knn_search(
     device: str | torch.device | None = None,
     score_dtype: torch.dtype | None = None,
     rerank: bool = True,
+    pass1: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k-NN of each query row among the database rows.
 
@@ -699,7 +867,10 @@ def knn_search(
     vector has cosine 0 to everything). Work happens on `device` (default: the queries' device)
     in [query_chunk, db_chunk] blocks sized automatically to about 128 MB. `score_dtype`
     (torch.float16 / torch.bfloat16) scores in half precision before the exact re-rank;
-    `rerank=False` returns the unverified GEMM-based result (faster, not exact).
+    `rerank=False` returns the unverified GEMM-based result (faster, not exact). `pass1`:
+    "faiss" takes the shortlist from faiss' exact brute force (euclidean, CPU, <= GEMM_PIECE
+    dims; same re-rank, tie rule and certificate), "torch" never, "auto" from FAISS_MIN_ROWS
+    database rows when faiss is installed.
     """
     check_distance(distance)
     if score_dtype is not None and score_dtype not in _HALF_TYPES:
@@ -715,9 +886,16 @@ def knn_search(
     k = check_k(k, n_database=db_rows.shape[0])
     query_chunk = _positive_int(query_chunk, "query_chunk")
     db_chunk = _positive_int(db_chunk, "db_chunk")
+    search_device = torch.device(device) if device is not None else query_rows.device
+    faiss = _pass1_faiss(
+        pass1,
+        search_device,
+        distance == "euclidean" and score_dtype is None and rerank,
+        db_rows.shape[1],
+        db_rows.shape[0],
+    )
     query_norms = check_finite(query_rows, "queries")
 
-    search_device = torch.device(device) if device is not None else query_rows.device
     n_queries, n_database = query_rows.shape[0], db_rows.shape[0]
     out_distances = torch.empty((n_queries, k), dtype=torch.float32)
     out_indices = torch.empty((n_queries, k), dtype=torch.int64)
@@ -734,6 +912,11 @@ def knn_search(
         # shortlist width of pass 1: k plus a margin for rows the rounding-error bound cannot
         # yet rule out (wider for half-precision scores, whose bound is looser)
         shortlist = k + (max(64, 4 * k) if low else max(16, k))
+        given = None
+        if faiss is not None:
+            m = min(shortlist, n_database)
+            given = searcher.faiss_shortlist(faiss, query_rows.to(torch.float32), m)
+            log.debug("knn_search: pass 1 by faiss knn_L2sqr (%d database rows)", n_database)
         for start in range(0, n_queries, block_queries):
             block = _Queries.build(
                 query_rows[start : start + block_queries].to(search_device, torch.float32),
@@ -741,8 +924,11 @@ def knn_search(
                 cosine,
                 score_dtype,
             )
+            block_given = None
+            if given is not None:
+                block_given = tuple(part[start : start + block_queries] for part in given)
             distances, indices = searcher.search(
-                block, shortlist if rerank else k, low=low, rerank=rerank
+                block, shortlist if rerank else k, low=low, rerank=rerank, given=block_given
             )
             out_distances[start : start + block_queries] = distances.cpu()
             out_indices[start : start + block_queries] = indices.cpu()
