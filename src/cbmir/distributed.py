@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cbmir.config import is_multirun
 from cbmir.embedding import EmbeddingStoreWriter, PlannedEntry
 from cbmir.errors import ConfigError, EmbeddingError
 from cbmir.resume import hold_job_dir
@@ -74,18 +75,10 @@ def may_span_devices(trainer_cfg: Mapping[str, Any]) -> bool:
     return many or nodes > 1
 
 
-def in_multirun() -> bool:
-    """True inside a Hydra multirun (`cbmir -m ...`)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def check_launch(trainer_cfg: Mapping[str, Any], multirun: bool | None = None) -> None:
     """Refuse DDP inside a Hydra multirun: the launcher re-runs the command for ranks > 0 with
     the single-run directory, so the ranks of one sweep job would land in different places."""
-    multirun = in_multirun() if multirun is None else multirun
+    multirun = is_multirun() if multirun is None else multirun
     if multirun and may_span_devices(trainer_cfg):
         raise ConfigError(
             f"trainer.devices={trainer_cfg.get('devices')} / trainer.num_nodes="
