@@ -172,7 +172,7 @@ def test_faiss_scores_lie_within_their_bound():
     g = torch.Generator().manual_seed(9)
     x = 1000.0 + 1e-2 * torch.randn(60, 256, generator=g)
     q = 1000.0 + 1e-2 * torch.randn(500, 256, generator=g)
-    db = search_module._Database.build(x, search_module.row_norms(x), False, None)
+    db = search_module._Database.build(x, False, None)
     searcher = search_module._Searcher(db, k=5, db_chunk=60, score_dtype=None)
     queries = search_module._Queries.build(q, search_module.row_norms(q), False, None)
     scores, idx = searcher.faiss_shortlist(faiss, q, 60)

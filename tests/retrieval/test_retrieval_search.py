@@ -7,6 +7,7 @@ import torch
 from cbmir.errors import ConfigError, EmbeddingError
 from cbmir.retrieval import knn_search
 from cbmir.retrieval.search import (
+    GEMM_PIECE,
     _Database,
     _Queries,
     _Searcher,
@@ -86,7 +87,7 @@ def test_large_offset_cancellation_is_caught_and_fixed():
 def test_uncertified_queries_are_counted_and_searched_again():
     g = torch.Generator().manual_seed(3)
     x = 500.0 + 1e-2 * torch.randn(300, 8, generator=g)
-    db = _Database.build(x, row_norms(x), cosine=False, score_dtype=None)
+    db = _Database.build(x, cosine=False, score_dtype=None)
     searcher = _Searcher(db, k=3, db_chunk=64, score_dtype=None)
     qs = _Queries.build(x[:10].clone(), row_norms(x[:10]), cosine=False, score_dtype=None)
     _, i = searcher.search(qs, m=8)
@@ -240,12 +241,25 @@ def test_wide_pixel_embeddings_are_certified_without_a_second_pass():
     """Raw pixels: norms ~60x the neighbour gaps. A whole-width bound sent most queries to the
     slow exhaustive pass; the piecewise bound certifies them in pass 1."""
     q, x = _pixel_embeddings(40, split=1), _pixel_embeddings(600, split=0)
-    db = _Database.build(x, row_norms(x), cosine=False, score_dtype=None)
+    db = _Database.build(x, cosine=False, score_dtype=None)
     searcher = _Searcher(db, k=5, db_chunk=600, score_dtype=None)
     queries = _Queries.build(q, row_norms(q), cosine=False, score_dtype=None)
     _, i = searcher.search(queries, m=21)
     assert searcher.n_uncertified == 0
     assert torch.equal(i, brute_force(q, x, 5)[1])
+
+
+@pytest.mark.parametrize("dim", [1000, 4096])
+def test_database_norm_bound_holds_and_is_tight(dim):
+    """max_norm bounds every true ||x|| (the certificate needs it) and, for wide vectors, comes
+    from the piecewise ||x||^2 (error gamma_{w+P+2}) rather than an inflation by the whole
+    width (2 gamma_{D+2}: 4.9e-4 at 4,096 dims)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(200, dim, generator=g) * torch.logspace(-2, 2, 200)[:, None]
+    true_max = float(x.double().norm(dim=1).max())
+    db = _Database.build(x, cosine=False, score_dtype=None)
+    assert db.max_norm >= true_max
+    assert db.max_norm <= true_max * (1 + (5e-4 if dim <= GEMM_PIECE else 1e-4))
 
 
 def test_grouped_selection_keeps_the_smallest_and_nothing_smaller_outside():
@@ -269,7 +283,7 @@ def test_wide_vectors_re_rank_in_float32_where_piecewise_sums_separate_neighbour
     x = values.sqrt().float()[:, None].expand(30, dim).contiguous()
     q = torch.zeros(2, dim)
     q[1] = 1e-3
-    db = _Database.build(x, row_norms(x), cosine=False, score_dtype=None)
+    db = _Database.build(x, cosine=False, score_dtype=None)
     searcher = _Searcher(db, k=5, db_chunk=30, score_dtype=None)
     queries = _Queries.build(q, row_norms(q), cosine=False, score_dtype=None)
     _, i = searcher.search(queries, m=21)
