@@ -302,3 +302,30 @@ def test_pass1_option_is_checked_before_any_work(data):
     wide = torch.randn(4, 1100)
     with pytest.raises(ConfigError, match="<= 1024 dims"):
         knn_search(wide, wide, 2, pass1="faiss")
+
+
+def test_pieces_multiplied_side_by_side_give_the_same_search():
+    """Threads that multiply every n-th GEMM piece (wide vectors on a multi-core CPU) add their
+    sums in thread order: the scores are the same on every run and stay within the bound, and
+    the certified result equals the one-thread search."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(10)
+    q, x = torch.rand(30, 5000, generator=g), torch.rand(400, 5000, generator=g)
+    db = _Database.build(x, cosine=False, score_dtype=None)
+    queries = _Queries.build(q, row_norms(q), cosine=False, score_dtype=None)
+    serial = _Searcher(db, k=5, db_chunk=400, score_dtype=None)
+    with ThreadPoolExecutor(3) as pool:
+        threaded = _Searcher(db, k=5, db_chunk=400, score_dtype=None, pool=pool)
+        assert len(threaded.pieces) == 5  # threads take pieces (0, 3), (1, 4) and (2,)
+        scores = threaded.scores(queries, 0, 400, low=False).clone()
+        again = threaded.scores(queries, 0, 400, low=False)
+        assert torch.equal(scores, again)
+        d, i = threaded.search(queries, m=21)
+    true = (q.double()[:, None] - x.double()[None]).square().sum(-1) - queries.sqn[:, None]
+    error = serial.score_error(queries, low=False)
+    assert ((scores.double() - true).abs() <= error[:, None]).all()
+    assert not torch.equal(scores, serial.scores(queries, 0, 400, low=False))  # other sum order
+    sd, si = serial.search(queries, m=21)
+    assert torch.equal(i, si) and torch.equal(d, sd)
+    assert torch.equal(i, brute_force(q, x, 5)[1])

@@ -34,6 +34,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,13 +267,30 @@ def _accumulate(out: torch.Tensor, part: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _blas_threads(device: torch.device) -> Iterator[None]:
-    """Hold numpy's BLAS to torch's thread count (torch.set_num_threads is the one knob)."""
+def _blas_threads(device: torch.device, threads: int | None = None) -> Iterator[None]:
+    """Hold numpy's BLAS to `threads` (default: torch's thread count, torch.set_num_threads
+    being the one knob)."""
     if device.type != "cpu":
         yield
         return
-    with threadpoolctl.threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+    limit = threads or torch.get_num_threads()
+    with threadpoolctl.threadpool_limits(limits=limit, user_api="blas"):
         yield
+
+
+def _piece_threads(device: torch.device, dim: int) -> int:
+    """Threads that multiply the GEMM pieces of wide vectors side by side (1: none).
+
+    A 1,024-column piece is a small GEMM (298 x 1,188 x 1,024 for 3D concat features), and
+    two BLAS threads sharing each one spent 2-3x the CPU time of one thread, worse still while
+    other processes ran; one single-threaded BLAS call per thread and piece took 0.55x the wall
+    time (`scripts/bench_search.py`, docs/benchmarks.md). Used on the CPU with numpy's BLAS
+    (`_numpy_gemm`, whose threads threadpoolctl controls) where every thread gets a piece.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2 or not _numpy_gemm():
+        return 1
+    return threads if len(_pieces(dim)) >= threads else 1
 
 
 def _sorted_by(order_key: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -459,9 +477,15 @@ class _Searcher:
     """Blocked exact search of query blocks against one database (module docstring)."""
 
     def __init__(
-        self, db: _Database, k: int, db_chunk: int, score_dtype: torch.dtype | None
+        self,
+        db: _Database,
+        k: int,
+        db_chunk: int,
+        score_dtype: torch.dtype | None,
+        pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self.db, self.k, self.db_chunk, self.score_dtype = db, k, db_chunk, score_dtype
+        self.pool = pool  # threads multiplying GEMM pieces side by side (`_piece_threads`)
         self.n, self.dim = db.x.shape
         self.device = db.x.device
         self.pieces = _pieces(self.dim)
@@ -490,18 +514,37 @@ class _Searcher:
             if db.cosine:
                 return dots.mul_(db.neg_inv[start:stop] * unscale)
             return dots.mul_(-2.0 * unscale).add_(db.sqn[start:stop])
-        left, rows = queries.left, db.x[start:stop]
-        out = self._out(queries.count, stop - start)
-        for j, piece in enumerate(self.pieces):
-            if j == 0:
-                _matmul(left[:, piece], rows[:, piece], out)
-            else:
-                _accumulate(
-                    out, _matmul(left[:, piece], rows[:, piece], self._out(*out.shape, "piece"))
-                )
+        out = self.product(queries.left, db.x[start:stop])
         if db.cosine:
             return out.mul_(db.neg_inv[start:stop])
         return out.add_(db.sqn[start:stop])
+
+    def product(self, left: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """left @ rows.T summed over the GEMM pieces (`_pieces`), into the reused score buffer.
+
+        With `pool`, each of its threads multiplies every n-th piece with single-threaded BLAS
+        into its own sum, and the sums are added in thread order: the result does not depend on
+        scheduling, and each term still passes through at most width + pieces roundings (the
+        depth `score_error` assumes, for any bracketing of the piece sums).
+        """
+        out = self._out(left.shape[0], rows.shape[0])
+        workers = self.pool._max_workers if self.pool is not None else 1
+        sums = [out] + [self._out(*out.shape, f"sum{w}") for w in range(1, workers)]
+        spare = [self._out(*out.shape, f"piece{w}") for w in range(workers)]
+
+        def add_pieces(w: int) -> None:
+            for j, piece in enumerate(self.pieces[w::workers]):
+                part = _matmul(left[:, piece], rows[:, piece], sums[w] if j == 0 else spare[w])
+                if j:
+                    _accumulate(sums[w], part)
+
+        if self.pool is None:
+            add_pieces(0)
+            return out
+        list(self.pool.map(add_pieces, range(workers)))  # re-raises a worker's exception
+        for partial in sums[1:]:
+            _accumulate(out, partial)
+        return out
 
     def score_error(self, queries: _Queries, low: bool) -> torch.Tensor:
         """Bound E on |approximate key - true key| per query, float64 (see the derivation).
@@ -925,15 +968,23 @@ def knn_search(
     out_distances = torch.empty((n_queries, k), dtype=torch.float32)
     out_indices = torch.empty((n_queries, k), dtype=torch.int64)
     cosine = distance == "cosine"
-    block_queries, block_rows = chunk_sizes(n_queries, n_database, query_chunk, db_chunk)
     low = score_dtype is not None
-    with torch.no_grad(), _blas_threads(search_device):
+    piece_threads = 1 if low else _piece_threads(search_device, db_rows.shape[1])
+    # each piece thread keeps two score blocks: the blocks shrink so the total stays the same
+    block_queries, block_rows = chunk_sizes(
+        n_queries, n_database, query_chunk, db_chunk, BLOCK_BYTES // piece_threads
+    )
+    blas_limit = 1 if piece_threads > 1 else None
+    with torch.no_grad(), _blas_threads(search_device, blas_limit), contextlib.ExitStack() as stack:
         db_rows = db_rows.to(search_device, torch.float32)
         if n_queries == 0:
             check_finite(db_rows, "database")
             return out_distances, out_indices
         db = _Database.build(db_rows, cosine, score_dtype)
-        searcher = _Searcher(db, k, block_rows, score_dtype)
+        pool = None
+        if piece_threads > 1:
+            pool = stack.enter_context(ThreadPoolExecutor(piece_threads, "cbmir-gemm"))
+        searcher = _Searcher(db, k, block_rows, score_dtype, pool)
         # shortlist width of pass 1: k plus a margin for rows the rounding-error bound cannot
         # yet rule out (wider for half-precision scores, whose bound is looser)
         shortlist = k + (max(64, 4 * k) if low else max(16, k))
