@@ -7,13 +7,15 @@ How it stays fast and exact:
    shortlist of ``m > k`` candidates per query and merges shortlists across database blocks.
    Only a [query_chunk, db_chunk] block ever exists, never the full Q x N matrix. On the CPU
    the GEMM runs in numpy's BLAS; vectors wider than GEMM_PIECE are multiplied piece by piece
-   so that the rounding-error bound grows with the piece width, not with the full width.
+   so that the rounding-error bound grows with the piece width, not with the full width, and
+   with several threads each thread multiplies its own pieces (`_piece_threads`).
    Large exact euclidean CPU searches (FAISS_MIN_ROWS rows, <= GEMM_PIECE dims) take this
    shortlist from faiss' brute force instead when faiss is installed (`pass1`), with a bound
    of its own (`_Searcher.faiss_error`); steps 2 and 3 are the same.
 2. The shortlist is re-ranked with float32 distances computed directly (``sum((q - x)^2)``
    summed over the same pieces, cosine ``1 - q^.x^``), gathering only the rows that can still
-   be in the top k; ties go to the lower database index (stable lexicographic sort).
+   be in the top k, a few MB at a time so the arithmetic on them stays in cache; ties go to
+   the lower database index (stable lexicographic sort).
    Where two of the first k + 1 keys are closer than their own rounding error, that query is
    ordered by the same keys in float64 instead, so float32 rounding cannot swap near-ties.
 3. A rounding-error bound ``E`` of the GEMM score (derived in `_Searcher.score_error`)
