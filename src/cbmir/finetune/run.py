@@ -10,6 +10,7 @@ import logging
 import shlex
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from cbmir.config import typed
 from cbmir.errors import ConfigError
 from cbmir.io_utils import write_json, write_text
 from cbmir.runner import build_loggers, finish_loggers
 
+from .augment import AffineAugment
 from .checkpoint import extractor_spec, read_spec
 from .data import FinetuneData
 from .extractor import FineTunedExtractor, ProjectionHead
@@ -39,27 +42,55 @@ DEFAULT_PROJECTION_DIM = 128
 RESUME_KEYS = ("base_config", "head", "normalize")
 
 
-def check_settings(ft: DictConfig) -> None:
-    """Fail on bad names and numbers before anything heavy is built."""
-    if ft.objective not in OBJECTIVES:
-        raise ConfigError(
-            f"unknown finetune.objective {ft.objective!r}; valid: {', '.join(OBJECTIVES)}"
-        )
-    if ft.strategy not in STRATEGIES:
-        raise ConfigError(
-            f"unknown finetune.strategy {ft.strategy!r}; valid: {', '.join(STRATEGIES)}"
-        )
-    if not isinstance(ft.max_epochs, int) or ft.max_epochs < 1:
-        raise ConfigError(f"finetune.max_epochs must be an integer >= 1, not {ft.max_epochs!r}")
-    for key in ("lr", "weight_decay", "warmup_epochs"):
-        if not isinstance(ft[key], int | float) or ft[key] < 0:
-            raise ConfigError(f"finetune.{key} must be a number >= 0, not {ft[key]!r}")
-    if ft.projection_dim is not None and (
-        not isinstance(ft.projection_dim, int) or ft.projection_dim < 1
-    ):
-        raise ConfigError(
-            f"finetune.projection_dim must be a positive integer or null, not {ft.projection_dim!r}"
-        )
+@dataclass
+class FinetuneSchema:
+    """The `finetune` keys of configs/finetune.yaml and their types (`check_settings`)."""
+
+    objective: str = "supcon"
+    strategy: str = "full"
+    name: str = ""
+    projection_dim: int | None = None
+    projection_hidden: int | None = None
+    projection_input_norm: bool = True
+    normalize: bool | None = None
+    max_epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1.0e-4
+    head_lr: float | None = 1.0e-3
+    weight_decay: float = 1.0e-4
+    warmup_epochs: float = 1.0
+    temperature: float = 0.1
+    margin: float = 0.2
+    mining: str = "semihard"
+    augment: AffineAugment | None = field(default_factory=AffineAugment)
+    limit_train_batches: Any = 1.0  # a fraction (float) or a count (int)
+    log_every_n_steps: int = 10
+    validate_start: bool = True
+    resume: Any = None  # true, or a path to last.ckpt / its folder (`resolve_resume`)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"unknown finetune.objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"unknown finetune.strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}"
+            )
+        if self.max_epochs < 1:
+            raise ConfigError(f"finetune.max_epochs must be >= 1, not {self.max_epochs!r}")
+        for key in ("lr", "weight_decay", "warmup_epochs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"finetune.{key} must be >= 0, not {getattr(self, key)!r}")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ConfigError(
+                f"finetune.projection_dim must be >= 1 or null, not {self.projection_dim!r}"
+            )
+
+
+def check_settings(ft: DictConfig) -> FinetuneSchema:
+    """Fail on bad names, types and numbers before anything heavy is built."""
+    return typed(FinetuneSchema, ft, "finetune")
 
 
 def resolve_resume(resume: Any, output_dir: Path) -> tuple[Path | None, Path]:
