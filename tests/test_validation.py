@@ -324,6 +324,13 @@ def test_ivf_lists_beyond_the_database_rows_are_an_error() -> None:
             "unknown key retrieval.faiss.kindd; allowed: kind, params",
         ),
         (RetrievalSchema, {"search": {"rerank": "maybe"}}, "retrieval", "rerank must be true or"),
+        (RetrievalSchema, {"faiss": 3}, "retrieval", "retrieval.faiss must be a mapping, got 3"),
+        (
+            RetrievalSchema,
+            {"prompts": {"template": ["{}"]}},
+            "retrieval",
+            "unknown key retrieval.prompts.template; allowed: templates, classes",
+        ),
         (JobSchema, {"data": {"num_workers": "x"}}, "", "data.num_workers must be an integer"),
         (JobSchema, {"gallery": {"n_queries": -2}}, "", "gallery.n_queries (0: no gallery) must"),
         (VolumeSpec, {"axes": [0, "y"]}, "model.volume", "model.volume.axes[1] must be an integer"),

@@ -8,11 +8,12 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, KeyValidationError, ValidationError
 
 from cbmir.errors import ConfigError
 
@@ -47,20 +48,39 @@ def typed(schema: type[Schema], conf: Any, key: str) -> Schema:
     code 2; a sweep goes on) and not a Hydra failure of the whole launch. OmegaConf's errors
     become a `ConfigError` naming `key` and what it accepts here, and only here.
     """
+    plain = to_plain(conf or {})
+    _check_mappings(schema, plain, key)
     try:
-        node = OmegaConf.merge(_writable(OmegaConf.structured(schema)), to_plain(conf or {}))
+        node = OmegaConf.merge(_writable(OmegaConf.structured(schema)), plain)
         return OmegaConf.to_object(node)  # type: ignore[return-value]
     except ConfigKeyError as exc:
         parent = _unless_none(_field_type(schema, _parent_key(exc.full_key)))
         allowed = ", ".join(f.name for f in dataclasses.fields(parent))
         raise ConfigError(f"unknown key {_join(key, exc.full_key)}; allowed: {allowed}") from None
+    except KeyValidationError as exc:  # a mapping key of the wrong type
+        where = _parent_key(exc.full_key)
+        wanted = _describe(typing.get_args(_unless_none(_field_type(schema, where)))[0])
+        raise ConfigError(f"{_join(key, where)} keys must be {wanted}, got {exc.key!r}") from None
     except ValidationError as exc:
-        if not exc.full_key:  # a whole node of the wrong kind (e.g. a number for a mapping)
-            raise ConfigError(f"{key}: {str(exc.msg).splitlines()[0]}") from None
         wanted = _describe(_field_type(schema, exc.full_key))
         raise ConfigError(
             f"{_join(key, exc.full_key)} must be {wanted}, got {exc.value!r}"
         ) from None
+
+
+def _check_mappings(schema: Any, conf: Any, key: str) -> None:
+    """A mapping where the schema has one: OmegaConf's own error here names no key."""
+    if not isinstance(conf, Mapping):
+        raise ConfigError(f"{key} must be a mapping, got {conf!r}")
+    hints = typing.get_type_hints(schema)
+    for name, value in conf.items():
+        kind = _unless_none(hints.get(name))
+        if value is None or kind is None:
+            continue  # null where allowed (OmegaConf checks that), or an unknown key
+        if dataclasses.is_dataclass(kind):
+            _check_mappings(kind, value, _join(key, name))
+        elif typing.get_origin(kind) is dict and not isinstance(value, Mapping):
+            raise ConfigError(f"{_join(key, name)} must be a mapping, got {value!r}")
 
 
 def _writable(node: DictConfig) -> DictConfig:

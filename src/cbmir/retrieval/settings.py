@@ -186,6 +186,14 @@ class FaissSchema:
 
 
 @dataclass
+class PromptsSchema:
+    """`retrieval.prompts` of the text protocol (`text_queries.PromptSettings`)."""
+
+    templates: list[str] | None = None  # null: text_queries.DEFAULT_TEMPLATES
+    classes: dict[Any, Any] | None = None  # class id -> a description or a list of them
+
+
+@dataclass
 class RetrievalSchema:
     """The keys of a `retrieval` config (configs/retrieval/paper.yaml) and their types: a
     misspelt or mistyped key fails before any weights load (`instantiate(cfg.retrieval)` passes
@@ -201,7 +209,7 @@ class RetrievalSchema:
     backend: str = "torch"
     faiss: FaissSchema | None = field(default_factory=FaissSchema)  # null: the defaults
     query: str = "image"  # text protocol (`cbmir.retrieval.text_queries`) ...
-    prompts: Any = None  # ... and its prompts (`PromptSettings`)
+    prompts: PromptsSchema | None = None  # ... and its prompts (`PromptSettings`)
 
 
 @dataclass(frozen=True)
