@@ -10,7 +10,7 @@ import logging
 import shlex
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +124,9 @@ def _check_resumable(path: Path, spec: dict[str, Any]) -> None:
         )
 
 
-def build_extractor(cfg: DictConfig, image_shape: tuple[int, ...]) -> FineTunedExtractor:
-    ft = cfg.finetune
+def build_extractor(
+    cfg: DictConfig, ft: FinetuneSchema, image_shape: tuple[int, ...]
+) -> FineTunedExtractor:
     base = instantiate(cfg.model)
     dim = ft.projection_dim
     if dim is None and ft.strategy == "projection_head":
@@ -136,9 +137,9 @@ def build_extractor(cfg: DictConfig, image_shape: tuple[int, ...]) -> FineTunedE
             base.output_dim(image_shape),
             int(dim),
             ft.projection_hidden,
-            input_norm=bool(ft.projection_input_norm),
+            input_norm=ft.projection_input_norm,
         )
-    normalize = ft.objective in METRIC_OBJECTIVES if ft.normalize is None else bool(ft.normalize)
+    normalize = ft.objective in METRIC_OBJECTIVES if ft.normalize is None else ft.normalize
     return FineTunedExtractor(base, head, normalize=normalize, name=ft.name)
 
 
@@ -146,8 +147,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
     """Fine-tune, checkpoint by val mAP@k, and return (and write) the run's summary.
 
     `callbacks` are extra Lightning callbacks (monitoring, tests that interrupt a run)."""
-    ft = cfg.finetune
-    check_settings(ft)
+    ft = check_settings(cfg.finetune)  # the typed values are the ones the run uses
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_path, ckpt_dir = resolve_resume(ft.resume, output_dir)
@@ -162,7 +162,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
     data = FinetuneData(source, ft.batch_size, seed=cfg.seed)
     image_shape = tuple(source.image_shape)
 
-    extractor = build_extractor(cfg, image_shape)
+    extractor = build_extractor(cfg, ft, image_shape)
     spec = extractor_spec(OmegaConf.to_container(cfg.model, resolve=True), extractor)
     spec["training"] = {
         "objective": ft.objective,
@@ -188,7 +188,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
         temperature=float(ft.temperature),
         margin=float(ft.margin),
         mining=str(ft.mining),
-        augment=OmegaConf.to_container(ft.augment, resolve=True) if ft.augment else None,
+        augment=asdict(ft.augment) if ft.augment else None,
         k=int(cfg.retrieval.k),
         distance=str(cfg.retrieval.distance),
         seed=int(cfg.seed),
@@ -280,7 +280,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
     return summary
 
 
-def _log_every(ft: DictConfig, n_train: int) -> int:
+def _log_every(ft: FinetuneSchema, n_train: int) -> int:
     """Log at least once per epoch, even when an epoch has fewer batches than asked."""
     batches = max(1, n_train // int(ft.batch_size))
     if isinstance(ft.limit_train_batches, int) and not isinstance(ft.limit_train_batches, bool):
