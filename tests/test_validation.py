@@ -17,9 +17,9 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cbmir.config import typed
 from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.settings import RetrievalSchema
+from cbmir.schema import typed
 from cbmir.validation import (
     JobSchema,
     check_config,
@@ -325,6 +325,8 @@ def test_ivf_lists_beyond_the_database_rows_are_an_error() -> None:
         ),
         (RetrievalSchema, {"search": {"rerank": "maybe"}}, "retrieval", "rerank must be true or"),
         (RetrievalSchema, {"faiss": 3}, "retrieval", "retrieval.faiss must be a mapping, got 3"),
+        (RetrievalSchema, {"k": "5"}, "retrieval", "retrieval.k must be an integer, got '5' (str)"),
+        (JobSchema, {"resume": "auto", "data": {"batch_size": "64"}}, "", "data.batch_size must"),
         (
             RetrievalSchema,
             {"prompts": {"template": ["{}"]}},

@@ -26,9 +26,9 @@ from typing import Any, get_args
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from cbmir.config import typed
 from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.settings import RetrievalSettings
+from cbmir.schema import typed
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class JobSchema:
     gallery's and the loader's (`RetrievalSchema` and `VolumeSpec` type their own groups)."""
 
     seed: int = 0
-    resume: str = "auto"  # auto | true | false (`cbmir.resume.resume_enabled`)
+    resume: Any = "auto"  # auto | true | false (`cbmir.resume.resume_enabled`)
     gallery: GallerySchema = field(default_factory=GallerySchema)
     data: LoaderSchema = field(default_factory=LoaderSchema)
 

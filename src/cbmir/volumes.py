@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from cbmir.config import typed
 from cbmir.errors import ConfigError
+from cbmir.schema import typed
 
 REDUCTIONS = ("concat", "mean", "max")
 

@@ -87,6 +87,8 @@ def test_model_finetuned_without_or_with_a_foreign_checkpoint_says_what_to_do(tm
         (["+finetune.learning_rate=0.1"], ConfigError, "unknown key finetune.learning_rate"),
         (["finetune.lr=fast"], ConfigError, "finetune.lr must be a number, got 'fast'"),
         (["finetune.augment.scale=[1.1]"], ConfigError, r"augment.scale must be \[min, max\]"),
+        # a quoted word is not read as a yes/no: bool('false') made it True before
+        (["finetune.normalize='false'"], ConfigError, "normalize must be true or false, got 'f"),
     ],
 )
 def test_bad_settings_fail_before_training(
@@ -109,15 +111,3 @@ def test_no_val_split_and_query_split_access_are_refused(tmp_path, tiny_npz) -> 
     with pytest.raises(QuerySplitAccess):
         data._dataset("test")
     assert not issubclass(QuerySplitAccess, CbmirError)  # a bug, not a user error
-
-
-def test_the_run_builds_what_the_schema_checked(finetune_cfg) -> None:
-    """Yes/no settings given as words mean what the schema reads: `normalize='false'` is off
-    (`bool('false')` on the raw config was True: an L2-normalised extractor nobody asked for)."""
-    from cbmir.finetune.run import build_extractor, check_settings
-
-    words = ["finetune.normalize='false'", "finetune.projection_input_norm='no'"]
-    cfg = finetune_cfg(*words, "finetune.projection_dim=8")
-    extractor = build_extractor(cfg, check_settings(cfg.finetune), (1, 28, 28))
-    assert extractor.normalize is False
-    assert extractor.head is not None and extractor.head.input_norm is False

@@ -20,10 +20,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from cbmir.config import typed
 from cbmir.errors import ConfigError
 from cbmir.io_utils import write_json, write_text
 from cbmir.runner import build_loggers, finish_loggers
+from cbmir.schema import typed
 
 from .augment import AffineAugment
 from .checkpoint import extractor_spec, read_spec

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from cbmir.config import typed
 from cbmir.errors import ConfigError
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
+from cbmir.schema import typed
 
 #: keys of the text protocol (`retrieval.query=text`, `cbmir.retrieval.text_queries`), not of
 #: the image-query callback that `instantiate(cfg.retrieval)` builds
@@ -82,10 +82,8 @@ def check_backend(backend: Any) -> str:
     return str(backend)
 
 
-def check_acc_ks(acc_ks: Any, k: int, key: str = "acc_ks") -> tuple[int, ...]:
+def check_acc_ks(acc_ks: Sequence[int], k: int, key: str = "acc_ks") -> tuple[int, ...]:
     """ACC@a needs a neighbours: every a is a positive integer <= k (never silently dropped)."""
-    if isinstance(acc_ks, str | bytes) or not isinstance(acc_ks, Sequence):
-        raise ConfigError(f"{key} must be a list of positive integers, got {acc_ks!r}")
     values = tuple(positive_int(a, f"every {key} entry") for a in acc_ks)
     beyond = [a for a in values if a > k]
     if beyond:
@@ -144,13 +142,11 @@ def search_options(options: Mapping[str, Any] | None, key: str = "search") -> di
             out[name] = positive_int(value, f"{key}.{name}")
         elif name == "rerank":
             out[name] = value
-        elif isinstance(value, torch.dtype) and str(value).removeprefix("torch.") in SCORE_DTYPES:
-            out[name] = value  # already converted (a second check of the same settings)
+        elif value not in SCORE_DTYPES:
+            raise ConfigError(
+                f"{key}.score_dtype must be {', '.join(SCORE_DTYPES)} or null, got {value!r}"
+            )
         else:
-            if value not in SCORE_DTYPES:
-                raise ConfigError(
-                    f"{key}.score_dtype must be {', '.join(SCORE_DTYPES)} or null, got {value!r}"
-                )
             out[name] = getattr(torch, value)
     return out
 
@@ -173,7 +169,7 @@ class SearchSchema:
 
     query_chunk: int | None = None
     db_chunk: int | None = None
-    score_dtype: Any = None  # float16 | bfloat16 (or that torch dtype, from a direct caller)
+    score_dtype: str | None = None  # float16 | bfloat16
     rerank: bool | None = None
 
 

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from cbmir.config import typed
 from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.callback import publish_results, query_intervals, score_queries
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 from cbmir.retrieval.settings import PromptsSchema
+from cbmir.schema import typed
 from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
