@@ -6,6 +6,7 @@ In-process tests run the real Hydra configs through `cbmir.validation`; the end-
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -14,9 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from cbmir.errors import ConfigError, DataError
-from cbmir.validation import check_config, check_data, ranking_is_irrelevant, writable_dir
+from cbmir.retrieval.settings import RetrievalSchema
+from cbmir.schema import typed
+from cbmir.validation import (
+    JobSchema,
+    check_config,
+    check_data,
+    ranking_is_irrelevant,
+    writable_dir,
+)
+from cbmir.volumes import VolumeSpec
 from tests import helpers
 
 OFFLINE = ["experiment=offline", "model=pixels"]
@@ -49,16 +60,16 @@ def make_readonly():
         ("retrieval.distance=manhattan", "retrieval.distance 'manhattan'; choose one of euclidean"),
         ("retrieval.k=0", "retrieval.k must be a positive integer, got 0"),
         ("retrieval.k=-3", "retrieval.k must be a positive integer, got -3"),
-        ("retrieval.k=abc", "retrieval.k must be a positive integer, got 'abc'"),
-        ("retrieval.k=2.5", "retrieval.k must be a positive integer, got 2.5"),
+        ("retrieval.k=abc", "retrieval.k must be an integer, got 'abc'"),
+        ("retrieval.k=2.5", "retrieval.k must be an integer, got 2.5"),
         ("retrieval.backend=annoy", "backend 'annoy'; choose one of torch, faiss"),
         ("retrieval.acc_ks=[1,10]", "acc@10 but only k=5 neighbours"),
         ("retrieval.acc_ks=[0,1]", "acc_ks entry must be a positive integer, got 0"),
         ("retrieval.acc_ks=3", "retrieval.acc_ks must be a list"),
         ("retrieval.device=tpu", "retrieval.device='tpu'; choose one of auto, cpu, cuda"),
         ("+retrieval.search.db_chunk=0", "retrieval.search.db_chunk must be a positive integer"),
-        ("+retrieval.search.chunks=4", "unknown retrieval.search option(s) ['chunks']"),
-        ("+retrieval.kk=3", "unknown retrieval key(s) ['kk']; allowed ['k', 'distance'"),
+        ("+retrieval.search.chunks=4", "unknown key retrieval.search.chunks; allowed: query"),
+        ("+retrieval.kk=3", "unknown key retrieval.kk; allowed: _target_, k, distance"),
         ("+retrieval.search.score_dtype=float8", "score_dtype must be float16, bfloat16"),
         ("+retrieval.search.rerank=maybe", "retrieval.search.rerank must be true or false"),
         ("retrieval.faiss.kind=lsh", "faiss index kind 'lsh'; choose one of flat, ivf, hnsw"),
@@ -71,7 +82,7 @@ def make_readonly():
         ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
         ("data.num_workers=-1", "data.num_workers must be an integer >= 0, got -1"),
         ("gallery.n_queries=-1", "gallery.n_queries (0: no gallery) must be an integer >= 0"),
-        ("gallery.n_queries=many", "gallery.n_queries (0: no gallery) must be an integer >= 0"),
+        ("gallery.n_queries=many", "gallery.n_queries must be an integer or null, got 'many'"),
         ("channels_last=sometimes", "use true, false or auto"),
         ("embedder.channels_last=sometimes", "use true, false or auto"),
         ("embedder.precision=bf16-mixed", "embedder.precision='bf16-mixed' differs from trainer"),
@@ -261,7 +272,7 @@ def test_multirun_bad_k_values_each_fail_in_one_line_without_embedding(tmp_path)
     args = ["-m", *OFFLINE, "retrieval.acc_ks=[1]", "retrieval.k=abc,0,100000"]
     proc = helpers.run_cbmir(args, tmp_path, check=False)
     assert proc.returncode == 1  # a multirun goes on past failed jobs, then says so
-    _assert_one_line_error(proc, "retrieval.k must be a positive integer, got 'abc'")
+    _assert_one_line_error(proc, "retrieval.k must be an integer, got 'abc'")
     _assert_one_line_error(proc, "retrieval.k must be a positive integer, got 0")
     _assert_one_line_error(proc, "retrieval.k=100000 exceeds the 546 database rows")
     assert "3 job(s) failed" in proc.stderr
@@ -292,3 +303,61 @@ def test_ivf_lists_beyond_the_database_rows_are_an_error() -> None:
     with pytest.raises(ConfigError, match="faiss nlist=547 exceeds the 546 database rows"):
         settings(547).check_database(546)
     settings(546).check_database(546)
+
+
+@pytest.mark.parametrize(
+    ("schema", "conf", "key", "message"),
+    [
+        (RetrievalSchema, {"k": "five"}, "retrieval", "retrieval.k must be an integer, got 'five'"),
+        (RetrievalSchema, {"acc_ks": [1, 2.5]}, "retrieval", "retrieval.acc_ks[1] must be an"),
+        (RetrievalSchema, {"acc_ks": 3}, "retrieval", "retrieval.acc_ks must be a list of int"),
+        (
+            RetrievalSchema,
+            {"faiss": {"params": {"nprobe": "x"}}},
+            "retrieval",
+            "retrieval.faiss.params.nprobe must be an integer or null, got 'x'",
+        ),
+        (
+            RetrievalSchema,
+            {"faiss": {"kindd": "ivf"}},
+            "retrieval",
+            "unknown key retrieval.faiss.kindd; allowed: kind, params",
+        ),
+        (RetrievalSchema, {"search": {"rerank": "maybe"}}, "retrieval", "rerank must be true or"),
+        (RetrievalSchema, {"faiss": 3}, "retrieval", "retrieval.faiss must be a mapping, got 3"),
+        (RetrievalSchema, {"k": "5"}, "retrieval", "retrieval.k must be an integer, got '5' (str)"),
+        (JobSchema, {"resume": "auto", "data": {"batch_size": "64"}}, "", "data.batch_size must"),
+        (
+            RetrievalSchema,
+            {"prompts": {"template": ["{}"]}},
+            "retrieval",
+            "unknown key retrieval.prompts.template; allowed: templates, classes",
+        ),
+        (JobSchema, {"data": {"num_workers": "x"}}, "", "data.num_workers must be an integer"),
+        (JobSchema, {"gallery": {"n_queries": -2}}, "", "gallery.n_queries (0: no gallery) must"),
+        (VolumeSpec, {"axes": [0, "y"]}, "model.volume", "model.volume.axes[1] must be an integer"),
+        (VolumeSpec, {"reduction": "max"}, "model.volume", "unknown key model.volume.reduction"),
+    ],
+)
+def test_schema_errors_name_the_key_and_what_it_accepts(schema, conf, key, message) -> None:
+    """`typed` is where OmegaConf's type and key errors become one-line ConfigErrors (exit
+    code 2 through the job wrapper), each naming the key by its place in the config."""
+    with pytest.raises(ConfigError) as raised:
+        typed(schema, conf, key)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    shown = None if raised.value.__suppress_context__ else raised.value.__context__
+    assert shown is None  # no OmegaConf traceback chained under it
+
+
+def test_schemas_keep_the_config_defaults() -> None:
+    """A schema adds no key and changes no default of the yaml files: fingerprints and store
+    keys are made of the composed config, which must be the same with or without it."""
+    cfg = helpers.compose_config(OFFLINE)
+    schema_keys = [f.name for f in dataclasses.fields(RetrievalSchema)]
+    assert sorted(cfg.retrieval) == sorted(schema_keys)
+    plain = OmegaConf.to_container(cfg.retrieval, resolve=True)
+    assert typed(RetrievalSchema, cfg.retrieval, "retrieval").k == plain["k"]
+    assert dataclasses.asdict(typed(VolumeSpec, cfg.model.volume, "model.volume")) == {
+        **OmegaConf.to_container(cfg.model.volume),
+        "axes": (0,),
+    }

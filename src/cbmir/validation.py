@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
@@ -26,7 +27,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from cbmir.errors import ConfigError, DataError
-from cbmir.retrieval.settings import RetrievalSettings, is_int
+from cbmir.retrieval.settings import RetrievalSettings
+from cbmir.schema import typed
 
 log = logging.getLogger(__name__)
 
@@ -80,33 +82,73 @@ def check_accelerator(accelerator: Any) -> None:
         raise ConfigError(f"trainer.accelerator={name} but this machine has none; use auto or cpu")
 
 
-def check_int(value: Any, key: str, minimum: int) -> int:
-    if not is_int(value) or value < minimum:
+def at_least(value: int, minimum: int, key: str) -> None:
+    """A typed integer setting's range (its type is the schema's)."""
+    if value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ConfigError(f"{key} must be {what}, got {value!r}")
-    return int(value)
+
+
+@dataclass
+class GallerySchema:
+    n_queries: int | None = 8  # 0 or null: no gallery (config.yaml: 8)
+
+    def __post_init__(self) -> None:
+        at_least(self.n_queries or 0, 0, "gallery.n_queries (0: no gallery)")
+
+
+@dataclass
+class LoaderSchema:
+    """The data loader keys every datamodule takes (the others are its own arguments)."""
+
+    batch_size: int = 1
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        at_least(self.batch_size, 1, "data.batch_size")
+        at_least(self.num_workers, 0, "data.num_workers")
+
+
+@dataclass
+class JobSchema:
+    """The keys of a `cbmir` job that no instantiated target checks: the top level's, the
+    gallery's and the loader's (`RetrievalSchema` and `VolumeSpec` type their own groups)."""
+
+    seed: int = 0
+    resume: Any = "auto"  # auto | true | false (`cbmir.resume.resume_enabled`)
+    gallery: GallerySchema = field(default_factory=GallerySchema)
+    data: LoaderSchema = field(default_factory=LoaderSchema)
 
 
 def check_config(cfg: DictConfig) -> RetrievalSettings:
     """Stage 1: every setting's value; returns the validated retrieval settings."""
     from cbmir.embedding import check_embedder_config
     from cbmir.resume import resume_enabled
-    from cbmir.volumes import split_model_config
+    from cbmir.volumes import VolumeSpec
 
-    seed = cfg.get("seed", 0)
-    if not is_int(seed):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    check_job_keys(cfg)
     resume_enabled(cfg)  # auto / true / false
-    check_int(cfg.data.get("batch_size", 1), "data.batch_size", 1)
-    check_int(cfg.data.get("num_workers", 0), "data.num_workers", 0)
-    n_gallery = OmegaConf.select(cfg, "gallery.n_queries", default=0)
-    check_int(0 if n_gallery is None else n_gallery, "gallery.n_queries (0: no gallery)", 0)
-    split_model_config(cfg.model)  # model.volume
+    VolumeSpec.from_config(cfg.model.get("volume"))
     check_precision(cfg.trainer.get("precision", "32-true"))
     check_embedder_config(cfg)  # channels_last; the store key's precision is the Trainer's
     check_accelerator(cfg.trainer.get("accelerator", "auto"))
     check_text_queries(cfg)
     return RetrievalSettings.from_config(cfg.retrieval)
+
+
+def check_job_keys(cfg: DictConfig) -> JobSchema:
+    """`JobSchema`'s keys of `cfg` (only those: a datamodule has more keys of its own)."""
+    data = {key: cfg.data[key] for key in ("batch_size", "num_workers") if key in cfg.data}
+    return typed(
+        JobSchema,
+        {
+            "seed": cfg.get("seed", 0),
+            "resume": cfg.get("resume", "auto"),
+            "gallery": {"n_queries": OmegaConf.select(cfg, "gallery.n_queries", default=0)},
+            "data": data,
+        },
+        "",
+    )
 
 
 def check_text_queries(cfg: DictConfig) -> None:

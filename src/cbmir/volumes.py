@@ -22,17 +22,16 @@ from typing import Any
 
 import torch
 
-from cbmir.config import to_plain as _plain
 from cbmir.errors import ConfigError
+from cbmir.schema import typed
 
 REDUCTIONS = ("concat", "mean", "max")
-#: config keys under `model.volume`; `slice_batch_size` is a speed knob, not part of identity
-VOLUME_KEYS = ("reduce", "axes", "slice_batch_size")
 
 
 @dataclass(frozen=True)
 class VolumeSpec:
-    """How a volume becomes one feature vector (see the module docstring)."""
+    """How a volume becomes one feature vector (see the module docstring); also the typed
+    schema of `model.volume` (`from_config`): types and keys checked by OmegaConf, ranges here."""
 
     reduce: str = "concat"
     axes: tuple[int, ...] = (0,)
@@ -43,33 +42,22 @@ class VolumeSpec:
             raise ConfigError(
                 f"model.volume.reduce={self.reduce!r}; valid: {', '.join(REDUCTIONS)}."
             )
-        axes = _axes_tuple(self.axes)
-        if axes is None or not axes or len(set(axes)) != len(axes):
+        axes = tuple(self.axes)
+        if not axes or len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
             raise ConfigError(
-                f"model.volume.axes={self.axes!r}; give distinct axes among 0, 1, 2, "
+                f"model.volume.axes={list(axes)!r}; give distinct axes among 0, 1, 2, "
                 "e.g. [0] (the paper) or [0,1,2] (tri-planar)."
             )
         object.__setattr__(self, "axes", tuple(sorted(axes)))
-        size = self.slice_batch_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if self.slice_batch_size < 1:
             raise ConfigError(
-                f"model.volume.slice_batch_size must be a positive integer, not {size!r}."
+                f"model.volume.slice_batch_size must be a positive integer, not {self.slice_batch_size!r}."
             )
 
     @classmethod
     def from_config(cls, conf: Mapping[str, Any] | None) -> VolumeSpec:
         """`model.volume` (a DictConfig or dict; None: the defaults) -> a validated spec."""
-        if conf is None:
-            return cls()
-        conf = dict(_plain(conf))
-        unknown = sorted(set(conf) - set(VOLUME_KEYS))
-        if unknown:
-            raise ConfigError(
-                f"unknown model.volume setting(s) {', '.join(unknown)}; valid: {', '.join(VOLUME_KEYS)}."
-            )
-        if "axes" in conf and isinstance(conf["axes"], list):
-            conf["axes"] = tuple(conf["axes"])
-        return cls(**conf)
+        return typed(cls, conf, "model.volume")
 
     def identity(self) -> dict[str, Any]:
         """What changes a volume's features (an embedding-store key part)."""
@@ -87,16 +75,6 @@ class VolumeSpec:
             dim = int(slice_dim((1, *plane)))
             total += dim * int(volume_shape[axis]) if self.reduce == "concat" else dim
         return total
-
-
-def _axes_tuple(axes: Any) -> tuple[int, ...] | None:
-    """An int or a sequence of ints in {0, 1, 2} -> a tuple; None when it is anything else."""
-    items = [axes] if isinstance(axes, int) else axes
-    if not isinstance(items, Sequence) or isinstance(items, str):
-        return None
-    if any(isinstance(a, bool) or not isinstance(a, int) or a not in (0, 1, 2) for a in items):
-        return None
-    return tuple(items)
 
 
 def slice_shape(volume_shape: Sequence[int], axis: int) -> tuple[int, int]:

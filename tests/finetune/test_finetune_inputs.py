@@ -84,6 +84,11 @@ def test_model_finetuned_without_or_with_a_foreign_checkpoint_says_what_to_do(tm
         (["finetune.resume=/no/such/last.ckpt"], ConfigError, "no checkpoint at"),
         (["data.query_split=val"], ConfigError, "query split"),
         (["finetune.batch_size=1"], ConfigError, "batch_size"),
+        (["+finetune.learning_rate=0.1"], ConfigError, "unknown key finetune.learning_rate"),
+        (["finetune.lr=fast"], ConfigError, "finetune.lr must be a number, got 'fast'"),
+        (["finetune.augment.scale=[1.1]"], ConfigError, r"augment.scale must be \[min, max\]"),
+        # a quoted word is not read as a yes/no: bool('false') made it True before
+        (["finetune.normalize='false'"], ConfigError, "normalize must be true or false, got 'f"),
     ],
 )
 def test_bad_settings_fail_before_training(

@@ -164,8 +164,13 @@ def test_predict_step_returns_float32_volume_features(cnn) -> None:
     ],
 )
 def test_bad_volume_settings_are_config_errors(kwargs) -> None:
+    """Types are the schema's (`VolumeSpec.from_config`, as a config reaches it), ranges the
+    spec's own, so a spec built in Python with good types is checked too."""
     with pytest.raises(ConfigError, match="model.volume"):
-        VolumeSpec(**kwargs)
+        VolumeSpec.from_config(kwargs)
+    if kwargs not in ({"axes": "0"}, {"axes": [True]}, {"slice_batch_size": 2.5}):
+        with pytest.raises(ConfigError, match="model.volume"):
+            VolumeSpec(**kwargs)
 
 
 def test_from_config_rejects_unknown_keys_and_sorts_axes() -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cbmir.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class AffineAugment:
@@ -24,6 +26,12 @@ class AffineAugment:
     translate: float = 0.1
     scale: tuple[float, float] = (0.9, 1.1)
     hflip: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ConfigError(
+                f"finetune.augment.scale must be [min, max], 0 < min <= max; got {list(self.scale)}"
+            )
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         n = x.shape[0]

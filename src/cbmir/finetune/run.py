@@ -10,6 +10,7 @@ import logging
 import shlex
 import time
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from cbmir.errors import ConfigError
 from cbmir.io_utils import write_json, write_text
 from cbmir.runner import build_loggers, finish_loggers
+from cbmir.schema import typed
 
+from .augment import AffineAugment
 from .checkpoint import extractor_spec, read_spec
 from .data import FinetuneData
 from .extractor import FineTunedExtractor, ProjectionHead
@@ -39,27 +42,55 @@ DEFAULT_PROJECTION_DIM = 128
 RESUME_KEYS = ("base_config", "head", "normalize")
 
 
-def check_settings(ft: DictConfig) -> None:
-    """Fail on bad names and numbers before anything heavy is built."""
-    if ft.objective not in OBJECTIVES:
-        raise ConfigError(
-            f"unknown finetune.objective {ft.objective!r}; valid: {', '.join(OBJECTIVES)}"
-        )
-    if ft.strategy not in STRATEGIES:
-        raise ConfigError(
-            f"unknown finetune.strategy {ft.strategy!r}; valid: {', '.join(STRATEGIES)}"
-        )
-    if not isinstance(ft.max_epochs, int) or ft.max_epochs < 1:
-        raise ConfigError(f"finetune.max_epochs must be an integer >= 1, not {ft.max_epochs!r}")
-    for key in ("lr", "weight_decay", "warmup_epochs"):
-        if not isinstance(ft[key], int | float) or ft[key] < 0:
-            raise ConfigError(f"finetune.{key} must be a number >= 0, not {ft[key]!r}")
-    if ft.projection_dim is not None and (
-        not isinstance(ft.projection_dim, int) or ft.projection_dim < 1
-    ):
-        raise ConfigError(
-            f"finetune.projection_dim must be a positive integer or null, not {ft.projection_dim!r}"
-        )
+@dataclass
+class FinetuneSchema:
+    """The `finetune` keys of configs/finetune.yaml and their types (`check_settings`)."""
+
+    objective: str = "supcon"
+    strategy: str = "full"
+    name: str = ""
+    projection_dim: int | None = None
+    projection_hidden: int | None = None
+    projection_input_norm: bool = True
+    normalize: bool | None = None
+    max_epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1.0e-4
+    head_lr: float | None = 1.0e-3
+    weight_decay: float = 1.0e-4
+    warmup_epochs: float = 1.0
+    temperature: float = 0.1
+    margin: float = 0.2
+    mining: str = "semihard"
+    augment: AffineAugment | None = field(default_factory=AffineAugment)
+    limit_train_batches: Any = 1.0  # a fraction (float) or a count (int)
+    log_every_n_steps: int = 10
+    validate_start: bool = True
+    resume: Any = None  # true, or a path to last.ckpt / its folder (`resolve_resume`)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"unknown finetune.objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"unknown finetune.strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}"
+            )
+        if self.max_epochs < 1:
+            raise ConfigError(f"finetune.max_epochs must be >= 1, not {self.max_epochs!r}")
+        for key in ("lr", "weight_decay", "warmup_epochs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"finetune.{key} must be >= 0, not {getattr(self, key)!r}")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ConfigError(
+                f"finetune.projection_dim must be >= 1 or null, not {self.projection_dim!r}"
+            )
+
+
+def check_settings(ft: DictConfig) -> FinetuneSchema:
+    """Fail on bad names, types and numbers before anything heavy is built."""
+    return typed(FinetuneSchema, ft, "finetune")
 
 
 def resolve_resume(resume: Any, output_dir: Path) -> tuple[Path | None, Path]:
@@ -93,8 +124,9 @@ def _check_resumable(path: Path, spec: dict[str, Any]) -> None:
         )
 
 
-def build_extractor(cfg: DictConfig, image_shape: tuple[int, ...]) -> FineTunedExtractor:
-    ft = cfg.finetune
+def build_extractor(
+    cfg: DictConfig, ft: FinetuneSchema, image_shape: tuple[int, ...]
+) -> FineTunedExtractor:
     base = instantiate(cfg.model)
     dim = ft.projection_dim
     if dim is None and ft.strategy == "projection_head":
@@ -105,9 +137,9 @@ def build_extractor(cfg: DictConfig, image_shape: tuple[int, ...]) -> FineTunedE
             base.output_dim(image_shape),
             int(dim),
             ft.projection_hidden,
-            input_norm=bool(ft.projection_input_norm),
+            input_norm=ft.projection_input_norm,
         )
-    normalize = ft.objective in METRIC_OBJECTIVES if ft.normalize is None else bool(ft.normalize)
+    normalize = ft.objective in METRIC_OBJECTIVES if ft.normalize is None else ft.normalize
     return FineTunedExtractor(base, head, normalize=normalize, name=ft.name)
 
 
@@ -115,8 +147,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
     """Fine-tune, checkpoint by val mAP@k, and return (and write) the run's summary.
 
     `callbacks` are extra Lightning callbacks (monitoring, tests that interrupt a run)."""
-    ft = cfg.finetune
-    check_settings(ft)
+    ft = check_settings(cfg.finetune)  # the typed values are the ones the run uses
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_path, ckpt_dir = resolve_resume(ft.resume, output_dir)
@@ -131,7 +162,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
     data = FinetuneData(source, ft.batch_size, seed=cfg.seed)
     image_shape = tuple(source.image_shape)
 
-    extractor = build_extractor(cfg, image_shape)
+    extractor = build_extractor(cfg, ft, image_shape)
     spec = extractor_spec(OmegaConf.to_container(cfg.model, resolve=True), extractor)
     spec["training"] = {
         "objective": ft.objective,
@@ -157,7 +188,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
         temperature=float(ft.temperature),
         margin=float(ft.margin),
         mining=str(ft.mining),
-        augment=OmegaConf.to_container(ft.augment, resolve=True) if ft.augment else None,
+        augment=asdict(ft.augment) if ft.augment else None,
         k=int(cfg.retrieval.k),
         distance=str(cfg.retrieval.distance),
         seed=int(cfg.seed),
@@ -249,7 +280,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
     return summary
 
 
-def _log_every(ft: DictConfig, n_train: int) -> int:
+def _log_every(ft: FinetuneSchema, n_train: int) -> int:
     """Log at least once per epoch, even when an epoch has fewer batches than asked."""
     batches = max(1, n_train // int(ft.batch_size))
     if isinstance(ft.limit_train_batches, int) and not isinstance(ft.limit_train_batches, bool):

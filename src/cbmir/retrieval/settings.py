@@ -16,9 +16,8 @@ import numpy as np
 
 from cbmir.errors import ConfigError
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
+from cbmir.schema import typed
 
-#: the keys of a `retrieval` config (configs/retrieval/paper.yaml)
-RETRIEVAL_KEYS = ("k", "distance", "acc_ks", "metrics", "device", "search", "backend", "faiss")
 #: keys of the text protocol (`retrieval.query=text`, `cbmir.retrieval.text_queries`), not of
 #: the image-query callback that `instantiate(cfg.retrieval)` builds
 TEXT_QUERY_KEYS = ("query", "prompts")
@@ -77,26 +76,14 @@ def check_k(k: Any, n_database: int | None = None, key: str = "k") -> int:
     return k
 
 
-def check_keys(conf: Mapping[str, Any]) -> None:
-    """Only known `retrieval` keys: `instantiate(cfg.retrieval)` passes every key to the
-    callback, and a misspelt one would otherwise fail there, after the weights are loaded.
-    Hydra's own keys (`_target_`, ...) start with an underscore."""
-    known = RETRIEVAL_KEYS + TEXT_QUERY_KEYS
-    unknown = sorted(k for k in conf if k not in known and not str(k).startswith("_"))
-    if unknown:
-        raise ConfigError(f"unknown retrieval key(s) {unknown}; allowed {list(known)}")
-
-
 def check_backend(backend: Any) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return str(backend)
 
 
-def check_acc_ks(acc_ks: Any, k: int, key: str = "acc_ks") -> tuple[int, ...]:
+def check_acc_ks(acc_ks: Sequence[int], k: int, key: str = "acc_ks") -> tuple[int, ...]:
     """ACC@a needs a neighbours: every a is a positive integer <= k (never silently dropped)."""
-    if isinstance(acc_ks, str | bytes) or not isinstance(acc_ks, Sequence):
-        raise ConfigError(f"{key} must be a list of positive integers, got {acc_ks!r}")
     values = tuple(positive_int(a, f"every {key} entry") for a in acc_ks)
     beyond = [a for a in values if a > k]
     if beyond:
@@ -143,30 +130,23 @@ def check_faiss_database(kind: str, params: Mapping[str, Any], n_database: int) 
 
 
 def search_options(options: Mapping[str, Any] | None, key: str = "search") -> dict[str, Any]:
-    """`retrieval.search` as knn_search keyword arguments (score_dtype named -> torch dtype)."""
+    """`retrieval.search` (typed by `SearchSchema`) as knn_search keyword arguments: the unset
+    ones left out, chunks positive, score_dtype named -> torch dtype."""
     import torch
 
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(SEARCH_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown {key} option(s) {unknown}; allowed {list(SEARCH_OPTIONS)}")
     out: dict[str, Any] = {}
-    for name, value in options.items():
+    for name, value in (options or {}).items():
         if value is None:
             continue
         if name in ("query_chunk", "db_chunk"):
             out[name] = positive_int(value, f"{key}.{name}")
         elif name == "rerank":
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key}.rerank must be true or false, got {value!r}")
             out[name] = value
-        elif isinstance(value, torch.dtype) and str(value).removeprefix("torch.") in SCORE_DTYPES:
-            out[name] = value  # already converted (a second check of the same settings)
+        elif value not in SCORE_DTYPES:
+            raise ConfigError(
+                f"{key}.score_dtype must be {', '.join(SCORE_DTYPES)} or null, got {value!r}"
+            )
         else:
-            if value not in SCORE_DTYPES:
-                raise ConfigError(
-                    f"{key}.score_dtype must be {', '.join(SCORE_DTYPES)} or null, got {value!r}"
-                )
             out[name] = getattr(torch, value)
     return out
 
@@ -181,6 +161,51 @@ def check_device(device: Any, key: str = "device") -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{key}={name} but no CUDA device is available; use auto or cpu")
     return name
+
+
+@dataclass
+class SearchSchema:
+    """`retrieval.search`: knn_search options (null: its default)."""
+
+    query_chunk: int | None = None
+    db_chunk: int | None = None
+    score_dtype: str | None = None  # float16 | bfloat16
+    rerank: bool | None = None
+
+
+@dataclass
+class FaissSchema:
+    """`retrieval.faiss`: the index kind and its parameters (`check_faiss`)."""
+
+    kind: str = "flat"
+    params: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass
+class PromptsSchema:
+    """`retrieval.prompts` of the text protocol (`text_queries.PromptSettings`)."""
+
+    templates: list[str] | None = None  # null: text_queries.DEFAULT_TEMPLATES
+    classes: dict[Any, Any] | None = None  # class id -> a description or a list of them
+
+
+@dataclass
+class RetrievalSchema:
+    """The keys of a `retrieval` config (configs/retrieval/paper.yaml) and their types: a
+    misspelt or mistyped key fails before any weights load (`instantiate(cfg.retrieval)` passes
+    every key to the callback). The value rules are `RetrievalSettings.from_config`'s."""
+
+    _target_: str = "cbmir.retrieval.callback.RetrievalCallback"
+    k: int = 5
+    distance: str = "euclidean"
+    acc_ks: list[int] = field(default_factory=lambda: list(PAPER_ACC_KS))
+    metrics: Any = field(default_factory=lambda: list(PAPER_METRICS))  # `all` or a list
+    device: str = "auto"
+    search: SearchSchema | None = field(default_factory=SearchSchema)  # null: the defaults
+    backend: str = "torch"
+    faiss: FaissSchema | None = field(default_factory=FaissSchema)  # null: the defaults
+    query: str = "image"  # text protocol (`cbmir.retrieval.text_queries`) ...
+    prompts: PromptsSchema | None = None  # ... and its prompts (`PromptSettings`)
 
 
 @dataclass(frozen=True)
@@ -200,30 +225,24 @@ class RetrievalSettings:
     @classmethod
     def from_config(cls, conf: Mapping[str, Any]) -> RetrievalSettings:
         """Check every key of a `retrieval` config (a DictConfig or dict); ConfigError names it."""
-        from cbmir.config import to_plain
-
-        conf = dict(to_plain(conf))
-        check_keys(conf)
-        k = check_k(conf.get("k", 5), key="retrieval.k")
-        faiss = conf.get("faiss") or {}
-        if not isinstance(faiss, Mapping):
-            raise ConfigError(f"retrieval.faiss must be a mapping, got {faiss!r}")
-        kind = faiss.get("kind", "flat")
-        backend = check_backend(conf.get("backend", "torch"))
+        typed_conf = typed(RetrievalSchema, conf, "retrieval")
+        k = check_k(typed_conf.k, key="retrieval.k")
+        backend = check_backend(typed_conf.backend)
         if backend == "faiss":
             from cbmir.retrieval.faiss_backend import require_faiss
 
             require_faiss()  # not installed: say so now, not after the embedding
+        faiss = typed_conf.faiss or FaissSchema()
         return cls(
             k=k,
-            distance=check_distance(conf.get("distance", "euclidean"), "retrieval.distance"),
-            acc_ks=check_acc_ks(conf.get("acc_ks", (1, 3, 5)), k, "retrieval.acc_ks"),
-            device=check_device(conf.get("device", "auto"), "retrieval.device"),
+            distance=check_distance(typed_conf.distance, "retrieval.distance"),
+            acc_ks=check_acc_ks(typed_conf.acc_ks, k, "retrieval.acc_ks"),
+            device=check_device(typed_conf.device, "retrieval.device"),
             backend=backend,
-            search=search_options(conf.get("search"), "retrieval.search"),
-            faiss_kind=kind,
-            faiss_params=check_faiss(kind, faiss.get("params")),
-            metrics=check_metrics(conf.get("metrics", PAPER_METRICS), "retrieval.metrics"),
+            search=search_options(vars(typed_conf.search or SearchSchema()), "retrieval.search"),
+            faiss_kind=faiss.kind,
+            faiss_params=check_faiss(faiss.kind, faiss.params),
+            metrics=check_metrics(typed_conf.metrics, "retrieval.metrics"),
         )
 
     def check_database(self, n_database: int) -> None:

@@ -32,6 +32,8 @@ from lightning.pytorch.callbacks import Callback
 from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.callback import publish_results, query_intervals, score_queries
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
+from cbmir.retrieval.settings import PromptsSchema
+from cbmir.schema import typed
 from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -65,28 +67,20 @@ class PromptSettings:
 
     @classmethod
     def from_config(cls, prompts: Mapping[str, Any] | None) -> PromptSettings:
-        from cbmir.config import to_plain
-
-        prompts = dict(to_plain(prompts or {}))
-        unknown = sorted(set(prompts) - {"templates", "classes"})
-        if unknown:
-            raise ConfigError(
-                f"unknown retrieval.prompts key(s) {unknown}; allowed: templates, classes"
-            )
-        templates = prompts.get("templates")
-        templates = DEFAULT_TEMPLATES if templates is None else templates
-        if isinstance(templates, str) or not isinstance(templates, Sequence) or not templates:
+        conf = typed(PromptsSchema, prompts, "retrieval.prompts")
+        templates = DEFAULT_TEMPLATES if conf.templates is None else tuple(conf.templates)
+        if not templates:
             raise ConfigError(
                 "retrieval.prompts.templates must be a non-empty list of sentences with {} where "
-                f"the class name goes, got {templates!r}"
+                "the class name goes, got []"
             )
         for template in templates:
-            if not isinstance(template, str) or template.count("{}") != 1:
+            if template.count("{}") != 1:
                 raise ConfigError(
                     f"every retrieval.prompts.templates entry needs exactly one {{}} (the class "
                     f"name), got {template!r}"
                 )
-        return cls(tuple(templates), _class_descriptions(prompts.get("classes")))
+        return cls(templates, _class_descriptions(conf.classes or {}))
 
     def class_prompts(self, label_names: Mapping[int, str]) -> dict[int, list[str]]:
         """Every class's prompts (templates x its descriptions, default its label name)."""
@@ -106,18 +100,12 @@ class PromptSettings:
         return out
 
 
-def _class_descriptions(classes: Any) -> dict[int, tuple[str, ...]]:
+def _class_descriptions(classes: Mapping[Any, Any]) -> dict[int, tuple[str, ...]]:
     """{class id: description or list of descriptions} -> {id: (descriptions...)}."""
-    if classes is None:
-        return {}
-    if not isinstance(classes, Mapping):
-        raise ConfigError(
-            f"retrieval.prompts.classes must map class ids to descriptions, got {classes!r}"
-        )
     out: dict[int, tuple[str, ...]] = {}
     for key, value in classes.items():
         try:
-            cid = int(key)
+            cid = int(key)  # an id from YAML, or a string one from JSON
         except (TypeError, ValueError):
             raise ConfigError(f"retrieval.prompts.classes key {key!r} is not a class id") from None
         values = (value,) if isinstance(value, str) else tuple(value or ())
