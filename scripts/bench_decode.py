@@ -2,9 +2,11 @@
 
 Writes N PNG files (RGB, 224 px by default) as a class-folder tree, then, in alternating
 rounds: a bare loop (`Image.open` + `np.asarray`, one process), and cbmir's first-run decode
-(`prepare_collection`: one DataLoader decode pass into the memmap cache, checksum, install)
-with 0 and 2 workers, each into a fresh cache. Then the second run: the key check that finds
-the cache valid, and reading every image back from the memory map.
+(`prepare_collection`: list, stamp, one decode pass with 0 or 2 DataLoader workers writing
+rows into the cache, install), each into a fresh cache. Then the second run: the key check
+that finds the cache valid (as a fresh process pays it), and reading every image back from
+the memory map. The load average is printed at the start and the end: on a shared machine
+only ratios measured side by side mean something.
 
     python scripts/bench_decode.py --n 2000
 """
@@ -12,6 +14,7 @@ the cache valid, and reading every image back from the memory map.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cbmir.data import collection_cache
 from cbmir.data.collection import folder_collection
 from cbmir.data.collection_cache import prepare_collection
 from cbmir.data.decode import DecodeSettings
@@ -59,6 +63,7 @@ def cbmir_decode(root: Path, cache: Path, workers: int) -> float:
 
 def second_run(root: Path, cache: Path) -> tuple[float, float]:
     """(seconds to find the cache valid, seconds to read every image from it)."""
+    collection_cache._library_versions.cache_clear()  # read once per process: pay it here
     start = time.perf_counter()
     collection = folder_collection(root, cache, 0, {"train": 0.8, "test": 0.2})
     folder, _ = prepare_collection(collection, DecodeSettings(), cache, "bench")
@@ -78,6 +83,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
     args = parser.parse_args()
+    print(f"load average at start: {_load()}", flush=True)
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench_decode_"))
     root, cache = work / "pngs", work / "cache"
     if not root.is_dir():
@@ -101,7 +107,11 @@ def main() -> None:
     print(f"\n{len(files)} PNG files, {args.size} px, median of {args.rounds} rounds")
     for name, rates in results.items():
         med = statistics.median(rates)
-        print(f"  {name:18s} {med:8.0f} files/s   {med / bare:5.2f}x bare")
+        workers = max(1, int(name.split()[1])) if name.startswith("cbmir") else 1
+        print(
+            f"  {name:18s} {med:8.0f} files/s   {med / bare:5.2f}x bare"
+            f"   {med / bare / workers:5.2f}x bare per worker"
+        )
     check, read = second_run(root, cache)
     decode_s = len(files) / statistics.median(results["cbmir 0 workers"])
     print(
@@ -109,8 +119,14 @@ def main() -> None:
         f"{100 * (check + read) / decode_s:.2f}% of the 0-worker decode ({decode_s:.1f} s); "
         f"the check alone {100 * check / decode_s:.2f}%"
     )
+    print(f"load average at the end: {_load()}")
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _load() -> str:
+    """1, 5 and 15 minute load averages (2 cores: above 2, the figures compete for CPU)."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":
