@@ -134,3 +134,12 @@ def test_unreadable_files_of_every_split_are_listed_together(tmp_path) -> None:
     with pytest.raises(DataError, match=r"2 unreadable files: .*train/a/bad\.png, .*test/b/bad"):
         module(root, tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("u-*"))
+
+
+def test_the_key_holds_the_library_versions_importlib_reads() -> None:
+    """Read from the METADATA headers (fast); the same strings, so existing keys stay valid."""
+    from importlib.metadata import version
+
+    for name in ("pillow", "numpy", "torch", "pydicom", "nibabel"):
+        assert cache_module._version(name) == version(name)
+    assert cache_module._version("no-such-distribution-for-cbmir") is None

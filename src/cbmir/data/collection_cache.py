@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,19 +59,16 @@ ON_ERROR = ("stop", "skip")
 _COPY_BYTES = 256 * 2**20
 
 
-def _stamp(st: os.stat_result) -> list[int]:
-    """`cbmir.io_utils.file_version` without the real path (the row's path is in the key
-    already, and resolving every path costs a stat per path component)."""
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-
-
 def _versions(path: Path) -> list[list[int]]:
-    """The stamps that a row's content depends on (a DICOM folder: itself and every slice)."""
+    """The stamps that a row's content depends on (a DICOM folder: itself and every slice):
+    `cbmir.io_utils.file_version` without the real path (the row's path is in the key already,
+    and resolving every path costs a stat per path component). One `stat` per file: the warm
+    cache check is this, for every row."""
     try:
         st = os.stat(path)
-        stamps = [_stamp(st)]
+        stamps = [[st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]]
         if stat.S_ISDIR(st.st_mode):
-            stamps += [_stamp(os.stat(p)) for p in sorted(path.iterdir()) if p.is_file()]
+            stamps += [_versions(p)[0] for p in sorted(path.iterdir()) if p.is_file()]
     except FileNotFoundError:
         raise DataError(f"{path} disappeared while the collection was read; run again.") from None
     return stamps
@@ -81,13 +78,23 @@ def _versions(path: Path) -> list[list[int]]:
 def _library_versions() -> dict[str, str | None]:
     """The decoders' versions (None: not installed; then no file of theirs decodes); read once
     per process, as the modules that decode are imported once."""
-    found: dict[str, str | None] = {}
-    for name in ("pillow", "pydicom", "nibabel", "numpy", "torch"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    return {name: _version(name) for name in ("pillow", "pydicom", "nibabel", "numpy", "torch")}
+
+
+def _version(name: str) -> str | None:
+    """`importlib.metadata.version(name)`, from the `Version:` line of the distribution's
+    METADATA headers: `version` parses the whole file as an e-mail (torch's holds its README),
+    most of a fresh process's cache check."""
+    try:
+        text = distribution(name).read_text("METADATA") or ""
+    except PackageNotFoundError:
+        return None
+    for line in text.splitlines():
+        if not line:  # end of the headers
+            break
+        if line.startswith("Version:"):
+            return line[len("Version:") :].strip()
+    return version(name)
 
 
 def row_stamps(collection: Collection) -> list[list[list[int]]]:
