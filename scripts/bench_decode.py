@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -76,6 +77,22 @@ def second_run(root: Path, cache: Path) -> tuple[float, float]:
     return checked - start, time.perf_counter() - checked
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the DataLoader workers, joined):
+    what a variant costs whatever else the machine runs."""
+    own, children = (
+        resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(run) -> tuple[float, float]:
+    """(files/s as `run` returns it, CPU seconds it used)."""
+    start = cpu_seconds()
+    rate = run()
+    return rate, cpu_seconds() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="PNG files (default 20000)")
@@ -90,27 +107,33 @@ def main() -> None:
         print(f"writing {args.n} PNG files ({args.size} px RGB) into {root} ...", flush=True)
         write_pngs(root, args.n, args.size)
     files = sorted(root.rglob("*.png"))
-    results: dict[str, list[float]] = {
-        "bare Pillow loop": [],
-        "cbmir 0 workers": [],
-        "cbmir 2 workers": [],
+    runs = {
+        "bare Pillow loop": lambda: bare_loop(files),
+        "cbmir 0 workers": lambda: cbmir_decode(root, cache, 0),
+        "cbmir 2 workers": lambda: cbmir_decode(root, cache, 2),
     }
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.rounds):
-        results["bare Pillow loop"].append(bare_loop(files))
-        results["cbmir 0 workers"].append(cbmir_decode(root, cache, 0))
-        results["cbmir 2 workers"].append(cbmir_decode(root, cache, 2))
+        for name, run in runs.items():
+            rate, seconds = timed(run)
+            results[name].append(rate)
+            cpu[name].append(seconds)
         print(
             f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()),
             flush=True,
         )
     bare = statistics.median(results["bare Pillow loop"])
+    bare_cpu = statistics.median(cpu["bare Pillow loop"])
     print(f"\n{len(files)} PNG files, {args.size} px, median of {args.rounds} rounds")
     for name, rates in results.items():
         med = statistics.median(rates)
         workers = max(1, int(name.split()[1])) if name.startswith("cbmir") else 1
+        used = statistics.median(cpu[name])
         print(
             f"  {name:18s} {med:8.0f} files/s   {med / bare:5.2f}x bare"
             f"   {med / bare / workers:5.2f}x bare per worker"
+            f"   CPU {1000 * used / len(files):.2f} ms/file ({bare_cpu / used:.2f}x bare's)"
         )
     check, read = second_run(root, cache)
     decode_s = len(files) / statistics.median(results["cbmir 0 workers"])
