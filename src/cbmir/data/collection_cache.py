@@ -7,12 +7,17 @@ format version, and the decoding libraries' versions. Stamps, not content hashes
 file to hash it costs about what decoding it costs, which would defeat the cache; and a stamp
 cannot be faked by `cp -p`/`rsync -a` (they keep size and mtime, but the ctime and inode are
 new). So a changed, added or removed file changes the key and the collection is decoded again.
-The store key of the embeddings is different: the sha256 of the decoded arrays and labels
-(`manifest["source"]["sha256"]`), so a re-decode that yields the same pixels re-embeds nothing.
+The stamps are taken once; each file is stamped again right after it is read, and a file whose
+stamp changed in between is refused, so what is stored is the version the key names.
+The store key of the embeddings is different: a content digest of the decoded rows and labels
+(`manifest["source"]["sha256"]`, `_content_sha256`), so a re-decode that yields the same pixels
+re-embeds nothing.
 
-Decoding writes into a temporary folder (rows straight into `np.lib.format.open_memmap`, so RAM
-stays bounded), under the collection's lock, and is installed by one rename; the manifest is
-written last. A folder without a manifest whose key matches is never trusted.
+Decoding writes into a temporary folder: DataLoader workers write each row straight into its
+split's `.npy` file (`os.pwrite` at its position, so RAM stays bounded and no image crosses
+processes) and send back its digest; the folder is installed by one rename under the
+collection's lock, the manifest written last. A folder without a manifest whose key matches
+is never trusted.
 """
 
 from __future__ import annotations
