@@ -363,14 +363,17 @@ class _Writer:
     """Decoded rows into each split's `.npy` file at their own position, in one pass over all
     splits (one set of workers), with the shape learned while decoding: from the first readable
     row (decoded here, before any worker starts) or `data.size`. Workers write the rows that
-    fit; a colour row arriving in a so far grey collection comes here, turns every file into RGB
-    (grey repeated, as `fit` does), and the decoding goes on after it with fresh workers."""
+    fit; a colour row arriving in a so far grey collection comes here, the workers are stopped,
+    every file is turned into RGB (grey repeated, as `fit` does) under a new name (a worker
+    that outlived its stop can only reach the old one), and the decoding goes on after that row
+    with fresh workers."""
 
     def __init__(self, collection: Collection, out: Path) -> None:
         self.collection, self.out = collection, out
         self.plan: _Plan | None = None
         self.sizes = {s: len(collection.split_rows(s)) for s in collection.splits}
         self.taken: dict[str, dict[int, bytes]] = {s: {} for s in collection.splits}
+        self.generation = 0  # of the files being written: one more per widening
 
     def decode(
         self,
@@ -408,7 +411,7 @@ class _Writer:
                 finally:
                     items.close()
         failures.settle()
-        return self._compact()
+        return self._finish()
 
     def _run(self, items: _Items, start: int, workers: int, failures: _Failures, bar: Any) -> int:
         """Rows from `start` on, through a DataLoader; where to go on from (all done: len)."""
@@ -420,25 +423,38 @@ class _Writer:
             collate_fn=_as_list,
         )
         batches = iter(loader)
+        widening: _Done | None = None
         try:
             for batch in batches:
                 for done in batch:
                     bar.update(1)
-                    if self._take(items, done, failures):
-                        return done.index + 1  # the files were widened: the rest again, in RGB
+                    if self._widens(done):
+                        widening = done
+                        break
+                    self._take(items, done, failures)
+                if widening is not None:
+                    break
         finally:
-            del batches  # stops the workers now (also on an error)
-        return len(items)
+            del batches  # stops the workers now (also on an error), before any widening
+        if widening is None:
+            return len(items)
+        self._take(items, widening, failures)
+        return widening.index + 1  # the workers' later rows were written grey: redone
 
-    def _take(self, items: _Items, done: _Done, failures: _Failures) -> bool:
-        """Account for one decoded row, writing it when it came here with its array; True when
-        that widened the files to RGB (the workers' later rows were written grey: redone)."""
+    def _widens(self, done: _Done) -> bool:
+        """A colour row of a so far grey collection (it came back with its array)."""
+        assert self.plan is not None
+        return done.array is not None and done.color and not self.plan.color
+
+    def _take(self, items: _Items, done: _Done, failures: _Failures) -> None:
+        """Account for one decoded row, writing it when it came here with its array (the first
+        readable row, a widening one)."""
         path = items.rows[done.index].path
         if done.changed:
             raise DataError(f"{path} changed while the collection was decoded; run again.")
         if done.error is not None:
             failures.add(path, done.error)
-            return False
+            return
         if self.plan is None:
             self.plan = _Plan(done.shape, done.color, done.volume)
         if not self.plan.admits(done.shape, done.volume):
@@ -446,9 +462,8 @@ class _Writer:
         split, position = items.slots[done.index]
         self.taken[split][position] = done.digest
         if done.array is None:  # written by the worker
-            return False
-        widened = done.color and not self.plan.color
-        if widened:
+            return
+        if self._widens(done):
             self._widen()
         array = done.array if done.color or not self.plan.color else _as_rgb(done.array)
         out = self._file(split)
@@ -456,37 +471,43 @@ class _Writer:
             out.write(position, array)
         finally:
             out.close()
-        return widened
+
+    def _path(self, split: str) -> Path:
+        return self.out / f"{split}_images.{self.generation}.part"
 
     def _file(self, split: str) -> _RowFile:
         """The split's image file (created, full size and sparse, when first asked for)."""
         assert self.plan is not None
-        target = self.out / f"{split}_images.npy"
+        target = self._path(split)
         if not target.exists():
             shape = (self.sizes[split], *self.plan.stored)
             np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape)
         return _RowFile(target)
 
     def _widen(self) -> None:
-        """Grey -> RGB, every file written so far (rows not yet decoded are overwritten later;
-        workers still writing into an old file write into a file no longer there)."""
+        """Grey -> RGB, every file written so far, into the next generation's files (rows not
+        yet decoded are overwritten later)."""
         assert self.plan is not None
+        old = {split: self._path(split) for split in self.sizes}
         self.plan.color = True
-        for split in self.sizes:
-            target = self.out / f"{split}_images.npy"
-            if target.exists():
-                _rewrite(target, None, _as_rgb)
+        self.generation += 1
+        for split, path in old.items():
+            if path.exists():
+                _rewrite(path, self._path(split), None, _as_rgb)
 
-    def _compact(self) -> dict[str, list[int]]:
-        """Each split's file without its unreadable rows (removed where none is left)."""
+    def _finish(self) -> dict[str, list[int]]:
+        """Each split's file as `{split}_images.npy`, without its unreadable rows (none where no
+        row is left); {split: positions kept}."""
         kept = {}
         for split, n in self.sizes.items():
             kept[split] = sorted(self.taken[split])
-            target = self.out / f"{split}_images.npy"
+            path, final = self._path(split), self.out / f"{split}_images.npy"
             if not kept[split]:
-                target.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             elif len(kept[split]) < n:
-                _rewrite(target, kept[split], _same)
+                _rewrite(path, final, kept[split], _same)
+            else:
+                os.replace(path, final)
         return kept
 
     def digests(self, split: str) -> list[bytes]:
@@ -503,22 +524,23 @@ def _same(rows: np.ndarray) -> np.ndarray:
 
 
 def _rewrite(
-    path: Path, keep: list[int] | None, change: Callable[[np.ndarray], np.ndarray]
+    source: Path, target: Path, keep: list[int] | None, change: Callable[[np.ndarray], np.ndarray]
 ) -> None:
-    """Replace an .npy file by `change` of its rows `keep` (None: all), in chunks so that RAM
-    stays bounded (skipped files compacted away, grey made RGB); swapped in by one rename, so
-    a process still writing into the old file never reaches the new one."""
-    old = np.load(path, mmap_mode="r")
+    """`target` := `change` of the rows `keep` (None: all) of the .npy file `source`, which is
+    removed; in chunks so that RAM stays bounded (skipped files compacted away, grey made
+    RGB), and published by one rename."""
+    old = np.load(source, mmap_mode="r")
     keep = list(range(len(old))) if keep is None else keep
     shape = change(old[:1]).shape[1:]
-    tmp = path.with_name(path.name + ".part")
+    tmp = target.with_name(target.name + ".tmp")
     new = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keep), *shape))
     step = max(1, _COPY_BYTES // max(1, int(np.prod(shape))))
     for start in range(0, len(keep), step):
         chunk = np.asarray(keep[start : start + step])
         new[start : start + len(chunk)] = change(old[chunk])
     del new, old
-    os.replace(tmp, path)
+    os.replace(tmp, target)
+    source.unlink()
 
 
 def _content_sha256(
