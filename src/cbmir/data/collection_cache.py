@@ -385,11 +385,10 @@ class _Writer:
         """Decode every split into `{split}_images.npy`; {split: positions kept}."""
         from tqdm.auto import tqdm
 
-        order = sorted(
-            range(len(self.collection.rows)),
-            key=lambda i: self.collection.splits.index(self.collection.rows[i].split),
-        )  # stable: split by split, each in row order (the stored order)
-        rows = [self.collection.rows[i] for i in order]
+        rank = {split: i for i, split in enumerate(self.sizes)}
+        all_rows = self.collection.rows
+        order = sorted(range(len(all_rows)), key=lambda i: rank[all_rows[i].split])
+        rows = [all_rows[i] for i in order]  # split by split, each in row order (stored order)
         positions: dict[str, int] = dict.fromkeys(self.sizes, 0)
         slots = []
         for row in rows:
