@@ -484,15 +484,17 @@ class _Writer:
         return _RowFile(target)
 
     def _widen(self) -> None:
-        """Grey -> RGB, every file written so far, into the next generation's files (rows not
-        yet decoded are overwritten later)."""
+        """Grey -> RGB, every file with rows written so far, into the next generation's files
+        (rows not yet decoded are overwritten later)."""
         assert self.plan is not None
         old = {split: self._path(split) for split in self.sizes}
         self.plan.color = True
         self.generation += 1
         for split, path in old.items():
-            if path.exists():
+            if self.taken[split]:
                 _rewrite(path, self._path(split), None, _as_rgb)
+            else:  # nothing written yet: a new empty file will do (`_file`)
+                path.unlink(missing_ok=True)
 
     def _finish(self) -> dict[str, list[int]]:
         """Each split's file as `{split}_images.npy`, without its unreadable rows (none where no
