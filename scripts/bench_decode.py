@@ -5,8 +5,10 @@ rounds: a bare loop (`Image.open` + `np.asarray`, one process), and cbmir's firs
 (`prepare_collection`: list, stamp, one decode pass with 0 or 2 DataLoader workers writing
 rows into the cache, install), each into a fresh cache. Then the second run: the key check
 that finds the cache valid (as a fresh process pays it), and reading every image back from
-the memory map. The load average is printed at the start and the end: on a shared machine
-only ratios measured side by side mean something.
+the memory map. Pending writes are flushed (`os.sync`) before each timed step, so that no
+step pays for the write-back of another. The load average is printed at the start and the
+end, and each variant's CPU time (with its workers): on a shared machine only ratios
+measured side by side mean something.
 
     python scripts/bench_decode.py --n 2000
 """
@@ -56,6 +58,7 @@ def bare_loop(files: list[Path]) -> float:
 
 def cbmir_decode(root: Path, cache: Path, workers: int) -> float:
     shutil.rmtree(cache, ignore_errors=True)
+    os.sync()  # the removal's and earlier rounds' writes settle before the clock starts
     start = time.perf_counter()
     collection = folder_collection(root, cache, 0, {"train": 0.8, "test": 0.2})
     prepare_collection(collection, DecodeSettings(), cache, "bench", workers=workers)
@@ -65,6 +68,7 @@ def cbmir_decode(root: Path, cache: Path, workers: int) -> float:
 def second_run(root: Path, cache: Path) -> tuple[float, float]:
     """(seconds to find the cache valid, seconds to read every image from it)."""
     collection_cache._library_versions.cache_clear()  # read once per process: pay it here
+    os.sync()
     start = time.perf_counter()
     collection = folder_collection(root, cache, 0, {"train": 0.8, "test": 0.2})
     folder, _ = prepare_collection(collection, DecodeSettings(), cache, "bench")
@@ -116,6 +120,7 @@ def main() -> None:
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.rounds):
         for name, run in runs.items():
+            os.sync()  # no variant pays for the previous one's writes
             rate, seconds = timed(run)
             results[name].append(rate)
             cpu[name].append(seconds)
