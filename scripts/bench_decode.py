@@ -153,7 +153,7 @@ def main() -> None:
 
 
 def _load() -> str:
-    """1, 5 and 15 minute load averages (2 cores: above 2, the figures compete for CPU)."""
+    """1, 5 and 15 minute load averages (above the core count, the variants share CPUs)."""
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
