@@ -128,7 +128,8 @@ def collection_key(
             for r, s in zip(collection.rows, stamps, strict=True)
         ],
     }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    text = json.dumps(record, sort_keys=True, check_circular=False)  # same text, faster
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def cache_dir_for(
