@@ -386,19 +386,10 @@ class _Writer:
         """Decode every split into `{split}_images.npy`; {split: positions kept}."""
         from tqdm.auto import tqdm
 
-        rank = {split: i for i, split in enumerate(self.sizes)}
-        all_rows = self.collection.rows
-        order = sorted(range(len(all_rows)), key=lambda i: rank[all_rows[i].split])
-        rows = [all_rows[i] for i in order]  # split by split, each in row order (stored order)
-        positions: dict[str, int] = dict.fromkeys(self.sizes, 0)
-        slots = []
-        for row in rows:
-            slots.append((row.split, positions[row.split]))
-            positions[row.split] += 1
-        items = _Items(rows, [stamps[i] for i in order], slots, settings)
+        items = _Items(*_stored_order(self.collection.rows, stamps, list(self.sizes)), settings)
         start = 0
-        with tqdm(total=len(rows), desc="decoding", unit="file", mininterval=2) as bar:
-            while start < len(rows):
+        with tqdm(total=len(items), desc="decoding", unit="file", mininterval=2) as bar:
+            while start < len(items):
                 if self.plan is None:  # the first readable row sets the shape, decoded here
                     self._take(items, items.decode(start), failures)
                     start += 1
@@ -515,6 +506,22 @@ class _Writer:
     def digests(self, split: str) -> list[bytes]:
         """The kept rows' digests, in stored order."""
         return [self.taken[split][i] for i in sorted(self.taken[split])]
+
+
+def _stored_order(
+    rows: list[Row], stamps: list[list[list[int]]], splits: list[str]
+) -> tuple[list[Row], list[list[list[int]]], list[tuple[str, int]]]:
+    """(rows, their stamps, their (split, position)) split by split in `splits` order, each
+    split in row order: the order rows are decoded in, and stored."""
+    rank = {split: i for i, split in enumerate(splits)}
+    order = sorted(range(len(rows)), key=lambda i: rank[rows[i].split])  # stable
+    positions = dict.fromkeys(splits, 0)
+    slots = []
+    for i in order:
+        split = rows[i].split
+        slots.append((split, positions[split]))
+        positions[split] += 1
+    return [rows[i] for i in order], [stamps[i] for i in order], slots
 
 
 def _as_rgb(rows: np.ndarray) -> np.ndarray:
