@@ -2,9 +2,13 @@
 
 Writes N PNG files (RGB, 224 px by default) as a class-folder tree, then, in alternating
 rounds: a bare loop (`Image.open` + `np.asarray`, one process), and cbmir's first-run decode
-(`prepare_collection`: one DataLoader decode pass into the memmap cache, checksum, install)
-with 0 and 2 workers, each into a fresh cache. Then the second run: the key check that finds
-the cache valid, and reading every image back from the memory map.
+(`prepare_collection`: list, stamp, one decode pass with 0 or 2 DataLoader workers writing
+rows into the cache, install), each into a fresh cache. Then the second run: the key check
+that finds the cache valid (as a fresh process pays it), and reading every image back from
+the memory map. Pending writes are flushed (`os.sync`) before each timed step, so that no
+step pays for the write-back of another. The load average is printed at the start and the
+end, and each variant's CPU time (with its workers): on a shared machine only ratios
+measured side by side mean something.
 
     python scripts/bench_decode.py --n 2000
 """
@@ -12,6 +16,8 @@ the cache valid, and reading every image back from the memory map.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -21,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cbmir.data import collection_cache
 from cbmir.data.collection import folder_collection
 from cbmir.data.collection_cache import prepare_collection
 from cbmir.data.decode import DecodeSettings
@@ -49,8 +56,18 @@ def bare_loop(files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
+SYNC = True  # --no-sync: the method of the earlier figures (write-back hits whichever step runs)
+
+
+def settle() -> None:
+    """Flush pending writes (earlier steps' caches, a removed cache) before a clock starts."""
+    if SYNC:
+        os.sync()
+
+
 def cbmir_decode(root: Path, cache: Path, workers: int) -> float:
     shutil.rmtree(cache, ignore_errors=True)
+    settle()
     start = time.perf_counter()
     collection = folder_collection(root, cache, 0, {"train": 0.8, "test": 0.2})
     prepare_collection(collection, DecodeSettings(), cache, "bench", workers=workers)
@@ -59,6 +76,8 @@ def cbmir_decode(root: Path, cache: Path, workers: int) -> float:
 
 def second_run(root: Path, cache: Path) -> tuple[float, float]:
     """(seconds to find the cache valid, seconds to read every image from it)."""
+    collection_cache._library_versions.cache_clear()  # read once per process: pay it here
+    settle()
     start = time.perf_counter()
     collection = folder_collection(root, cache, 0, {"train": 0.8, "test": 0.2})
     folder, _ = prepare_collection(collection, DecodeSettings(), cache, "bench")
@@ -71,37 +90,70 @@ def second_run(root: Path, cache: Path) -> tuple[float, float]:
     return checked - start, time.perf_counter() - checked
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the DataLoader workers, joined):
+    what a variant costs whatever else the machine runs."""
+    own, children = (
+        resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(run) -> tuple[float, float]:
+    """(files/s as `run` returns it, CPU seconds it used)."""
+    start = cpu_seconds()
+    rate = run()
+    return rate, cpu_seconds() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="PNG files (default 20000)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
+    parser.add_argument(
+        "--no-sync", action="store_true", help="do not flush writes before each timed step"
+    )
     args = parser.parse_args()
+    global SYNC
+    SYNC = not args.no_sync
+    print(f"load average at start: {_load()}; os.sync before each step: {SYNC}", flush=True)
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench_decode_"))
     root, cache = work / "pngs", work / "cache"
     if not root.is_dir():
         print(f"writing {args.n} PNG files ({args.size} px RGB) into {root} ...", flush=True)
         write_pngs(root, args.n, args.size)
     files = sorted(root.rglob("*.png"))
-    results: dict[str, list[float]] = {
-        "bare Pillow loop": [],
-        "cbmir 0 workers": [],
-        "cbmir 2 workers": [],
+    runs = {
+        "bare Pillow loop": lambda: bare_loop(files),
+        "cbmir 0 workers": lambda: cbmir_decode(root, cache, 0),
+        "cbmir 2 workers": lambda: cbmir_decode(root, cache, 2),
     }
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.rounds):
-        results["bare Pillow loop"].append(bare_loop(files))
-        results["cbmir 0 workers"].append(cbmir_decode(root, cache, 0))
-        results["cbmir 2 workers"].append(cbmir_decode(root, cache, 2))
+        for name, run in runs.items():
+            settle()  # no variant pays for the previous one's writes
+            rate, seconds = timed(run)
+            results[name].append(rate)
+            cpu[name].append(seconds)
         print(
             f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in results.items()),
             flush=True,
         )
     bare = statistics.median(results["bare Pillow loop"])
+    bare_cpu = statistics.median(cpu["bare Pillow loop"])
     print(f"\n{len(files)} PNG files, {args.size} px, median of {args.rounds} rounds")
     for name, rates in results.items():
         med = statistics.median(rates)
-        print(f"  {name:18s} {med:8.0f} files/s   {med / bare:5.2f}x bare")
+        workers = max(1, int(name.split()[1])) if name.startswith("cbmir") else 1
+        used = statistics.median(cpu[name])
+        print(
+            f"  {name:18s} {med:8.0f} files/s   {med / bare:5.2f}x bare"
+            f"   {med / bare / workers:5.2f}x bare per worker"
+            f"   CPU {1000 * used / len(files):.2f} ms/file ({bare_cpu / used:.2f}x bare's)"
+        )
     check, read = second_run(root, cache)
     decode_s = len(files) / statistics.median(results["cbmir 0 workers"])
     print(
@@ -109,8 +161,14 @@ def main() -> None:
         f"{100 * (check + read) / decode_s:.2f}% of the 0-worker decode ({decode_s:.1f} s); "
         f"the check alone {100 * check / decode_s:.2f}%"
     )
+    print(f"load average at the end: {_load()}")
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _load() -> str:
+    """1, 5 and 15 minute load averages (above the core count, the variants share CPUs)."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -158,6 +158,17 @@ def _entries(folder: Path) -> list[os.DirEntry]:
         return sorted((e for e in found if not e.name.startswith(".")), key=lambda e: e.name)
 
 
+def _children(folder: Path) -> list[Path]:
+    """The visible entries of `folder` by name, as `_entries` orders them: `Path.iterdir` makes
+    each child Path without parsing it again (a third of the cost of `Path(entry.path)`, the
+    bulk of listing a large class folder)."""
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=_name_of)
+
+
+def _name_of(path: Path) -> str:
+    return path.name
+
+
 def _class_items(split_dir: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
     """(item, class name) under `split_dir/<class>/`, in Path order, and the class folders that
     hold items; a file beside the class folders is an error (it has no class)."""
@@ -172,7 +183,7 @@ def _class_items(split_dir: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
     folders: list[Path] = []
     for c in classes:
         folder = Path(c.path)
-        found = [(Path(e.path), c.name) for e in _entries(folder)]
+        found = [(path, c.name) for path in _children(folder)]
         items += found
         folders += [folder] if found else []
     return items, folders

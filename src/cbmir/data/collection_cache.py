@@ -7,12 +7,17 @@ format version, and the decoding libraries' versions. Stamps, not content hashes
 file to hash it costs about what decoding it costs, which would defeat the cache; and a stamp
 cannot be faked by `cp -p`/`rsync -a` (they keep size and mtime, but the ctime and inode are
 new). So a changed, added or removed file changes the key and the collection is decoded again.
-The store key of the embeddings is different: the sha256 of the decoded arrays and labels
-(`manifest["source"]["sha256"]`), so a re-decode that yields the same pixels re-embeds nothing.
+The stamps are taken once; each file is stamped again right after it is read, and a file whose
+stamp changed in between is refused, so what is stored is the version the key names.
+The store key of the embeddings is different: a content digest of the decoded rows and labels
+(`manifest["source"]["sha256"]`, `_content_sha256`), so a re-decode that yields the same pixels
+re-embeds nothing.
 
-Decoding writes into a temporary folder (rows straight into `np.lib.format.open_memmap`, so RAM
-stays bounded), under the collection's lock, and is installed by one rename; the manifest is
-written last. A folder without a manifest whose key matches is never trusted.
+Decoding writes into a temporary folder: DataLoader workers write each row straight into its
+split's `.npy` file (`os.pwrite` at its position, so RAM stays bounded and no image crosses
+processes) and send back its digest; the folder is installed by one rename under the
+collection's lock, the manifest written last. A folder without a manifest whose key matches
+is never trusted.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
+from functools import cache
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -58,37 +64,58 @@ ON_ERROR = ("stop", "skip")
 _COPY_BYTES = 256 * 2**20
 
 
-def _stamp(st: os.stat_result) -> list[int]:
-    """`cbmir.io_utils.file_version` without the real path (the row's path is in the key
-    already, and resolving every path costs a stat per path component)."""
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-
-
 def _versions(path: Path) -> list[list[int]]:
-    """The stamps that a row's content depends on (a DICOM folder: itself and every slice)."""
+    """The stamps that a row's content depends on (a DICOM folder: itself and every slice):
+    `cbmir.io_utils.file_version` without the real path (the row's path is in the key already,
+    and resolving every path costs a stat per path component). One `stat` per file: the warm
+    cache check is this, for every row."""
     try:
         st = os.stat(path)
-        stamps = [_stamp(st)]
+        stamps = [[st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]]
         if stat.S_ISDIR(st.st_mode):
-            stamps += [_stamp(os.stat(p)) for p in sorted(path.iterdir()) if p.is_file()]
+            stamps += [_versions(p)[0] for p in sorted(path.iterdir()) if p.is_file()]
     except FileNotFoundError:
         raise DataError(f"{path} disappeared while the collection was read; run again.") from None
     return stamps
 
 
+@cache
 def _library_versions() -> dict[str, str | None]:
-    """The decoders' versions (None: not installed; then no file of theirs decodes)."""
-    found: dict[str, str | None] = {}
-    for name in ("pillow", "pydicom", "nibabel", "numpy", "torch"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    """The decoders' versions (None: not installed; then no file of theirs decodes); read once
+    per process, as the modules that decode are imported once."""
+    return {name: _version(name) for name in ("pillow", "pydicom", "nibabel", "numpy", "torch")}
 
 
-def collection_key(collection: Collection, settings: DecodeSettings, on_error: str) -> str:
-    """sha256 of everything that decides the decoded arrays (the module's docstring)."""
+def _version(name: str) -> str | None:
+    """`importlib.metadata.version(name)`, from the `Version:` line of the distribution's
+    METADATA headers: `version` parses the whole file as an e-mail (torch's holds its README),
+    most of a fresh process's cache check."""
+    try:
+        text = distribution(name).read_text("METADATA") or ""
+    except PackageNotFoundError:
+        return None
+    for line in text.splitlines():
+        if not line:  # end of the headers
+            break
+        if line.startswith("Version:"):
+            return line[len("Version:") :].strip()
+    return version(name)
+
+
+def row_stamps(collection: Collection) -> list[list[list[int]]]:
+    """Each row's `_versions`, in row order (one `stat` per file)."""
+    return [_versions(r.path) for r in collection.rows]
+
+
+def collection_key(
+    collection: Collection,
+    settings: DecodeSettings,
+    on_error: str,
+    stamps: list[list[list[int]]] | None = None,
+) -> str:
+    """sha256 of everything that decides the decoded arrays (the module's docstring); `stamps`
+    when the caller has them already (`row_stamps`)."""
+    stamps = row_stamps(collection) if stamps is None else stamps
     record = {
         "cache_format": CACHE_FORMAT,
         "decode": settings.identity(),
@@ -97,10 +124,12 @@ def collection_key(collection: Collection, settings: DecodeSettings, on_error: s
         "label_names": collection.label_names,
         "multilabel": collection.multilabel,
         "rows": [
-            [str(r.path), list(r.labels), r.split, _versions(r.path)] for r in collection.rows
+            [str(r.path), list(r.labels), r.split, s]
+            for r, s in zip(collection.rows, stamps, strict=True)
         ],
     }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    text = json.dumps(record, sort_keys=True, check_circular=False)  # same text, faster
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def cache_dir_for(
@@ -132,28 +161,119 @@ def trusted(target: Path, key: str) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- decoding
 
 
-class _Items(Dataset):
-    """Rows decoded in DataLoader workers: (index, uint8 array or None, error or None, volume).
+class _Done(NamedTuple):
+    """What decoding one row reports to the writer: small, so that DataLoader workers send
+    almost nothing through their pipes. `array` travels only when the writer must decide what
+    to do with it (the first readable row, a colour row in a so far grey collection)."""
 
-    Arrays come resized but never colour-expanded: whether the collection is colour is known
-    only once every item is decoded, and the writer broadcasts a grey item into RGB for free.
+    index: int
+    changed: bool  # the file's stamp differs from the key's: it changed since it was listed
+    error: str | None = None
+    volume: bool = False
+    color: bool = False
+    shape: tuple[int, ...] = ()  # without the colour axis
+    digest: bytes = b""  # `_row_digest` of the decoded row
+    array: np.ndarray | None = None
+
+
+def _row_digest(array: np.ndarray) -> bytes:
+    """sha256 of one decoded row as `fit(color=False)` gives it (shape and pixels): what the
+    stored row is made of (a grey row of a colour collection is stored as its grey repeated)."""
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).data)
+    return digest.digest()
+
+
+class _RowFile:
+    """Rows written into an existing `.npy` file by position (`os.pwrite`), by whichever
+    process decoded them: no decoded row crosses processes, and a full disk is an OSError, not
+    a SIGBUS as through a memmap. Each process opens the file itself."""
+
+    def __init__(self, path: Path) -> None:
+        head = np.load(path, mmap_mode="r")
+        self.path, self.offset, self.row_shape = path, head.offset, head.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape))
+        del head
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def write(self, index: int, row: np.ndarray) -> None:
+        if self._pid != os.getpid():  # a worker: its own descriptor
+            self._fd, self._pid = os.open(self.path, os.O_WRONLY), os.getpid()
+        assert self._fd is not None and row.shape == self.row_shape and row.dtype == np.uint8
+        view = memoryview(np.ascontiguousarray(row)).cast("B")
+        start, done = self.offset + index * self.row_bytes, 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], start + done)
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = self._pid = None
+
+
+class _Items(Dataset):
+    """Rows decoded (in DataLoader workers, or in this process), checked against the stamps of
+    the key, hashed, and written straight into their split's `.npy` file when they fit `plan`.
+
+    Rows come resized but never colour-expanded: whether the collection is colour is known
+    only once every item is decoded, and the writer widens grey files into RGB itself.
     """
 
-    def __init__(self, rows: list[Row], settings: DecodeSettings):
-        self.rows, self.settings = rows, settings
+    def __init__(
+        self,
+        rows: list[Row],
+        stamps: list[list[list[int]]],
+        slots: list[tuple[str, int]],
+        settings: DecodeSettings,
+    ) -> None:
+        self.rows, self.stamps, self.slots, self.settings = rows, stamps, slots, settings
+        self.plan: _Plan | None = None
+        self.files: dict[str, _RowFile] = {}  # split -> its image file, once `plan` is known
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None, bool]:
+    def decode(self, index: int) -> _Done:
+        """One row, with its array; `changed` when the file is not the version the key names
+        (checked after reading it: what was read is that version, or the row is refused)."""
         path = self.rows[index].path
         kind = kind_of(path)
         volume = kind in VOLUME_KINDS
         try:
-            array = read_item(path, self.settings.window, kind)
-            return index, fit(array, self.settings, False, volume), None, volume
+            array = fit(read_item(path, self.settings.window, kind), self.settings, False, volume)
         except DecodeError as exc:
-            return index, None, str(exc), volume
+            return _Done(index, _changed(path, self.stamps[index]), str(exc), volume)
+        color = not volume and array.ndim == 3
+        shape = _spatial(array, volume)
+        changed = _changed(path, self.stamps[index])
+        return _Done(index, changed, None, volume, color, shape, _row_digest(array), array)
+
+    def __getitem__(self, index: int) -> _Done:
+        done = self.decode(index)
+        plan, array = self.plan, done.array
+        if array is None or plan is None or done.changed:
+            return done
+        if not plan.admits(done.shape, done.volume):
+            return done._replace(array=None)  # the writer explains the misfit from the shape
+        if done.color and not plan.color:
+            return done  # the writer widens the files to RGB first
+        split, position = self.slots[index]
+        self.files[split].write(
+            position, _as_rgb(array) if plan.color and not done.color else array
+        )
+        return done._replace(array=None)
+
+    def close(self) -> None:
+        for out in self.files.values():
+            out.close()
+
+
+def _changed(path: Path, stamps: list[list[int]]) -> bool:
+    try:
+        return _versions(path) != stamps
+    except DataError:  # disappeared
+        return True
 
 
 def _as_list(batch: list) -> list:
@@ -172,13 +292,9 @@ class _Plan:
     def stored(self) -> tuple[int, ...]:
         return self.shape + ((3,) if self.color else ())
 
-    @classmethod
-    def first(cls, array: np.ndarray, volume: bool) -> _Plan:
-        return cls(_spatial(array, volume), not volume and array.ndim == 3, volume)
-
-    def admits(self, array: np.ndarray, volume: bool) -> bool:
+    def admits(self, shape: tuple[int, ...], volume: bool) -> bool:
         """Same kind (2D/3D) and size; colour may differ (grey is broadcast, see `_Writer`)."""
-        return volume == self.volume and _spatial(array, volume) == self.shape
+        return volume == self.volume and shape == self.shape
 
 
 def _spatial(array: np.ndarray, volume: bool) -> tuple[int, ...]:
@@ -245,110 +361,212 @@ def _common_shape(headers: dict[Path, Header], source: Path) -> tuple[int, ...]:
 
 
 class _Writer:
-    """Decoded items into each split's memmap, in order, with the shape learned while decoding:
-    from the first readable item (or `data.size`). A colour item arriving in a so far grey
-    collection turns every array written so far into RGB (grey repeated, as `fit` does)."""
+    """Decoded rows into each split's `.npy` file at their own position, in one pass over all
+    splits (one set of workers), with the shape learned while decoding: from the first readable
+    row (decoded here, before any worker starts) or `data.size`. Workers write the rows that
+    fit; a colour row arriving in a so far grey collection comes here, the workers are stopped,
+    every file is turned into RGB (grey repeated, as `fit` does) under a new name (a worker
+    that outlived its stop can only reach the old one), and the decoding goes on after that row
+    with fresh workers."""
 
     def __init__(self, collection: Collection, out: Path) -> None:
         self.collection, self.out = collection, out
         self.plan: _Plan | None = None
-        self.written: list[Path] = []  # finished splits' image files
+        self.sizes = {s: len(collection.split_rows(s)) for s in collection.splits}
+        self.taken: dict[str, dict[int, bytes]] = {s: {} for s in collection.splits}
+        self.generation = 0  # of the files being written: one more per widening
 
-    def decode_split(
+    def decode(
         self,
-        rows: list[Row],
+        stamps: list[list[list[int]]],
         settings: DecodeSettings,
         workers: int,
         failures: _Failures,
-        split: str,
-    ) -> list[Row]:
-        """Decode `rows` into `{split}_images.npy`, compacting past failures; the rows kept."""
+    ) -> dict[str, list[int]]:
+        """Decode every split into `{split}_images.npy`; {split: positions kept}."""
         from tqdm.auto import tqdm
 
-        target = self.out / f"{split}_images.npy"
-        loader = DataLoader(
-            _Items(rows, settings), batch_size=16, num_workers=workers, collate_fn=_as_list
-        )
-        images: np.ndarray | None = None
-        kept: list[Row] = []
-        with tqdm(total=len(rows), desc=f"decoding {split}", unit="file", mininterval=2) as bar:
-            for batch in loader:
-                for index, array, error, volume in batch:
-                    path = rows[index].path
-                    if error is not None:
-                        failures.add(path, error)
-                        continue
-                    images = self._place(images, target, len(rows), array, volume, path)
-                    images[len(kept)] = array if array.ndim == images.ndim - 1 else array[..., None]
-                    kept.append(rows[index])
-                bar.update(len(batch))
-        del images  # no msync: the kernel writes the pages back (and throttles dirty ones) itself
+        items = _Items(*_stored_order(self.collection.rows, stamps, list(self.sizes)), settings)
+        start = 0
+        with tqdm(total=len(items), desc="decoding", unit="file", mininterval=2) as bar:
+            while start < len(items):
+                if self.plan is None:  # the first readable row sets the shape, decoded here
+                    self._take(items, items.decode(start), failures)
+                    start += 1
+                    bar.update(1)
+                    continue
+                items.plan = self.plan
+                items.files = {s: self._file(s) for s in self.sizes}
+                try:
+                    start = self._run(items, start, workers, failures, bar)
+                finally:
+                    items.close()
         failures.settle()
-        if kept:
-            assert self.plan is not None
-            if len(kept) < len(rows):
-                _rewrite(target, len(kept), lambda chunk: chunk)
-            self.written.append(target)
+        return self._finish()
+
+    def _run(self, items: _Items, start: int, workers: int, failures: _Failures, bar: Any) -> int:
+        """Rows from `start` on, through a DataLoader; where to go on from (all done: len)."""
+        loader = DataLoader(
+            items,
+            batch_size=16,
+            sampler=range(start, len(items)),
+            num_workers=workers,
+            collate_fn=_as_list,
+        )
+        batches = iter(loader)
+        widening: _Done | None = None
+        try:
+            for batch in batches:
+                for done in batch:
+                    bar.update(1)
+                    if self._widens(done):
+                        widening = done
+                        break
+                    self._take(items, done, failures)
+                if widening is not None:
+                    break
+        finally:
+            del batches  # stops the workers now (also on an error), before any widening
+        if widening is None:
+            return len(items)
+        self._take(items, widening, failures)
+        return widening.index + 1  # the workers' later rows were written grey: redone
+
+    def _widens(self, done: _Done) -> bool:
+        """A colour row of a so far grey collection (it came back with its array)."""
+        assert self.plan is not None
+        return done.array is not None and done.color and not self.plan.color
+
+    def _take(self, items: _Items, done: _Done, failures: _Failures) -> None:
+        """Account for one decoded row, writing it when it came here with its array (the first
+        readable row, a widening one)."""
+        path = items.rows[done.index].path
+        if done.changed:
+            raise DataError(f"{path} changed while the collection was decoded; run again.")
+        if done.error is not None:
+            failures.add(path, done.error)
+            return
+        if self.plan is None:
+            self.plan = _Plan(done.shape, done.color, done.volume)
+        if not self.plan.admits(done.shape, done.volume):
+            _explain_mismatch(self.collection, path, self.plan, done.shape)
+        split, position = items.slots[done.index]
+        self.taken[split][position] = done.digest
+        if done.array is None:  # written by the worker
+            return
+        if self._widens(done):
+            self._widen()
+        array = done.array if done.color or not self.plan.color else _as_rgb(done.array)
+        out = self._file(split)
+        try:
+            out.write(position, array)
+        finally:
+            out.close()
+
+    def _path(self, split: str) -> Path:
+        return self.out / f"{split}_images.{self.generation}.part"
+
+    def _file(self, split: str) -> _RowFile:
+        """The split's image file (created, full size and sparse, when first asked for)."""
+        assert self.plan is not None
+        target = self._path(split)
+        if not target.exists():
+            shape = (self.sizes[split], *self.plan.stored)
+            np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape)
+        return _RowFile(target)
+
+    def _widen(self) -> None:
+        """Grey -> RGB, every file with rows written so far, into the next generation's files
+        (rows not yet decoded are overwritten later)."""
+        assert self.plan is not None
+        old = {split: self._path(split) for split in self.sizes}
+        self.plan.color = True
+        self.generation += 1
+        for split, path in old.items():
+            if self.taken[split]:
+                _rewrite(path, self._path(split), None, _as_rgb)
+            else:  # nothing written yet: a new empty file will do (`_file`)
+                path.unlink(missing_ok=True)
+
+    def _finish(self) -> dict[str, list[int]]:
+        """Each split's file as `{split}_images.npy`, without its unreadable rows (none where no
+        row is left); {split: positions kept}."""
+        kept = {}
+        for split, n in self.sizes.items():
+            kept[split] = sorted(self.taken[split])
+            path, final = self._path(split), self.out / f"{split}_images.npy"
+            if not kept[split]:
+                path.unlink(missing_ok=True)
+            elif len(kept[split]) < n:
+                _rewrite(path, final, kept[split], _same)
+            else:
+                os.replace(path, final)
         return kept
 
-    def _place(
-        self,
-        images: np.ndarray | None,
-        target: Path,
-        n: int,
-        array: np.ndarray,
-        volume: bool,
-        path: Path,
-    ) -> np.ndarray:
-        """The memmap to write `array` into: opened at the first item, widened to RGB at the
-        first colour item of a grey collection; a misfit stops (`_explain_mismatch`)."""
-        if self.plan is None:
-            self.plan = _Plan.first(array, volume)
-        if not self.plan.admits(array, volume):
-            _explain_mismatch(self.collection, path, self.plan, _spatial(array, volume))
-        if not volume and array.ndim == 3 and not self.plan.color:
-            self.plan.color = True
-            if images is not None:  # the caller's old map then refers to the replaced file
-                _rewrite(target, n, _as_rgb)
-                images = np.lib.format.open_memmap(target, mode="r+")
-            for done in self.written:
-                _rewrite(done, None, _as_rgb)
-        if images is None:
-            images = np.lib.format.open_memmap(
-                target, mode="w+", dtype=np.uint8, shape=(n, *self.plan.stored)
-            )
-        return images
+    def digests(self, split: str) -> list[bytes]:
+        """The kept rows' digests, in stored order."""
+        return [self.taken[split][i] for i in sorted(self.taken[split])]
+
+
+def _stored_order(
+    rows: list[Row], stamps: list[list[list[int]]], splits: list[str]
+) -> tuple[list[Row], list[list[list[int]]], list[tuple[str, int]]]:
+    """(rows, their stamps, their (split, position)) split by split in `splits` order, each
+    split in row order: the order rows are decoded in, and stored."""
+    rank = {split: i for i, split in enumerate(splits)}
+    order = sorted(range(len(rows)), key=lambda i: rank[rows[i].split])  # stable
+    positions = dict.fromkeys(splits, 0)
+    slots = []
+    for i in order:
+        split = rows[i].split
+        slots.append((split, positions[split]))
+        positions[split] += 1
+    return [rows[i] for i in order], [stamps[i] for i in order], slots
 
 
 def _as_rgb(rows: np.ndarray) -> np.ndarray:
     return np.repeat(rows[..., None], 3, axis=-1)
 
 
-def _rewrite(path: Path, n: int | None, change: Callable[[np.ndarray], np.ndarray]) -> None:
-    """Replace an .npy file by `change` of its first `n` rows (None: all), in chunks so that
-    RAM stays bounded (skipped files compacted away, grey made RGB); swapped in by one rename."""
-    old = np.load(path, mmap_mode="r")
-    n = len(old) if n is None else n
+def _same(rows: np.ndarray) -> np.ndarray:
+    return rows
+
+
+def _rewrite(
+    source: Path, target: Path, keep: list[int] | None, change: Callable[[np.ndarray], np.ndarray]
+) -> None:
+    """`target` := `change` of the rows `keep` (None: all) of the .npy file `source`, which is
+    removed; in chunks so that RAM stays bounded (skipped files compacted away, grey made
+    RGB), and published by one rename."""
+    old = np.load(source, mmap_mode="r")
+    keep = list(range(len(old))) if keep is None else keep
     shape = change(old[:1]).shape[1:]
-    tmp = path.with_name(path.name + ".part")
-    new = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
+    tmp = target.with_name(target.name + ".tmp")
+    new = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keep), *shape))
     step = max(1, _COPY_BYTES // max(1, int(np.prod(shape))))
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        new[start:stop] = change(old[start:stop])
+    for start in range(0, len(keep), step):
+        chunk = np.asarray(keep[start : start + step])
+        new[start : start + len(chunk)] = change(old[chunk])
     del new, old
-    os.replace(tmp, path)
+    os.replace(tmp, target)
+    source.unlink()
 
 
-def _content_sha256(out: Path, splits: list[str]) -> str:
-    """sha256 over every split's stored arrays (shape, labels and pixels)."""
-    digest = hashlib.sha256()
-    for split in splits:
-        for kind in ("images", "labels"):
-            digest.update(f"{split}_{kind}".encode())
-            with open(out / f"{split}_{kind}.npy", "rb") as fh:
-                while chunk := fh.read(16 * 2**20):
-                    digest.update(chunk)
+def _content_sha256(
+    digests: dict[str, list[bytes]], plan: _Plan, labels: dict[str, np.ndarray]
+) -> str:
+    """The decoded collection's content identity, from the rows' digests (in stored order,
+    whichever worker decoded them): per split, the stored image shape, each row's
+    `_row_digest` and the labels. The stored arrays are a function of exactly these (a grey
+    row of an RGB collection is its grey repeated), so any changed pixel, label, shape or
+    order changes it, and no second pass over the arrays is needed."""
+    digest = hashlib.sha256(b"cbmir collection rows 1")
+    for split, rows in digests.items():
+        split_labels = np.ascontiguousarray(labels[split], dtype=np.int64)
+        head = [split, [len(rows), *plan.stored], list(split_labels.shape)]
+        digest.update(json.dumps(head).encode())
+        digest.update(b"".join(rows))
+        digest.update(split_labels.data)
     return digest.hexdigest()
 
 
@@ -357,30 +575,32 @@ def decode_into(
     settings: DecodeSettings,
     out: Path,
     key: str,
+    stamps: list[list[list[int]]],
     *,
     workers: int = 0,
     on_error: str = "stop",
     query_split: str = "test",
     database_split: str = "train",
 ) -> dict[str, Any]:
-    """Decode every split into the (empty) folder `out`; write the manifest last."""
+    """Decode every split into the (empty) folder `out`; write the manifest last. `stamps`
+    (each row's, in row order) are those `key` was made of: a row whose file no longer has
+    them after it was read is refused, so what is stored is the version the key names."""
     failures = _Failures(on_error, collection.source)
     writer = _Writer(collection, out)
+    positions = writer.decode(stamps, settings, workers, failures)
     kept: list[Row] = []
-    for split in collection.splits:
-        kept += writer.decode_split(
-            collection.split_rows(split), settings, workers, failures, split
-        )
+    for split, keep in positions.items():
+        rows = collection.split_rows(split)
+        kept += [rows[i] for i in keep]
     plan = writer.plan
     if plan is None or not kept:
         raise DataError(f"{collection.source}: no readable file at all.")
     final = replace(collection, rows=kept)
     check_collection(final, query_split, database_split)  # again: skips may empty a split
-    if collection_key(collection, settings, on_error) != key:
-        raise DataError(f"{collection.source}: files changed while they were decoded; run again.")
+    labels: dict[str, np.ndarray] = {}
     for split in final.splits:
-        labels = np.asarray([r.labels for r in final.split_rows(split)], dtype=np.int64)
-        np.save(out / f"{split}_labels.npy", labels)
+        labels[split] = np.asarray([r.labels for r in final.split_rows(split)], dtype=np.int64)
+        np.save(out / f"{split}_labels.npy", labels[split])
         write_text(
             out / f"{split}_files.txt", "".join(f"{r.path}\n" for r in final.split_rows(split))
         )
@@ -399,7 +619,7 @@ def decode_into(
             "name": collection.source.name,
             "kind": collection.kind,
             "key": key,
-            "sha256": _content_sha256(out, final.splits),
+            "sha256": _content_sha256({s: writer.digests(s) for s in labels}, plan, labels),
         },
         "layout": "volume" if plan.volume else ("rgb2d" if plan.color else "gray2d"),
         "image_shape": side if plan.volume else [3 if plan.color else 1, *side],
@@ -430,7 +650,8 @@ def prepare_collection(
     if on_error not in ON_ERROR:
         raise ConfigError(f"data.on_error must be stop or skip, not {on_error!r}.")
     check_collection(collection, query_split, database_split)
-    key = collection_key(collection, settings, on_error)
+    stamps = row_stamps(collection)
+    key = collection_key(collection, settings, on_error, stamps)
     target = cache_dir_for(collection, cache_root, name, settings, on_error)
     if trusted(target, key) is not None:
         return target, key
@@ -455,6 +676,7 @@ def prepare_collection(
                 settings,
                 tmp,
                 key,
+                stamps,
                 workers=workers,
                 on_error=on_error,
                 query_split=query_split,

@@ -1,0 +1,145 @@
+"""The decoding pass of own collections: DataLoader workers write rows straight into the cache
+and hash them, and the result must not depend on it: the same arrays and the same content
+identity from 0 and 2 workers (late colour file, skipped files and all); a file changed before
+it was read is refused, one changed after it was read is the next run's re-decode; every
+split's unreadable files are listed together."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbmir.data import CollectionDataModule
+from cbmir.data import collection_cache as cache_module
+from cbmir.errors import DataError
+
+
+def module(path: Path, cache: Path, **kwargs) -> CollectionDataModule:
+    dm = CollectionDataModule(path, cache_dir=cache, **kwargs)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def grey_tree(root: Path, n: int = 3) -> Path:
+    """root/<train|test>/<a|b>/<i>.png, 8 x 8 grey noise."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (8, 8), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def sha(dm: CollectionDataModule) -> str:
+    return dm.identity("train")["source_sha256"]
+
+
+def test_zero_and_two_workers_store_the_same_arrays_and_identity(tmp_path) -> None:
+    root = grey_tree(tmp_path / "w", n=20)  # more rows than one batch per worker
+    colour = np.random.default_rng(1).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(root / "train" / "a" / "10.png")  # widens mid-way
+    (root / "train" / "b" / "0.png").write_bytes(b"\x89PNG cut")  # skipped after the widening
+    (root / "test" / "a" / "5.png").write_bytes(b"not a picture")
+    dms = [module(root, tmp_path / f"cache{w}", on_error="skip", decode_workers=w) for w in (0, 2)]
+    for split in ("train", "test"):
+        assert dms[0].split_files(split) == dms[1].split_files(split)
+        np.testing.assert_array_equal(dms[0].images(split), dms[1].images(split))
+        np.testing.assert_array_equal(dms[0].labels(split), dms[1].labels(split))
+    assert dms[0].image_shape == (3, 8, 8) and len(dms[0].labels("train")) == 39
+    assert sha(dms[0]) == sha(dms[1])
+    assert dms[0].skipped_files == dms[1].skipped_files and "0.png" in dms[0].skipped_files
+    train = dms[1].images("train")
+    stored = dms[1].split_files("train").index(str(root / "train" / "a" / "10.png"))
+    np.testing.assert_array_equal(train[stored], colour)
+    first = np.asarray(Image.open(root / "train" / "a" / "0.png"))
+    np.testing.assert_array_equal(train[0], np.repeat(first[:, :, None], 3, axis=2))
+    assert not [p for p in (tmp_path / "cache2").rglob("*") if ".tmp-" in p.name]
+
+
+def test_identity_follows_labels_and_size_not_the_folder(tmp_path) -> None:
+    root = grey_tree(tmp_path / "t", n=2)
+    files = sorted(str(p.relative_to(tmp_path)) for p in root.rglob("*.png"))
+    lines = [f"{f},{f.split('/')[2]},{f.split('/')[1]}" for f in files]
+    (tmp_path / "t.csv").write_text("path,label,split\n" + "\n".join(lines) + "\n")
+    base = module(tmp_path / "t.csv", tmp_path / "cache", kind="csv", name="t")
+    pixels, identity = np.array(base.images("train")), sha(base)
+    lines[0] = lines[0].replace(",a,", ",b,")  # one label changed, pixels the same
+    (tmp_path / "t.csv").write_text("path,label,split\n" + "\n".join(lines) + "\n")
+    relabelled = module(tmp_path / "t.csv", tmp_path / "cache", kind="csv", name="t")
+    np.testing.assert_array_equal(relabelled.images("train"), pixels)
+    assert sha(relabelled) != identity
+    resized = module(root, tmp_path / "cache", size=9)
+    assert sha(resized) not in (identity, sha(module(root, tmp_path / "cache")))
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "t")  # same content, other place
+    assert sha(module(moved, tmp_path / "cache2", name="t")) == sha(module(root, tmp_path / "c3"))
+
+
+@pytest.fixture
+def on_read(monkeypatch):
+    """Runs `action()` just before the decoder reads `path` (the decode runs in this process
+    with decode_workers=0): a real change of a real file at a chosen moment of the decode."""
+    hooks: dict[Path, object] = {}
+    real = cache_module.read_item
+
+    def reading(path: Path, *args):
+        if path in hooks:
+            hooks.pop(path)()
+        return real(path, *args)
+
+    monkeypatch.setattr(cache_module, "read_item", reading)
+    return hooks
+
+
+def rewrite(path: Path, value: int) -> None:
+    Image.new("L", (8, 8), value).save(path)
+
+
+def test_a_file_changed_before_it_was_read_is_refused(tmp_path, on_read) -> None:
+    root = grey_tree(tmp_path / "r")
+    later = root / "test" / "b" / "2.png"
+    on_read[root / "train" / "a" / "1.png"] = lambda: rewrite(later, 9)
+    with pytest.raises(DataError, match=r"test/b/2\.png changed while the collection was"):
+        module(root, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("r-*"))  # nothing installed
+    assert module(root, tmp_path / "cache").images("test")[-1].max() == 9  # next run: fine
+
+
+def test_a_file_changed_after_it_was_read_is_the_next_runs_redecode(tmp_path, on_read) -> None:
+    """What is stored is the version of each file the key names (checked after reading it),
+    so a file edited once it was read is no reason to refuse: the next run's key differs."""
+    root = grey_tree(tmp_path / "a")
+    first = root / "train" / "a" / "0.png"
+    old = np.asarray(Image.open(first))
+    on_read[root / "test" / "b" / "2.png"] = lambda: rewrite(first, 7)
+    dm = module(root, tmp_path / "cache")
+    np.testing.assert_array_equal(dm.images("train")[0], old)
+    again = module(root, tmp_path / "cache")
+    assert (again.images("train")[0] == 7).all() and sha(again) != sha(dm)
+    with open(again._prepare() / "manifest.json") as fh:
+        assert json.load(fh)["source"]["key"] != dm._key
+
+
+def test_unreadable_files_of_every_split_are_listed_together(tmp_path) -> None:
+    root = grey_tree(tmp_path / "u")
+    (root / "train" / "a" / "bad.png").write_bytes(b"not a picture")
+    (root / "test" / "b" / "bad.png").write_bytes(b"not a picture")
+    with pytest.raises(DataError, match=r"2 unreadable files: .*train/a/bad\.png, .*test/b/bad"):
+        module(root, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("u-*"))
+
+
+def test_the_key_holds_the_library_versions_importlib_reads() -> None:
+    """Read from the METADATA headers (fast); the same strings, so existing keys stay valid."""
+    from importlib.metadata import version
+
+    for name in ("pillow", "numpy", "torch", "pydicom", "nibabel"):
+        assert cache_module._version(name) == version(name)
+    assert cache_module._version("no-such-distribution-for-cbmir") is None
