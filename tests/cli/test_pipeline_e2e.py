@@ -57,6 +57,8 @@ def test_second_run_with_another_distance_reuses_the_store(dirs) -> None:
     assert sorted(by_distance["euclidean"]["embedded_now"]) == ["test", "train"]
 
 
+@pytest.mark.slow  # three subprocess runs; tests/extractors/test_random_init.py::
+# test_the_seed_picks_the_weights_and_the_store_key pins the rule in-process
 def test_random_weights_of_another_seed_embed_anew_under_their_own_keys(dirs) -> None:
     """seed=0 then seed=1 on one store: the second run must not reuse seed 0's random weights'
     embeddings (it once reported them as `cached`); seed=0 again finds its own."""

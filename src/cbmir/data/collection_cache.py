@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from cbmir.data.collection import Collection, Row, check_collection, listing
+from cbmir.data.collection import Collection, Row, check_collection, gc_paused, listing
 from cbmir.data.decode import (
     VOLUME_KINDS,
     DecodeError,
@@ -102,11 +102,13 @@ def _version(name: str) -> str | None:
     return version(name)
 
 
+@gc_paused()
 def row_stamps(collection: Collection) -> list[list[list[int]]]:
     """Each row's `_versions`, in row order (one `stat` per file)."""
     return [_versions(r.path) for r in collection.rows]
 
 
+@gc_paused()
 def collection_key(
     collection: Collection,
     settings: DecodeSettings,
@@ -649,9 +651,10 @@ def prepare_collection(
     (once, by one process) and installed atomically."""
     if on_error not in ON_ERROR:
         raise ConfigError(f"data.on_error must be stop or skip, not {on_error!r}.")
-    check_collection(collection, query_split, database_split)
-    stamps = row_stamps(collection)
-    key = collection_key(collection, settings, on_error, stamps)
+    with gc_paused():
+        check_collection(collection, query_split, database_split)
+        stamps = row_stamps(collection)
+        key = collection_key(collection, settings, on_error, stamps)
     target = cache_dir_for(collection, cache_root, name, settings, on_error)
     if trusted(target, key) is not None:
         return target, key
