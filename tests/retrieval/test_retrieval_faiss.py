@@ -174,7 +174,9 @@ def test_faiss_scores_lie_within_their_bound():
     q = 1000.0 + 1e-2 * torch.randn(500, 256, generator=g)
     db = search_module._Database.build(x, False, None)
     searcher = search_module._Searcher(db, k=5, db_chunk=60, score_dtype=None)
-    queries = search_module._Queries.build(q, search_module.row_norms(q), False, None)
+    queries = search_module._Queries.build(
+        q, search_module._query_norms(q, cosine=False), False, None
+    )
     scores, idx = searcher.faiss_shortlist(faiss, q, 60)
     true = torch.cdist(q.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
     miss = (scores.double() - true.square().gather(1, idx)).abs()

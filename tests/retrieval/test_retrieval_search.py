@@ -10,10 +10,10 @@ from cbmir.retrieval.search import (
     GEMM_PIECE,
     _Database,
     _Queries,
+    _query_norms,
     _Searcher,
     _smallest,
     chunk_sizes,
-    row_norms,
 )
 
 
@@ -89,7 +89,9 @@ def test_uncertified_queries_are_counted_and_searched_again():
     x = 500.0 + 1e-2 * torch.randn(300, 8, generator=g)
     db = _Database.build(x, cosine=False, score_dtype=None)
     searcher = _Searcher(db, k=3, db_chunk=64, score_dtype=None)
-    qs = _Queries.build(x[:10].clone(), row_norms(x[:10]), cosine=False, score_dtype=None)
+    qs = _Queries.build(
+        x[:10].clone(), _query_norms(x[:10], cosine=False), cosine=False, score_dtype=None
+    )
     _, i = searcher.search(qs, m=8)
     assert searcher.n_uncertified > 0
     assert torch.equal(i, brute_force(x[:10], x, 3)[1])
@@ -243,7 +245,7 @@ def test_wide_pixel_embeddings_are_certified_without_a_second_pass():
     q, x = _pixel_embeddings(40, split=1), _pixel_embeddings(600, split=0)
     db = _Database.build(x, cosine=False, score_dtype=None)
     searcher = _Searcher(db, k=5, db_chunk=600, score_dtype=None)
-    queries = _Queries.build(q, row_norms(q), cosine=False, score_dtype=None)
+    queries = _Queries.build(q, _query_norms(q, cosine=False), cosine=False, score_dtype=None)
     _, i = searcher.search(queries, m=21)
     assert searcher.n_uncertified == 0
     assert torch.equal(i, brute_force(q, x, 5)[1])
@@ -285,7 +287,7 @@ def test_wide_vectors_re_rank_in_float32_where_piecewise_sums_separate_neighbour
     q[1] = 1e-3
     db = _Database.build(x, cosine=False, score_dtype=None)
     searcher = _Searcher(db, k=5, db_chunk=30, score_dtype=None)
-    queries = _Queries.build(q, row_norms(q), cosine=False, score_dtype=None)
+    queries = _Queries.build(q, _query_norms(q, cosine=False), cosine=False, score_dtype=None)
     _, i = searcher.search(queries, m=21)
     assert torch.equal(i, brute_force(q, x, 5)[1])
     assert searcher.n_float64 == 0
@@ -313,7 +315,7 @@ def test_pieces_multiplied_side_by_side_give_the_same_search():
     g = torch.Generator().manual_seed(10)
     q, x = torch.rand(30, 5000, generator=g), torch.rand(400, 5000, generator=g)
     db = _Database.build(x, cosine=False, score_dtype=None)
-    queries = _Queries.build(q, row_norms(q), cosine=False, score_dtype=None)
+    queries = _Queries.build(q, _query_norms(q, cosine=False), cosine=False, score_dtype=None)
     serial = _Searcher(db, k=5, db_chunk=400, score_dtype=None)
     with ThreadPoolExecutor(3) as pool:
         threaded = _Searcher(db, k=5, db_chunk=400, score_dtype=None, pool=pool)

@@ -170,6 +170,21 @@ def check_finite(t: torch.Tensor, name: str, sq_norms: torch.Tensor | None = Non
     return norms
 
 
+def _query_norms(queries: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """What `_Queries.build` needs of every query row, checked finite (`check_finite`) in the
+    same pass: float32 norms for cosine, float64 squared norms (`_sq_norms64`) for euclidean.
+
+    A squared norm beyond float32's range is refused as the float32 norm would be: the GEMM's
+    products could overflow.
+    """
+    if cosine:
+        return check_finite(queries, "queries")
+    sq = _sq_norms64(queries)
+    too_large = sq > torch.finfo(torch.float32).max
+    check_finite(queries, "queries", sq_norms=torch.where(too_large, math.inf, sq))
+    return sq
+
+
 def _positive_int(value: int | None, name: str) -> int | None:
     return None if value is None else positive_int(value, name)
 
@@ -442,7 +457,6 @@ class _Database:
 class _Queries:
     q: torch.Tensor  # float32 [B, D], normalised for cosine
     sqn: torch.Tensor  # ||q||^2 in float64 (ones for cosine)
-    left: torch.Tensor  # float32 GEMM factor: -2 q (euclidean; exact scaling) or q^ (cosine)
     raw: torch.Tensor  # the queries as given (float32), for float64 keys
     low: torch.Tensor | None = None
     low_scale: float = 1.0
@@ -451,15 +465,19 @@ class _Queries:
     def build(
         cls, q: torch.Tensor, norms: torch.Tensor, cosine: bool, score_dtype: torch.dtype | None
     ) -> _Queries:
+        """`norms`: the float32 row norms (`row_norms`) for cosine, else the float64 squared
+        norms (`_sq_norms64`), as `query_norms` computed them."""
         raw = q
         if cosine:
             q = q / norms.clamp_min(1e-30).unsqueeze(1)
             sq = torch.ones(q.shape[0], dtype=torch.float64, device=q.device)
+            max_norm = float(norms.max()) if q.shape[0] else 0.0
         else:
-            sq = _sq_norms64(q)
-        out = cls(q=q, sqn=sq, left=q if cosine else q * -2.0, raw=raw)
+            sq = norms.to(q.device, torch.float64)
+            max_norm = math.sqrt(float(sq.max())) if q.shape[0] else 0.0
+        out = cls(q=q, sqn=sq, raw=raw)
         if score_dtype is not None and q.shape[0]:
-            max_norm = float(norms.max()) * (1.0 + 2 * _gamma(q.shape[1] + 2))
+            max_norm = max_norm * (1.0 + 2 * _gamma(q.shape[1] + 2))
             out.low_scale = 2.0 ** -math.ceil(math.log2(max(max_norm, 1e-30)))
             out.low = (q * out.low_scale).to(score_dtype)
         return out
@@ -470,9 +488,7 @@ class _Queries:
 
     def select(self, rows: torch.Tensor) -> _Queries:
         low = None if self.low is None else self.low[rows]
-        return _Queries(
-            self.q[rows], self.sqn[rows], self.left[rows], self.raw[rows], low, self.low_scale
-        )
+        return _Queries(self.q[rows], self.sqn[rows], self.raw[rows], low, self.low_scale)
 
 
 class _Searcher:
@@ -516,10 +532,12 @@ class _Searcher:
             if db.cosine:
                 return dots.mul_(db.neg_inv[start:stop] * unscale)
             return dots.mul_(-2.0 * unscale).add_(db.sqn[start:stop])
-        out = self.product(queries.left, db.x[start:stop])
+        out = self.product(queries.q, db.x[start:stop])
         if db.cosine:
             return out.mul_(db.neg_inv[start:stop])
-        return out.add_(db.sqn[start:stop])
+        # ||x||^2 - 2 q.x in one pass; scaling by -2 is exact, so this equals the product of
+        # -2 q without a scaled copy of the queries
+        return torch.add(db.sqn[start:stop], out, alpha=-2.0, out=out)
 
     def product(self, left: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """left @ rows.T summed over the GEMM pieces (`_pieces`), into the reused score buffer.
@@ -964,7 +982,7 @@ def knn_search(
         db_rows.shape[1],
         db_rows.shape[0],
     )
-    query_norms = check_finite(query_rows, "queries")
+    query_norms = _query_norms(query_rows, cosine=distance == "cosine")
 
     n_queries, n_database = query_rows.shape[0], db_rows.shape[0]
     out_distances = torch.empty((n_queries, k), dtype=torch.float32)
