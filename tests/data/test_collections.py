@@ -432,3 +432,29 @@ def test_multi_label_tables_by_columns_or_names(tmp_path):
     dm = module(tmp_path / "names.csv", tmp_path, kind="csv")
     assert dm.multilabel and dm.label_names == {0: "a", 1: "b"}
     np.testing.assert_array_equal(dm.labels("test"), [[1, 0], [1, 1], [0, 1], [1, 0]])
+
+
+def test_listing_pauses_the_garbage_collector_only_while_it_lists(tmp_path):
+    """`gc_paused` speeds up the per-file records; the collector must come back on after a
+    listing, a failed one included, and stay off where the caller had switched it off."""
+    import gc
+
+    from cbmir.data.collection import folder_collection, gc_paused
+
+    root = tmp_path / "tree"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / cls / "x.png")
+    assert gc.isenabled()
+    folder_collection(root, tmp_path / "cache", 0, {"train": 0.5, "test": 0.5})
+    assert gc.isenabled()
+    with pytest.raises(DataError):
+        folder_collection(tmp_path / "missing", tmp_path / "cache", 0, {"train": 1.0})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
