@@ -318,7 +318,7 @@ def test_pieces_multiplied_side_by_side_give_the_same_search():
     queries = _Queries.build(q, _query_norms(q, cosine=False), cosine=False, score_dtype=None)
     serial = _Searcher(db, k=5, db_chunk=400, score_dtype=None)
     with ThreadPoolExecutor(3) as pool:
-        threaded = _Searcher(db, k=5, db_chunk=400, score_dtype=None, pool=pool)
+        threaded = _Searcher(db, k=5, db_chunk=400, score_dtype=None, pool=pool, threads=3)
         assert len(threaded.pieces) == 5  # threads take pieces (0, 3), (1, 4) and (2,)
         scores = threaded.scores(queries, 0, 400, low=False).clone()
         again = threaded.scores(queries, 0, 400, low=False)

@@ -102,7 +102,6 @@ def _version(name: str) -> str | None:
     return version(name)
 
 
-@gc_paused()
 def row_stamps(collection: Collection) -> list[list[list[int]]]:
     """Each row's `_versions`, in row order (one `stat` per file)."""
     return [_versions(r.path) for r in collection.rows]

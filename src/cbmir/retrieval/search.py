@@ -501,9 +501,11 @@ class _Searcher:
         db_chunk: int,
         score_dtype: torch.dtype | None,
         pool: ThreadPoolExecutor | None = None,
+        threads: int = 1,
     ) -> None:
         self.db, self.k, self.db_chunk, self.score_dtype = db, k, db_chunk, score_dtype
-        self.pool = pool  # threads multiplying GEMM pieces side by side (`_piece_threads`)
+        # `threads` of `pool` multiply GEMM pieces side by side (`_piece_threads`)
+        self.pool, self.threads = (pool, threads) if pool is not None and threads > 1 else (None, 1)
         self.n, self.dim = db.x.shape
         self.device = db.x.device
         self.pieces = _pieces(self.dim)
@@ -548,7 +550,7 @@ class _Searcher:
         depth `score_error` assumes, for any bracketing of the piece sums).
         """
         out = self._out(left.shape[0], rows.shape[0])
-        workers = self.pool._max_workers if self.pool is not None else 1
+        workers = self.threads
         sums = [out] + [self._out(*out.shape, f"sum{w}") for w in range(1, workers)]
         spare = [self._out(*out.shape, f"piece{w}") for w in range(workers)]
 
@@ -1004,7 +1006,7 @@ def knn_search(
         pool = None
         if piece_threads > 1:
             pool = stack.enter_context(ThreadPoolExecutor(piece_threads, "cbmir-gemm"))
-        searcher = _Searcher(db, k, block_rows, score_dtype, pool)
+        searcher = _Searcher(db, k, block_rows, score_dtype, pool, piece_threads)
         # shortlist width of pass 1: k plus a margin for rows the rounding-error bound cannot
         # yet rule out (wider for half-precision scores, whose bound is looser)
         shortlist = k + (max(64, 4 * k) if low else max(16, k))
