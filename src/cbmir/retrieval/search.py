@@ -694,7 +694,7 @@ class _Searcher:
         the query block itself can be as tall as the GEMM wants (wide vectors: 130-row GEMMs
         took 2.5x the CPU time of 800-row ones).
         """
-        if self.device.type == "cpu" and not self.db.cosine:
+        if self.device.type == "cpu" and not self.db.cosine and len(self.pieces) > 1:
             return self._euclidean_keys_cpu(q, idx, q_rows)
         step = max(1, self.rerank_bytes // (4 * max(1, idx.shape[1] * self.dim)))
         out = []
@@ -710,14 +710,18 @@ class _Searcher:
     def _euclidean_keys_cpu(
         self, q: torch.Tensor, idx: torch.Tensor, q_rows: torch.Tensor | None
     ) -> torch.Tensor:
-        """`exact_keys` for euclidean CPU searches, without gathering the database rows.
+        """`exact_keys` for wide euclidean vectors on the CPU, without gathering the rows.
 
         Each difference ``x_row - q`` is written straight from the database row into a small
         reused buffer (numpy, single-threaded per call), squared in place and summed per GEMM
-        piece (`_piece_sums_np`), so the rows are read once and nothing else leaves the cache.
-        With `pool`, its threads take contiguous runs of query rows, each with its own buffer:
-        every key is the same sequence of operations whatever the thread count. At 298 x 5.1
-        rows of 131,072 dims the gather, subtract, square and sum in torch took ~0.5 CPU s.
+        piece (`_piece_sums_np`): no fresh multi-MB gather per query, and with `pool` its
+        threads take contiguous runs of query rows, each with its own buffer. Every key is the
+        same sequence of operations whatever the thread count, so the reported distances do
+        not depend on it. Ad-hoc single-thread timings of 5-6 rows per query (a loaded
+        machine, not a script output): 0.83-0.89x the torch gather path's CPU time from 16,384
+        to 131,072 dims; 1.1-1.4x at 4,096-8,192 dims, where the per-row calls weigh more (the
+        re-rank is a few % of such a search, and runs in parallel here); 1.5-2.2x at 1,024-2,048
+        dims, so vectors of one GEMM piece keep the torch path.
         """
         x, queries, rows_of = self.db.x.numpy(), q.numpy(), idx.numpy()
         query_of = None if q_rows is None else q_rows.numpy()
