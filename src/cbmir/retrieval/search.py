@@ -14,8 +14,10 @@ How it stays fast and exact:
    of its own (`_Searcher.faiss_error`); steps 2 and 3 are the same.
 2. The shortlist is re-ranked with float32 distances computed directly (``sum((q - x)^2)``
    summed over the same pieces, cosine ``1 - q^.x^``), gathering only the rows that can still
-   be in the top k, a few MB at a time so the arithmetic on them stays in cache; ties go to
-   the lower database index (stable lexicographic sort).
+   be in the top k, a few MB at a time so the arithmetic on them stays in cache (wide
+   euclidean vectors on the CPU: each difference straight from the database row into a reused
+   buffer, query runs side by side on the piece threads); ties go to the lower database index
+   (stable lexicographic sort).
    Where two of the first k + 1 keys are closer than their own rounding error, that query is
    ordered by the same keys in float64 instead, so float32 rounding cannot swap near-ties.
 3. A rounding-error bound ``E`` of the GEMM score (derived in `_Searcher.score_error`)
