@@ -313,7 +313,7 @@ def test_pieces_multiplied_side_by_side_give_the_same_search():
     from concurrent.futures import ThreadPoolExecutor
 
     g = torch.Generator().manual_seed(10)
-    q, x = torch.rand(30, 5000, generator=g), torch.rand(400, 5000, generator=g)
+    q, x = torch.rand(30, 10000, generator=g), torch.rand(400, 10000, generator=g)
     db = _Database.build(x, cosine=False, score_dtype=None)
     queries = _Queries.build(q, _query_norms(q, cosine=False), cosine=False, score_dtype=None)
     serial = _Searcher(db, k=5, db_chunk=400, score_dtype=None)
@@ -331,3 +331,27 @@ def test_pieces_multiplied_side_by_side_give_the_same_search():
     sd, si = serial.search(queries, m=21)
     assert torch.equal(i, si) and torch.equal(d, sd)
     assert torch.equal(i, brute_force(q, x, 5)[1])
+
+
+@pytest.mark.parametrize("dim", [5000, 6001])  # pieces of equal width, and a shorter last one
+def test_direct_keys_on_the_cpu_lie_within_their_bounds_whatever_the_threads(dim):
+    """The CPU re-rank writes x_row - q from the database rows into reused buffers: its keys
+    hold the true squared distance inside `key_bounds`, follow `q_rows`, and are the same
+    numbers with one thread or several taking runs of queries."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(11)
+    q, x = torch.rand(7, dim, generator=g), torch.rand(50, dim, generator=g)
+    db = _Database.build(x, cosine=False, score_dtype=None)
+    idx = torch.randint(0, 50, (9, 4), generator=g)
+    q_rows = torch.tensor([6, 0, 0, 3, 5, 1, 2, 4, 6])
+    serial = _Searcher(db, k=2, db_chunk=50, score_dtype=None)
+    serial.rerank_bytes = 4 * dim * 3  # three rows per buffer: steps of 3 and 1 per query
+    keys = serial.exact_keys(q, idx, q_rows)
+    with ThreadPoolExecutor(3) as pool:
+        threaded = _Searcher(db, k=2, db_chunk=50, score_dtype=None, pool=pool, threads=3)
+        assert torch.equal(threaded.exact_keys(q, idx, q_rows), keys)
+    true = (x.double()[idx] - q.double()[q_rows].unsqueeze(1)).square().sum(-1)
+    low, high = serial.key_bounds(keys)
+    assert ((low <= true) & (true <= high)).all()
+    assert keys.dtype == torch.float32 and keys.shape == (9, 4)

@@ -9,13 +9,15 @@ How it stays fast and exact:
    the GEMM runs in numpy's BLAS; vectors wider than GEMM_PIECE are multiplied piece by piece
    so that the rounding-error bound grows with the piece width, not with the full width, and
    with several threads each thread multiplies its own pieces (`_piece_threads`).
-   Large exact euclidean CPU searches (FAISS_MIN_ROWS rows, <= GEMM_PIECE dims) take this
+   Large exact euclidean CPU searches (FAISS_MIN_ROWS rows, <= FAISS_MAX_DIM dims) take this
    shortlist from faiss' brute force instead when faiss is installed (`pass1`), with a bound
    of its own (`_Searcher.faiss_error`); steps 2 and 3 are the same.
 2. The shortlist is re-ranked with float32 distances computed directly (``sum((q - x)^2)``
    summed over the same pieces, cosine ``1 - q^.x^``), gathering only the rows that can still
-   be in the top k, a few MB at a time so the arithmetic on them stays in cache; ties go to
-   the lower database index (stable lexicographic sort).
+   be in the top k, a few MB at a time so the arithmetic on them stays in cache (wide
+   euclidean vectors on the CPU: each difference straight from the database row into a reused
+   buffer, query runs side by side on the piece threads); ties go to the lower database index
+   (stable lexicographic sort).
    Where two of the first k + 1 keys are closer than their own rounding error, that query is
    ordered by the same keys in float64 instead, so float32 rounding cannot swap near-ties.
 3. A rounding-error bound ``E`` of the GEMM score (derived in `_Searcher.score_error`)
@@ -60,8 +62,15 @@ BLOCK_BYTES = 128 * 2**20
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 _U32 = 2.0**-24
-GEMM_PIECE = 1024
-"""Widest piece of the feature axis multiplied at once (see `_pieces`)."""
+GEMM_PIECE = 2048
+"""Widest piece of the feature axis multiplied at once (see `_pieces`).
+
+2,048 rather than 1,024: single-threaded OpenBLAS ran 298 x 1,188 x 131,072 in 1,024-column
+pieces in 1.09x the CPU time of one whole product, in 2,048-column ones in 1.00x; the wider
+pieces double the rounding-error bound, which sent 12 instead of 7 of those 298 queries to
+float64 ordering and certified all of them."""
+FAISS_MAX_DIM = 1024
+"""Widest vectors whose pass 1 may come from faiss (see `_pass1_faiss`; measured at 512)."""
 RERANK_BYTES_CPU = 4 * 2**20
 """Gathered rows per step of the CPU re-rank: small enough that the subtract, square and sum
 passes over them stay in cache (16x fewer bytes than BLOCK_BYTES; on 1,490 gathered rows of
@@ -90,15 +99,15 @@ def _pass1_faiss(
 ) -> Any | None:
     """The faiss module where pass 1 is taken from faiss (see FAISS_MIN_ROWS), else None.
 
-    Only exact euclidean CPU searches of at most GEMM_PIECE dims qualify: faiss multiplies the
-    whole width at once, so its rounding-error bound (`_Searcher.faiss_error`) would grow with
-    wider vectors where the torch pass sums pieces.
+    Only exact euclidean CPU searches of at most FAISS_MAX_DIM dims qualify: faiss multiplies
+    the whole width at once, so its rounding-error bound (`_Searcher.faiss_error`) would grow
+    with wider vectors where the torch pass sums pieces.
     """
     if pass1 not in PASS1:
         raise ConfigError(f"pass1 must be one of {', '.join(PASS1)}, got {pass1!r}")
     if pass1 == "torch":
         return None
-    supported = device.type == "cpu" and exact_l2 and dim <= GEMM_PIECE
+    supported = device.type == "cpu" and exact_l2 and dim <= FAISS_MAX_DIM
     if pass1 == "auto":  # import faiss only where it would be used
         return _faiss() if supported and n_database >= FAISS_MIN_ROWS else None
     faiss = _faiss()
@@ -106,7 +115,7 @@ def _pass1_faiss(
         raise ConfigError("pass1='faiss' needs faiss: pip install faiss-cpu (cbmir[faiss])")
     if not supported:
         raise ConfigError(
-            f"pass1='faiss' serves exact euclidean CPU searches of <= {GEMM_PIECE} dims "
+            f"pass1='faiss' serves exact euclidean CPU searches of <= {FAISS_MAX_DIM} dims "
             "(no score_dtype, rerank=True)"
         )
     return faiss
@@ -243,7 +252,7 @@ def _pieces(dim: int) -> list[slice]:
     """Split of the feature axis into near-equal pieces of at most GEMM_PIECE columns.
 
     Summing the GEMM piece by piece bounds the accumulation depth of a score by
-    width + pieces instead of `dim`: for 12,288-d pixels 1,036 instead of 12,288, which is what
+    width + pieces instead of `dim`: for 12,288-d pixels 2,054 instead of 12,288, which is what
     lets the rounding-error bound certify wide vectors (see `_Searcher.score_error`).
     """
     count = max(1, math.ceil(dim / GEMM_PIECE))
@@ -298,8 +307,8 @@ def _blas_threads(device: torch.device, threads: int | None = None) -> Iterator[
 def _piece_threads(device: torch.device, dim: int) -> int:
     """Threads that multiply the GEMM pieces of wide vectors side by side (1: none).
 
-    A 1,024-column piece is a small GEMM (298 x 1,188 x 1,024 for 3D concat features), and
-    two BLAS threads sharing each one spent 2-3x the CPU time of one thread, worse still while
+    A piece is a small GEMM (298 x 1,188 x 1,024 for 3D concat features when pieces had 1,024
+    columns), and two BLAS threads sharing each one spent 2-3x the CPU time of one thread, worse still while
     other processes ran; one single-threaded BLAS call per thread and piece took 0.55x the wall
     time (`scripts/bench_search.py`, docs/benchmarks.md). Used on the CPU with numpy's BLAS
     (`_numpy_gemm`, whose threads threadpoolctl controls) where every thread gets a piece.
@@ -353,12 +362,20 @@ def _sq_norms64(t: torch.Tensor) -> torch.Tensor:
 
     Squares of float32 numbers are exact in float64 and the float64 sum is ~1e-16-accurate:
     used for the query norms in the certificate, where a float32 reduction would be off by
-    gamma_dim ||q||^2. The small steps keep each float64 copy in cache: 298 rows of 131,072
-    dims took 0.05 CPU s in 1 MB steps against 0.33 s in 64 MB ones.
+    gamma_dim ||q||^2. On the CPU each step is converted into one reused float64 buffer: a fresh
+    1 MB tensor per step was paged in anew each time (298 rows of 131,072 dims: 0.10-0.29 CPU s
+    against 0.05 s).
     """
     rows = max(1, 2**17 // max(1, t.shape[1]))
-    parts = [torch.linalg.vector_norm(c.double(), dim=1).square() for c in t.split(rows)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=t.device)
+    if t.device.type != "cpu":
+        parts = [torch.linalg.vector_norm(c.double(), dim=1).square() for c in t.split(rows)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=t.device)
+    out = np.empty(t.shape[0])
+    buffer = torch.empty((min(rows, t.shape[0]), t.shape[1]), dtype=torch.float64)
+    for start in range(0, t.shape[0], rows):
+        chunk = buffer[: min(rows, t.shape[0] - start)].copy_(t[start : start + rows]).numpy()
+        out[start : start + rows] = np.einsum("ij,ij->i", chunk, chunk)
+    return torch.from_numpy(out)
 
 
 def _piecewise_sq_norms(t: torch.Tensor, pieces: list[slice]) -> torch.Tensor:
@@ -407,6 +424,16 @@ def _piece_sums(t: torch.Tensor, pieces: list[slice]) -> torch.Tensor:
     if width * len(pieces) == t.shape[-1]:
         return t.unflatten(-1, (len(pieces), width)).sum(dim=-1).sum(dim=-1)
     return torch.stack([t[..., piece].sum(dim=-1) for piece in pieces], dim=-1).sum(dim=-1)
+
+
+def _piece_sums_np(t: np.ndarray, pieces: list[slice]) -> np.ndarray:
+    """`_piece_sums` of a float32 numpy [rows, D] array (float32 sums, same depth)."""
+    if len(pieces) == 1:
+        return t.sum(axis=-1)
+    width = pieces[0].stop - pieces[0].start
+    if width * len(pieces) == t.shape[-1]:
+        return t.reshape(*t.shape[:-1], len(pieces), width).sum(axis=-1).sum(axis=-1)
+    return np.stack([t[..., piece].sum(axis=-1) for piece in pieces], axis=-1).sum(axis=-1)
 
 
 @dataclass
@@ -669,6 +696,8 @@ class _Searcher:
         the query block itself can be as tall as the GEMM wants (wide vectors: 130-row GEMMs
         took 2.5x the CPU time of 800-row ones).
         """
+        if self.device.type == "cpu" and not self.db.cosine and len(self.pieces) > 1:
+            return self._euclidean_keys_cpu(q, idx, q_rows)
         step = max(1, self.rerank_bytes // (4 * max(1, idx.shape[1] * self.dim)))
         out = []
         for start in range(0, idx.shape[0], step):
@@ -679,6 +708,48 @@ class _Searcher:
             else:
                 out.append(_piece_sums(rows.sub_(query).square_(), self.pieces))
         return torch.cat(out) if len(out) != 1 else out[0]
+
+    def _euclidean_keys_cpu(
+        self, q: torch.Tensor, idx: torch.Tensor, q_rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`exact_keys` for wide euclidean vectors on the CPU, without gathering the rows.
+
+        Each difference ``x_row - q`` is written straight from the database row into a small
+        reused buffer (numpy, single-threaded per call), squared in place and summed per GEMM
+        piece (`_piece_sums_np`): no fresh multi-MB gather per query, and with `pool` its
+        threads take contiguous runs of query rows, each with its own buffer. Every key is the
+        same sequence of operations whatever the thread count, so the reported distances do
+        not depend on it. Ad-hoc single-thread timings of 5-6 rows per query (a loaded
+        machine, not a script output): 0.83-0.89x the torch gather path's CPU time from 16,384
+        to 131,072 dims; 1.1-1.4x at 4,096-8,192 dims, where the per-row calls weigh more (the
+        re-rank is a few % of such a search, and runs in parallel here); 1.5-2.2x at 1,024-2,048
+        dims, so vectors of one GEMM piece keep the torch path.
+        """
+        x, queries, rows_of = self.db.x.numpy(), q.numpy(), idx.numpy()
+        query_of = None if q_rows is None else q_rows.numpy()
+        out = np.empty(rows_of.shape, dtype=np.float32)
+        step = max(1, min(rows_of.shape[1], self.rerank_bytes // (4 * max(1, self.dim))))
+
+        def keys_of(part: range) -> None:
+            buffer = np.empty((step, self.dim), dtype=np.float32)
+            for b in part:
+                query = queries[b if query_of is None else query_of[b]]
+                for start in range(0, rows_of.shape[1], step):
+                    block = rows_of[b, start : start + step]
+                    diff = buffer[: len(block)]
+                    for j, row in enumerate(block):
+                        np.subtract(x[row], query, out=diff[j])
+                    np.square(diff, out=diff)
+                    out[b, start : start + step] = _piece_sums_np(diff, self.pieces)
+
+        count = rows_of.shape[0]
+        if self.pool is None or count < 2:
+            keys_of(range(count))
+        else:
+            bounds = np.linspace(0, count, self.threads + 1).astype(int)
+            parts = [range(bounds[t], bounds[t + 1]) for t in range(self.threads)]
+            list(self.pool.map(keys_of, parts))  # re-raises a worker's exception
+        return torch.from_numpy(out)
 
     def valid_keys(
         self, keys_of: Callable, q: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor
