@@ -7,8 +7,9 @@ format version, and the decoding libraries' versions. Stamps, not content hashes
 file to hash it costs about what decoding it costs, which would defeat the cache; and a stamp
 cannot be faked by `cp -p`/`rsync -a` (they keep size and mtime, but the ctime and inode are
 new). So a changed, added or removed file changes the key and the collection is decoded again.
-The stamps are taken once; each file is stamped again right after it is read, and a file whose
-stamp changed in between is refused, so what is stored is the version the key names.
+The stamps are taken once; each file is stamped again right after it is read (a picture: by
+`fstat` of the file it was read from), and a file whose stamp changed in between is refused, so
+what is stored is the version the key names.
 The store key of the embeddings is different: a content digest of the decoded rows and labels
 (`manifest["source"]["sha256"]`, `_content_sha256`), so a re-decode that yields the same pixels
 re-embeds nothing.
