@@ -183,8 +183,9 @@ def test_the_decode_stats_each_picture_once(tmp_path, monkeypatch) -> None:
     real = os.stat
 
     def counting(path, *args, **kwargs):
-        if os.fspath(path) in files:
-            counts[os.fspath(path)] = counts.get(os.fspath(path), 0) + 1
+        name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+        if name in files:
+            counts[name] = counts.get(name, 0) + 1
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "stat", counting)
