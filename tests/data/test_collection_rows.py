@@ -143,3 +143,96 @@ def test_the_key_holds_the_library_versions_importlib_reads() -> None:
     for name in ("pillow", "numpy", "torch", "pydicom", "nibabel"):
         assert cache_module._version(name) == version(name)
     assert cache_module._version("no-such-distribution-for-cbmir") is None
+
+
+@pytest.mark.parametrize("how", ["renamed over", "rewritten"])
+def test_a_picture_changed_once_opened_is_refused(tmp_path, on_read, how) -> None:
+    """A picture is read from the file the decoder opened and stamped by `fstat` of that
+    file, not of its path: rewritten in place, its mtime and ctime change; a new file renamed
+    over the path unlinks the one being read, which changes its ctime. Either way the row is
+    refused and nothing is installed; the next run decodes the new content."""
+    root = grey_tree(tmp_path / "o")
+    path = root / "train" / "a" / "1.png"
+
+    def replace() -> None:
+        if how == "rewritten":
+            return rewrite(path, 5)
+        Image.new("L", (8, 8), 5).save(tmp_path / "new.png")
+        (tmp_path / "new.png").replace(path)
+
+    on_read[path] = replace
+    with pytest.raises(DataError, match=r"train/a/1\.png changed while the collection was"):
+        module(root, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("o-*"))
+    again = module(root, tmp_path / "cache")
+    row = again.split_files("train").index(str(path))
+    assert (again.images("train")[row] == 5).all()
+
+
+def test_the_decode_stats_each_picture_once(tmp_path, monkeypatch) -> None:
+    """One `stat` per file, for the key; what is read is stamped by `fstat` of the open file
+    (after a decode, a path lookup costs several times an idle one). It was three."""
+    import os
+
+    from cbmir.data.collection import folder_collection
+    from cbmir.data.decode import DecodeSettings
+
+    root = grey_tree(tmp_path / "s")
+    files = {str(p) for p in root.rglob("*.png")}
+    counts: dict[str, int] = {}
+    real = os.stat
+
+    def counting(path, *args, **kwargs):
+        name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+        if name in files:
+            counts[name] = counts.get(name, 0) + 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting)
+    collection = folder_collection(root, tmp_path / "cache", 0, {"train": 0.8, "test": 0.2})
+    folder, _ = cache_module.prepare_collection(
+        collection, DecodeSettings(), tmp_path / "cache", "s"
+    )
+    assert counts == dict.fromkeys(files, 1)
+    assert (folder / "train_images.npy").is_file()
+
+
+def test_batches_are_large_yet_every_worker_gets_several() -> None:
+    """Per-batch costs are paid once per up to 64 rows (they were once per 16); a small
+    collection still gives each worker four batches."""
+    assert cache_module._chunk_size(20_000, 2) == 64
+    assert cache_module._chunk_size(20_000, 0) == 64
+    assert cache_module._chunk_size(79, 2) == 9
+    assert cache_module._chunk_size(3, 2) == 1
+
+
+def test_the_key_text_is_unchanged_for_existing_caches(tmp_path) -> None:
+    """Rows are named tuples and their labels stay tuples in the key's record: JSON writes
+    them as the lists the key was made of, so an existing cache stays valid."""
+    import hashlib
+
+    from cbmir.data.collection import folder_collection
+    from cbmir.data.decode import DecodeSettings
+
+    root = grey_tree(tmp_path / "k", n=1)
+    collection = folder_collection(root, tmp_path / "cache", 0, {"train": 0.8, "test": 0.2})
+    stamps = cache_module.row_stamps(collection)
+    record = {
+        "cache_format": cache_module.CACHE_FORMAT,
+        "decode": DecodeSettings().identity(),
+        "on_error": "stop",
+        "libraries": cache_module._library_versions(),
+        "label_names": ["a", "b"],
+        "multilabel": False,
+        "rows": [
+            [str(r.path), list(r.labels), r.split, s]
+            for r, s in zip(collection.rows, stamps, strict=True)
+        ],
+    }
+    text = json.dumps(record, sort_keys=True)
+    expected = hashlib.sha256(text.encode()).hexdigest()
+    assert cache_module.collection_key(collection, DecodeSettings(), "stop") == expected
+    assert [list(s[0]) for s in stamps] == [
+        [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+        for st in (Path(r.path).stat() for r in collection.rows)
+    ]

@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,9 +32,9 @@ MULTI_SEPARATOR = "|"
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".parquet": None, ".pq": None}
 
 
-@dataclass(frozen=True)
-class Row:
-    """One item: its file (or DICOM folder), label vector and split."""
+class Row(NamedTuple):
+    """One item: its file (or DICOM folder), label vector and split. A named tuple: one is
+    made per file on every launch, at a third of a frozen dataclass's cost."""
 
     path: Path
     labels: tuple[int, ...]
@@ -188,9 +189,9 @@ def _name_of(path: Path) -> str:
     return path.name
 
 
-def _class_items(split_dir: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
-    """(item, class name) under `split_dir/<class>/`, in Path order, and the class folders that
-    hold items; a file beside the class folders is an error (it has no class)."""
+def _class_items(split_dir: Path) -> list[tuple[str, list[Path]]]:
+    """(class name, its items in Path order) per class folder under `split_dir` that holds
+    items, in Path order; a file beside the class folders is an error (it has no class)."""
     classes = _entries(split_dir)
     loose = [Path(e.path) for e in classes if not e.is_dir()]
     if loose:
@@ -198,14 +199,8 @@ def _class_items(split_dir: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
             f"{split_dir} holds files outside any class folder ({listing(loose, 'files')}); "
             f"expected {split_dir}/<class>/<file>."
         )
-    items: list[tuple[Path, str]] = []
-    folders: list[Path] = []
-    for c in classes:
-        folder = Path(c.path)
-        found = [(path, c.name) for path in _children(folder)]
-        items += found
-        folders += [folder] if found else []
-    return items, folders
+    found = [(c.name, _children(Path(c.path))) for c in classes]
+    return [(name, items) for name, items in found if items]
 
 
 @gc_paused()
@@ -230,24 +225,31 @@ def folder_collection(
                 f"{root} mixes split folders ({', '.join(p.name for p in split_dirs)}) with "
                 f"{listing(others, 'other entries')}; use DIR/<split>/<class>/<file> only."
             )
-        items = []
+        groups = []  # (split, class, items), in Path order
         for d in split_dirs:
-            found, folders = _class_items(d)
-            items += [(path, cls, d.name) for path, cls in found]
-            inputs += [d, *folders]
+            found = _class_items(d)
+            groups += [(d.name, cls, items) for cls, items in found]
+            inputs += [d, *(d / cls for cls, _ in found)]
+        split_of = None
     else:
-        found, folders = _class_items(root)
-        split_of, split_path = drawn_split(
-            [p for p, _ in found], [c for _, c in found], cache_dir, root, seed, fractions
-        )
-        items = [(p, c, split_of[p]) for p, c in found]
-        inputs += [*folders, split_path]
-    if not items:
+        found = _class_items(root)
+        groups = [("", cls, items) for cls, items in found]
+        files = [p for _, items in found for p in items]
+        strata = [cls for cls, items in found for _ in items]
+        split_of, split_path = drawn_split(files, strata, cache_dir, root, seed, fractions)
+        inputs += [*(root / cls for cls, _ in found), split_path]
+    if not groups:
         raise DataError(f"{root} holds no images; expected DIR/<class>/<file>.")
-    names = sorted({cls for _, cls, _ in items})
+    names = sorted({cls for _, cls, _ in groups})
     ids = {name: i for i, name in enumerate(names)}
     # already in sorted-path order: folders then files, each listed by name (`_entries`)
-    rows = [Row(path, (ids[cls],), split) for path, cls, split in items]
+    rows = []
+    for split, cls, items in groups:
+        label = (ids[cls],)  # one tuple per class, shared by its rows
+        if split_of is None:
+            rows += [Row(path, label, split) for path in items]
+        else:
+            rows += [Row(path, label, split_of[path]) for path in items]
     return Collection(root, "folder", rows, names, False, sorted(set(inputs)))
 
 

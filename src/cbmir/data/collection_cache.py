@@ -7,8 +7,9 @@ format version, and the decoding libraries' versions. Stamps, not content hashes
 file to hash it costs about what decoding it costs, which would defeat the cache; and a stamp
 cannot be faked by `cp -p`/`rsync -a` (they keep size and mtime, but the ctime and inode are
 new). So a changed, added or removed file changes the key and the collection is decoded again.
-The stamps are taken once; each file is stamped again right after it is read, and a file whose
-stamp changed in between is refused, so what is stored is the version the key names.
+The stamps are taken once; each file is stamped again right after it is read (a picture: by
+`fstat` of the file it was read from), and a file whose stamp changed in between is refused, so
+what is stored is the version the key names.
 The store key of the embeddings is different: a content digest of the decoded rows and labels
 (`manifest["source"]["sha256"]`, `_content_sha256`), so a re-decode that yields the same pixels
 re-embeds nothing.
@@ -34,7 +35,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -47,6 +48,7 @@ from cbmir.data.decode import (
     Header,
     fit,
     kind_of,
+    picture_name,
     read_header,
     read_item,
 )
@@ -62,6 +64,7 @@ CACHE_FORMAT = 1
 SKIPPED = "skipped_files.txt"
 ON_ERROR = ("stop", "skip")
 _COPY_BYTES = 256 * 2**20
+_MAX_CHUNK = 64  # rows per DataLoader batch (`_chunk_size`)
 
 
 def _versions(path: Path) -> list[list[int]]:
@@ -71,12 +74,17 @@ def _versions(path: Path) -> list[list[int]]:
     cache check is this, for every row."""
     try:
         st = os.stat(path)
-        stamps = [[st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]]
+        stamps = [_stamp(st)]
         if stat.S_ISDIR(st.st_mode):
             stamps += [_versions(p)[0] for p in sorted(path.iterdir()) if p.is_file()]
     except FileNotFoundError:
         raise DataError(f"{path} disappeared while the collection was read; run again.") from None
     return stamps
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    """The fields of `cbmir.io_utils.file_version` but the path, from a `stat` result."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 @cache
@@ -103,8 +111,19 @@ def _version(name: str) -> str | None:
 
 
 def row_stamps(collection: Collection) -> list[list[list[int]]]:
-    """Each row's `_versions`, in row order (one `stat` per file)."""
-    return [_versions(r.path) for r in collection.rows]
+    """Each row's `_versions`, in row order (one `stat` per file): a file's inline, as this
+    loop is most of the warm cache check."""
+    stamps = []
+    for row in collection.rows:
+        try:
+            st = os.stat(row.path)
+        except FileNotFoundError:
+            st = None  # `_versions` says so
+        if st is None or stat.S_ISDIR(st.st_mode):
+            stamps.append(_versions(row.path))
+        else:
+            stamps.append([_stamp(st)])
+    return stamps
 
 
 @gc_paused()
@@ -124,8 +143,8 @@ def collection_key(
         "libraries": _library_versions(),
         "label_names": collection.label_names,
         "multilabel": collection.multilabel,
-        "rows": [
-            [str(r.path), list(r.labels), r.split, s]
+        "rows": [  # labels as tuples: JSON writes them as lists, the same text
+            [str(r.path), r.labels, r.split, s]
             for r, s in zip(collection.rows, stamps, strict=True)
         ],
     }
@@ -237,18 +256,42 @@ class _Items(Dataset):
 
     def decode(self, index: int) -> _Done:
         """One row, with its array; `changed` when the file is not the version the key names
-        (checked after reading it: what was read is that version, or the row is refused)."""
+        (checked after reading it: what was read is that version, or the row is refused).
+
+        A picture is opened here and read from that descriptor alone, then stamped by `fstat`
+        of it: the stamp of the very file that was read, whatever happened to its path
+        meanwhile, and no path lookup (after a decode, each cost several times an idle
+        one). Anything else (or a picture that will not open: a folder so named, a vanished
+        file) is stamped by path after it was read."""
         path = self.rows[index].path
-        kind = kind_of(path)
+        if picture_name(path):
+            try:
+                opened = open(path, "rb")  # noqa: SIM115 (closed below, after its fstat)
+            except OSError:
+                return self._decode(index, kind_of(path), None)
+            with opened:
+                return self._decode(index, "picture", opened)
+        return self._decode(index, kind_of(path), None)
+
+    def _decode(self, index: int, kind: str, opened: BinaryIO | None) -> _Done:
+        path = self.rows[index].path
         volume = kind in VOLUME_KINDS
         try:
-            array = fit(read_item(path, self.settings.window, kind), self.settings, False, volume)
+            item = read_item(path, self.settings.window, kind, opened)
         except DecodeError as exc:
-            return _Done(index, _changed(path, self.stamps[index]), str(exc), volume)
+            return _Done(index, self._changed(index, opened), str(exc), volume)
+        array = fit(item, self.settings, False, volume)
         color = not volume and array.ndim == 3
         shape = _spatial(array, volume)
-        changed = _changed(path, self.stamps[index])
+        changed = self._changed(index, opened)
         return _Done(index, changed, None, volume, color, shape, _row_digest(array), array)
+
+    def _changed(self, index: int, opened: BinaryIO | None) -> bool:
+        """Whether what was read differs from the version the key names: by the open file's
+        own stamp (`fstat`) when it was read through `opened`, else by path."""
+        if opened is None:
+            return _changed(self.rows[index].path, self.stamps[index])
+        return [_stamp(os.fstat(opened.fileno()))] != self.stamps[index]
 
     def __getitem__(self, index: int) -> _Done:
         done = self.decode(index)
@@ -279,6 +322,15 @@ def _changed(path: Path, stamps: list[list[int]]) -> bool:
 
 def _as_list(batch: list) -> list:
     return batch
+
+
+def _chunk_size(rows: int, workers: int) -> int:
+    """Rows per DataLoader batch. Each batch costs the loader's bookkeeping (a profiler
+    record, an index message, a pickled result) in the main process, which shares the CPUs
+    with the workers: 16 rows a batch made that a tenth of a worker's time on 2 cores. Large
+    batches pay it once per many files; a small collection still gets four batches per worker,
+    and at most a few batches of rows are redone after a widening."""
+    return max(1, min(_MAX_CHUNK, rows // (4 * max(1, workers))))
 
 
 @dataclass
@@ -409,7 +461,7 @@ class _Writer:
         """Rows from `start` on, through a DataLoader; where to go on from (all done: len)."""
         loader = DataLoader(
             items,
-            batch_size=16,
+            batch_size=_chunk_size(len(items) - start, workers),
             sampler=range(start, len(items)),
             num_workers=workers,
             collate_fn=_as_list,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -92,6 +92,12 @@ def kind_of(path: Path) -> str:
     if name.endswith(".dcm") or _has_dicm(path):
         return "dicom"
     return "picture"
+
+
+def picture_name(path: Path) -> bool:
+    """A picture by its name: what `kind_of` says of any file so named, without a stat (only a
+    folder so named is not a picture)."""
+    return path.name.lower().endswith(PICTURE_SUFFIXES)
 
 
 def _has_dicm(path: Path) -> bool:
@@ -210,15 +216,19 @@ VOLUME_KINDS = ("nifti", "dicom_series")
 
 
 def read_item(
-    path: Path, window: tuple[float, float] | None, kind: str | None = None
+    path: Path,
+    window: tuple[float, float] | None,
+    kind: str | None = None,
+    opened: BinaryIO | None = None,
 ) -> np.ndarray:
     """One item as uint8: H x W, H x W x 3 or D x H x W (the module's mapping rules); `kind`
     when the caller knows it already (`kind_of`). Checks what `read_header` checks (frames,
-    slices), so a decode needs no header pass."""
+    slices), so a decode needs no header pass. `opened`: a picture `path` already opened by
+    the caller, read from it alone (the caller can then stamp the very file it read)."""
     kind = kind or kind_of(path)
     try:
         if kind == "picture":
-            return _read_picture(path, window)
+            return _read_picture(path, window, opened)
         if kind == "nifti":
             return _read_nifti(path, window)
         if kind == "dicom":
@@ -248,9 +258,11 @@ def to_uint8(array: np.ndarray, window: tuple[float, float] | None, source: Path
     return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
 
 
-def _read_picture(path: Path, window: tuple[float, float] | None) -> np.ndarray:
+def _read_picture(
+    path: Path, window: tuple[float, float] | None, opened: BinaryIO | None = None
+) -> np.ndarray:
     try:
-        im = Image.open(path)
+        im = Image.open(path if opened is None else opened)
     except UnidentifiedImageError:
         raise DecodeError(f"{path}: not a picture Pillow can read") from None
     with im:
