@@ -112,7 +112,7 @@ class LoaderSchema:
 @dataclass
 class JobSchema:
     """The keys of a `cbmir` job that no instantiated target checks: the top level's, the
-    gallery's and the loader's (`RetrievalSchema` and `VolumeSpec` type their own groups)."""
+    gallery's and the loader's (`RetrievalSettings` and `VolumeSpec` type their own groups)."""
 
     seed: int = 0
     resume: Any = "auto"  # auto | true | false (`cbmir.resume.resume_enabled`)

@@ -70,9 +70,9 @@ class RetrievalCallback(Callback):
         self.k, self.distance, self.acc_ks = settings.k, settings.distance, settings.acc_ks
         self.device = settings.device
         self.metric_names = settings.metrics
-        self.search_kwargs = settings.search
+        self.search_kwargs = settings.search.kwargs()
         self.backend = settings.backend
-        self.faiss = {"kind": settings.faiss_kind, "params": settings.faiss_params}
+        self.faiss = {"kind": settings.faiss.kind, "params": settings.faiss.params}
         self.embedded_now = list(embedded_now or [])
         self.data_facts = dict(data_facts or {})  # synthetic / data_verified, from the data file
         self.metrics: dict[str, Any] | None = None

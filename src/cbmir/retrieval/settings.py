@@ -31,8 +31,7 @@ FAISS_BUILD_PARAMS: dict[str, frozenset[str]] = {
     "hnsw": frozenset({"M", "ef_construction"}),
 }
 FAISS_SEARCH_PARAMS = frozenset({"nprobe", "ef_search"})
-#: `retrieval.search` keys (knn_search options a config can set) and their value rules
-SEARCH_OPTIONS = ("query_chunk", "db_chunk", "score_dtype", "rerank")
+#: `retrieval.search.score_dtype` values
 SCORE_DTYPES = ("float16", "bfloat16")
 SEARCH_DEVICES = ("auto", "cpu", "cuda")
 #: the ACC@k cut-offs the paper reports
@@ -129,28 +128,6 @@ def check_faiss_database(kind: str, params: Mapping[str, Any], n_database: int) 
         )
 
 
-def search_options(options: Mapping[str, Any] | None, key: str = "search") -> dict[str, Any]:
-    """`retrieval.search` (typed by `SearchSchema`) as knn_search keyword arguments: the unset
-    ones left out, chunks positive, score_dtype named -> torch dtype."""
-    import torch
-
-    out: dict[str, Any] = {}
-    for name, value in (options or {}).items():
-        if value is None:
-            continue
-        if name in ("query_chunk", "db_chunk"):
-            out[name] = positive_int(value, f"{key}.{name}")
-        elif name == "rerank":
-            out[name] = value
-        elif value not in SCORE_DTYPES:
-            raise ConfigError(
-                f"{key}.score_dtype must be {', '.join(SCORE_DTYPES)} or null, got {value!r}"
-            )
-        else:
-            out[name] = getattr(torch, value)
-    return out
-
-
 def check_device(device: Any, key: str = "device") -> str:
     """auto, cpu, cuda or cuda:N; cuda only where a CUDA device is present."""
     import torch
@@ -163,8 +140,8 @@ def check_device(device: Any, key: str = "device") -> str:
     return name
 
 
-@dataclass
-class SearchSchema:
+@dataclass(frozen=True)
+class SearchOptions:
     """`retrieval.search`: knn_search options (null: its default)."""
 
     query_chunk: int | None = None
@@ -172,13 +149,35 @@ class SearchSchema:
     score_dtype: str | None = None  # float16 | bfloat16
     rerank: bool | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("query_chunk", "db_chunk"):
+            if getattr(self, name) is not None:
+                positive_int(getattr(self, name), f"retrieval.search.{name}")
+        if self.score_dtype not in (None, *SCORE_DTYPES):
+            raise ConfigError(
+                f"retrieval.search.score_dtype must be {', '.join(SCORE_DTYPES)} or null, "
+                f"got {self.score_dtype!r}"
+            )
 
-@dataclass
-class FaissSchema:
+    def kwargs(self) -> dict[str, Any]:
+        """As knn_search keyword arguments: the unset ones left out, score_dtype a torch dtype."""
+        import torch
+
+        out = {name: value for name, value in vars(self).items() if value is not None}
+        if "score_dtype" in out:
+            out["score_dtype"] = getattr(torch, out["score_dtype"])
+        return out
+
+
+@dataclass(frozen=True)
+class FaissSettings:
     """`retrieval.faiss`: the index kind and its parameters (`check_faiss`)."""
 
     kind: str = "flat"
     params: dict[str, int | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_faiss(self.kind, self.params)
 
 
 @dataclass
@@ -189,64 +188,49 @@ class PromptsSchema:
     classes: dict[Any, Any] | None = None  # class id -> a description or a list of them
 
 
-@dataclass
-class RetrievalSchema:
-    """The keys of a `retrieval` config (configs/retrieval/paper.yaml) and their types: a
-    misspelt or mistyped key fails before any weights load (`instantiate(cfg.retrieval)` passes
-    every key to the callback). The value rules are `RetrievalSettings.from_config`'s."""
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """A `retrieval` config (configs/retrieval/paper.yaml): its keys and types, checked by
+    `typed` (a misspelt or mistyped key fails before any weights load, and
+    `instantiate(cfg.retrieval)` passes every key to the callback), and every value rule
+    (`__post_init__`), so the pipeline and a direct `RetrievalCallback` check the same way."""
 
     _target_: str = "cbmir.retrieval.callback.RetrievalCallback"
     k: int = 5
     distance: str = "euclidean"
-    acc_ks: list[int] = field(default_factory=lambda: list(PAPER_ACC_KS))
+    acc_ks: list[int] = field(default_factory=lambda: list(PAPER_ACC_KS))  # a tuple once checked
     metrics: Any = field(default_factory=lambda: list(PAPER_METRICS))  # `all` or a list
     device: str = "auto"
-    search: SearchSchema | None = field(default_factory=SearchSchema)  # null: the defaults
+    search: SearchOptions | None = field(default_factory=SearchOptions)  # null: the defaults
     backend: str = "torch"
-    faiss: FaissSchema | None = field(default_factory=FaissSchema)  # null: the defaults
+    faiss: FaissSettings | None = field(default_factory=FaissSettings)  # null: the defaults
     query: str = "image"  # text protocol (`cbmir.retrieval.text_queries`) ...
     prompts: PromptsSchema | None = None  # ... and its prompts (`PromptSettings`)
 
+    def __post_init__(self) -> None:
+        check_k(self.k, key="retrieval.k")
+        if check_backend(self.backend) == "faiss":
+            from cbmir.retrieval.faiss_backend import require_faiss
 
-@dataclass(frozen=True)
-class RetrievalSettings:
-    """A validated `retrieval` config (see configs/retrieval/paper.yaml)."""
-
-    k: int = 5
-    distance: str = "euclidean"
-    acc_ks: tuple[int, ...] = (1, 3, 5)
-    device: str = "auto"
-    backend: str = "torch"
-    search: dict[str, Any] = field(default_factory=dict)
-    faiss_kind: str = "flat"
-    faiss_params: dict[str, Any] = field(default_factory=dict)
-    metrics: tuple[str, ...] = PAPER_METRICS
+            require_faiss()  # not installed: say so now, not after the embedding
+        check_distance(self.distance, "retrieval.distance")
+        check_device(self.device, "retrieval.device")
+        checked = {
+            "acc_ks": check_acc_ks(self.acc_ks, self.k, "retrieval.acc_ks"),
+            "metrics": check_metrics(self.metrics, "retrieval.metrics"),
+            "search": self.search or SearchOptions(),
+            "faiss": self.faiss or FaissSettings(),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_config(cls, conf: Mapping[str, Any]) -> RetrievalSettings:
         """Check every key of a `retrieval` config (a DictConfig or dict); ConfigError names it."""
-        typed_conf = typed(RetrievalSchema, conf, "retrieval")
-        k = check_k(typed_conf.k, key="retrieval.k")
-        backend = check_backend(typed_conf.backend)
-        if backend == "faiss":
-            from cbmir.retrieval.faiss_backend import require_faiss
-
-            require_faiss()  # not installed: say so now, not after the embedding
-        faiss = typed_conf.faiss or FaissSchema()
-        return cls(
-            k=k,
-            distance=check_distance(typed_conf.distance, "retrieval.distance"),
-            acc_ks=check_acc_ks(typed_conf.acc_ks, k, "retrieval.acc_ks"),
-            device=check_device(typed_conf.device, "retrieval.device"),
-            backend=backend,
-            search=search_options(vars(typed_conf.search or SearchSchema()), "retrieval.search"),
-            faiss_kind=faiss.kind,
-            faiss_params=check_faiss(faiss.kind, faiss.params),
-            metrics=check_metrics(typed_conf.metrics, "retrieval.metrics"),
-        )
+        return typed(cls, conf, "retrieval")
 
     def check_database(self, n_database: int) -> None:
         """The rules that need the database split's size."""
         check_k(self.k, n_database, key="retrieval.k")
         if self.backend == "faiss":
-            check_faiss_database(self.faiss_kind, self.faiss_params, n_database)
+            check_faiss_database(self.faiss.kind, self.faiss.params, n_database)
