@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cbmir.config import to_plain
 from cbmir.errors import ConfigError
 from cbmir.schema import typed
 
@@ -162,18 +163,12 @@ def split_model_config(model_cfg: Any) -> tuple[Any, VolumeSpec]:
     Every model config carries `volume` (a default in config.yaml), but extractor classes do not
     take it: instantiate the returned config, not `cfg.model` itself.
     """
-    from omegaconf import DictConfig, OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
-    if isinstance(model_cfg, DictConfig):
-        spec = VolumeSpec.from_config(model_cfg.get("volume"))
-        # resolved while still attached: `name: ${model.model_name}` points into the full config
-        extractor_cfg = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
-        with open_dict(extractor_cfg):
-            extractor_cfg.pop("volume", None)
-        return extractor_cfg, spec
-    conf = dict(model_cfg)
+    # resolved while still attached: `name: ${model.model_name}` points into the full config
+    conf = to_plain(model_cfg)
     spec = VolumeSpec.from_config(conf.pop("volume", None))
-    return conf, spec
+    return OmegaConf.create(conf), spec
 
 
 def instantiate_extractor(model_cfg: Any) -> tuple[Any, VolumeSpec]:
