@@ -1,11 +1,12 @@
 """Plain-config helpers of the core layer: where the Hydra configs live, OmegaConf -> plain
-data, yes/no words, multirun. Resolvers are registered by the entry points (`cbmir.resolvers`)."""
+data, yes/no words, integers, multirun. Resolvers are registered by the entry points (`cbmir.resolvers`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
@@ -15,6 +16,11 @@ def config_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parents[2] / "configs"
+
+
+def is_int(value: Any) -> bool:
+    """A real integer (a bool, float or numeric string is not)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def to_plain(value: Any) -> Any:

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from cbmir.config import is_int
 from cbmir.errors import ConfigError
 from cbmir.io_utils import write_json, write_text
 from cbmir.runner import build_loggers, finish_loggers
@@ -283,7 +284,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
 def _log_every(ft: FinetuneSchema, n_train: int) -> int:
     """Log at least once per epoch, even when an epoch has fewer batches than asked."""
     batches = max(1, n_train // int(ft.batch_size))
-    if isinstance(ft.limit_train_batches, int) and not isinstance(ft.limit_train_batches, bool):
+    if is_int(ft.limit_train_batches):
         batches = min(batches, max(1, ft.limit_train_batches))
     return max(1, min(int(ft.log_every_n_steps), batches))
 

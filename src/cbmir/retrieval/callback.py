@@ -52,7 +52,7 @@ class RetrievalCallback(Callback):
         data_facts: dict[str, Any] | None = None,
         metrics: Sequence[str] | str = PAPER_METRICS,
     ) -> None:
-        settings = RetrievalSettings.from_config(
+        self.settings = RetrievalSettings.from_config(
             {
                 "k": k,
                 "distance": distance,
@@ -67,12 +67,6 @@ class RetrievalCallback(Callback):
         self.store = store
         self.query_key, self.database_key = query_key, database_key
         self.output_dir = Path(output_dir)
-        self.k, self.distance, self.acc_ks = settings.k, settings.distance, settings.acc_ks
-        self.device = settings.device
-        self.metric_names = settings.metrics
-        self.search_kwargs = settings.search.kwargs()
-        self.backend = settings.backend
-        self.faiss = {"kind": settings.faiss.kind, "params": settings.faiss.params}
         self.embedded_now = list(embedded_now or [])
         self.data_facts = dict(data_facts or {})  # synthetic / data_verified, from the data file
         self.metrics: dict[str, Any] | None = None
@@ -83,9 +77,9 @@ class RetrievalCallback(Callback):
             self.evaluate(trainer)
 
     def _search_device(self) -> str:
-        if self.device == "auto":
+        if self.settings.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return self.settings.device
 
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
         queries = self.store.load(self.query_key)
@@ -97,17 +91,17 @@ class RetrievalCallback(Callback):
             lambda rows, width: self._search(q, db, rows, width, database.path),
             queries.labels,
             database.labels,
-            k=self.k,
-            acc_ks=self.acc_ks,
-            metrics=self.metric_names,
+            k=self.settings.k,
+            acc_ks=self.settings.acc_ks,
+            metrics=self.settings.metrics,
         )
         search_seconds = time.perf_counter() - started
         metrics.update(
             n_queries=int(len(queries.labels)),
             n_database=int(len(database.labels)),
-            k=self.k,
-            distance=self.distance,
-            backend=self.backend,
+            k=self.settings.k,
+            distance=self.settings.distance,
+            backend=self.settings.backend,
             embed_seconds=float(
                 queries.manifest.get("embed_seconds", 0.0)
                 + database.manifest.get("embed_seconds", 0.0)
@@ -128,7 +122,7 @@ class RetrievalCallback(Callback):
         summary = ", ".join(f"{name}={metrics[name]:.4f}" for name in metrics if "@" in name)
         log.info(
             "retrieval %s: %s (%d queries, %d database, search %.2fs)",
-            self.distance,
+            self.settings.distance,
             summary,
             metrics["n_queries"],
             metrics["n_database"],
@@ -146,18 +140,19 @@ class RetrievalCallback(Callback):
 
         if not torch.equal(rows, torch.arange(q.shape[0])):  # a block of the R-metric search
             q = q[rows.to(q.device)]
-        if self.backend == "torch":
-            return knn_search(q, db, width, self.distance, **self.search_kwargs)
-        kind = self.faiss.get("kind", "flat")  # the index is saved beside the database's entry
+        settings = self.settings
+        if settings.backend == "torch":
+            return knn_search(q, db, width, settings.distance, **settings.search.kwargs())
+        kind = settings.faiss.kind  # the index is saved beside the database's entry
         return knn_search_backend(
             q.cpu(),
             db.cpu(),
             width,
-            self.distance,
-            backend=self.backend,
+            settings.distance,
+            backend=settings.backend,
             faiss_kind=kind,
-            index_path=db_path / f"faiss-{kind}-{self.distance}.index",
-            **self.faiss.get("params", {}),
+            index_path=db_path / f"faiss-{kind}-{settings.distance}.index",
+            **settings.faiss.params,
         )
 
 

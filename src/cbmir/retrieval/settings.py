@@ -12,8 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from cbmir.config import is_int
 from cbmir.errors import ConfigError
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 from cbmir.schema import typed
@@ -36,11 +35,6 @@ SCORE_DTYPES = ("float16", "bfloat16")
 SEARCH_DEVICES = ("auto", "cpu", "cuda")
 #: the ACC@k cut-offs the paper reports
 PAPER_ACC_KS = (1, 3, 5)
-
-
-def is_int(value: Any) -> bool:
-    """A real integer (a bool, float or numeric string is not)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def default_acc_ks(k: object) -> list[int]:
