@@ -14,7 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from cbmir.errors import CbmirError, ConfigError
+from cbmir.errors import ConfigError
+from cbmir.runner import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,12 +82,7 @@ def embeddings(args: argparse.Namespace, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     console = Console(soft_wrap=True)
-    try:
-        code = embeddings(args, console)
-    except CbmirError as exc:
-        Console(stderr=True, soft_wrap=True).print(Text(f"cbmir-plot: error: {exc}", style="red"))
-        code = 2
-    sys.exit(code)
+    sys.exit(run_command("cbmir-plot", lambda: embeddings(args, console)))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.settings import DISTANCES, check_k
-from cbmir.runner import user_error
+from cbmir.runner import run_command
 
 DEFAULT_OUT = Path("cbmir-query.png")
 
@@ -248,15 +248,7 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-    try:
-        code = query(args, out, err)
-    except Exception as raised:
-        exc = user_error(raised)  # Hydra's instantiate wraps what targets raise
-        if exc is None:
-            raise
-        _say(err, f"cbmir-query: error: {exc}", "red")
-        code = 2
-    sys.exit(code)
+    sys.exit(run_command("cbmir-query", lambda: query(args, out, err)))
 
 
 if __name__ == "__main__":
