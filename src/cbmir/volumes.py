@@ -157,18 +157,16 @@ def _stream_rows(moved: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return torch.cat(rows, dim=0).unsqueeze(1)
 
 
-def split_model_config(model_cfg: Any) -> tuple[Any, VolumeSpec]:
-    """`cfg.model` -> (the extractor's config without `volume`, the validated `VolumeSpec`).
+def split_model_config(model_cfg: Any) -> tuple[dict[str, Any], VolumeSpec]:
+    """`cfg.model` -> (the extractor's plain config without `volume`, the validated
+    `VolumeSpec`).
 
     Every model config carries `volume` (a default in config.yaml), but extractor classes do not
-    take it: instantiate the returned config, not `cfg.model` itself.
+    take it: instantiate the returned config, not `cfg.model` itself. It is resolved while
+    still attached: `name: ${model.model_name}` points into the full config.
     """
-    from omegaconf import OmegaConf
-
-    # resolved while still attached: `name: ${model.model_name}` points into the full config
     conf = to_plain(model_cfg)
-    spec = VolumeSpec.from_config(conf.pop("volume", None))
-    return OmegaConf.create(conf), spec
+    return conf, VolumeSpec.from_config(conf.pop("volume", None))
 
 
 def instantiate_extractor(model_cfg: Any) -> tuple[Any, VolumeSpec]:

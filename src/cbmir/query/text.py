@@ -37,11 +37,9 @@ def check_shared_space(db: Database) -> None:
 def text_encoder_config(cfg: DictConfig) -> dict[str, Any]:
     """The run's model config as the text protocol uses it (without the volume settings)."""
     from cbmir.extractors.text import shared_space_config
+    from cbmir.volumes import split_model_config
 
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(model, dict)
-    model.pop("volume", None)
-    return shared_space_config(model)
+    return shared_space_config(split_model_config(cfg.model)[0])
 
 
 def search_text(db: Database, sentences: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
