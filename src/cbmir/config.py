@@ -1,13 +1,17 @@
 """Plain-config helpers of the core layer: where the Hydra configs live, OmegaConf -> plain
-data, yes/no words, integers, multirun. Resolvers are registered by the entry points (`cbmir.resolvers`)."""
+data, yes/no words, integers, choices, multirun. Resolvers are registered by the entry points
+(`cbmir.resolvers`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cbmir.errors import ConfigError
 
 
 def config_dir() -> Path:
@@ -21,6 +25,13 @@ def config_dir() -> Path:
 def is_int(value: Any) -> bool:
     """A real integer (a bool, float or numeric string is not)."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_choice(value: Any, choices: Sequence[str], key: str) -> str:
+    """`value` when it is one of `choices`; else a ConfigError naming `key` and the choices."""
+    if value not in choices:
+        raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+    return str(value)
 
 
 def to_plain(value: Any) -> Any:

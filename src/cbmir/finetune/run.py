@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from cbmir.config import is_int
+from cbmir.config import check_choice, is_int
 from cbmir.errors import ConfigError
 from cbmir.io_utils import write_json, write_text
 from cbmir.runner import build_loggers, finish_loggers
@@ -70,14 +70,8 @@ class FinetuneSchema:
     resume: Any = None  # true, or a path to last.ckpt / its folder (`resolve_resume`)
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(
-                f"unknown finetune.objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}"
-            )
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(
-                f"unknown finetune.strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}"
-            )
+        check_choice(self.objective, OBJECTIVES, "finetune.objective")
+        check_choice(self.strategy, STRATEGIES, "finetune.strategy")
         if self.max_epochs < 1:
             raise ConfigError(f"finetune.max_epochs must be >= 1, not {self.max_epochs!r}")
         for key in ("lr", "weight_decay", "warmup_epochs"):

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cbmir.config import is_int
+from cbmir.config import check_choice, is_int
 from cbmir.errors import ConfigError
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 from cbmir.schema import typed
@@ -56,9 +56,7 @@ def positive_int(value: Any, key: str) -> int:
 
 
 def check_distance(distance: Any, key: str = "distance") -> str:
-    if distance not in DISTANCES:
-        raise ConfigError(f"unknown {key} {distance!r}; choose one of {', '.join(DISTANCES)}")
-    return str(distance)
+    return check_choice(distance, DISTANCES, key)
 
 
 def check_k(k: Any, n_database: int | None = None, key: str = "k") -> int:
@@ -70,9 +68,7 @@ def check_k(k: Any, n_database: int | None = None, key: str = "k") -> int:
 
 
 def check_backend(backend: Any) -> str:
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return str(backend)
+    return check_choice(backend, BACKENDS, "backend")
 
 
 def check_acc_ks(acc_ks: Sequence[int], k: int, key: str = "acc_ks") -> tuple[int, ...]:
@@ -90,10 +86,7 @@ def check_acc_ks(acc_ks: Sequence[int], k: int, key: str = "acc_ks") -> tuple[in
 
 def check_faiss(kind: Any, params: Mapping[str, Any] | None) -> dict[str, Any]:
     """A known index kind and only its own parameters, each an integer of the right range."""
-    if kind not in FAISS_KINDS:
-        raise ConfigError(
-            f"unknown faiss index kind {kind!r}; choose one of {', '.join(FAISS_KINDS)}"
-        )
+    check_choice(kind, FAISS_KINDS, "faiss index kind")
     params = dict(params or {})
     allowed = FAISS_BUILD_PARAMS[kind] | FAISS_SEARCH_PARAMS
     unknown = set(params) - allowed
