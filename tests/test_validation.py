@@ -86,7 +86,7 @@ def make_readonly():
         ("channels_last=sometimes", "use true, false or auto"),
         ("embedder.channels_last=sometimes", "use true, false or auto"),
         ("embedder.precision=bf16-mixed", "embedder.precision='bf16-mixed' differs from trainer"),
-        ("model.volume.reduce=median", "model.volume.reduce='median'"),
+        ("model.volume.reduce=median", "unknown model.volume.reduce 'median'; choose one of"),
     ],
 )
 def test_every_bad_setting_is_named_before_any_work(override, message) -> None:

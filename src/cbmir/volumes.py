@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cbmir.config import to_plain
+from cbmir.config import check_choice, to_plain
 from cbmir.errors import ConfigError
 from cbmir.schema import typed
 
@@ -39,10 +39,7 @@ class VolumeSpec:
     slice_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.reduce not in REDUCTIONS:
-            raise ConfigError(
-                f"model.volume.reduce={self.reduce!r}; valid: {', '.join(REDUCTIONS)}."
-            )
+        check_choice(self.reduce, REDUCTIONS, "model.volume.reduce")
         axes = tuple(self.axes)
         if not axes or len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
             raise ConfigError(

@@ -116,7 +116,7 @@ def test_prompt_errors() -> None:
         PromptSettings.from_config({"templates": ["no placeholder"]})
     with pytest.raises(ConfigError, match=r"class ids \[7\]"):
         PromptSettings.from_config({"classes": {7: "x"}}).class_prompts(NAMES)
-    with pytest.raises(ConfigError, match="query='words'"):
+    with pytest.raises(ConfigError, match="unknown retrieval.query 'words'"):
         text_queries.query_mode({"query": "words"})
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from cbmir.config import check_choice
 from cbmir.data import catalog
 from cbmir.data.datasets import ArraySplitDataset
 from cbmir.data.files import (
@@ -36,9 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def _check_split(split: str, what: str) -> str:
-    if split not in catalog.SPLITS:
-        raise ConfigError(f"{what} must be one of {', '.join(catalog.SPLITS)}, not {split!r}.")
-    return split
+    return check_choice(split, catalog.SPLITS, what)
 
 
 class RetrievalDataModule(L.LightningDataModule):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from cbmir.config import check_choice
 from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.callback import publish_results, query_intervals, score_queries
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
@@ -52,10 +53,7 @@ TEXT_DISTANCE = "cosine"
 
 def query_mode(retrieval: Mapping[str, Any]) -> str:
     """`retrieval.query`: image (the paper's protocol, default) or text."""
-    mode = retrieval.get("query", "image") or "image"
-    if mode not in QUERY_MODES:
-        raise ConfigError(f"retrieval.query={mode!r}; choose one of {', '.join(QUERY_MODES)}")
-    return str(mode)
+    return check_choice(retrieval.get("query", "image") or "image", QUERY_MODES, "retrieval.query")
 
 
 @dataclass(frozen=True)
