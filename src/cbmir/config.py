@@ -27,6 +27,14 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def check_int(value: Any, key: str, minimum: int = 1) -> int:
+    """`value` when it is an integer >= `minimum`; else a ConfigError naming `key`."""
+    if not is_int(value) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+    return int(value)
+
+
 def check_choice(value: Any, choices: Sequence[str], key: str) -> str:
     """`value` when it is one of `choices`; else a ConfigError naming `key` and the choices."""
     if value not in choices:

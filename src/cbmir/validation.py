@@ -26,6 +26,7 @@ from typing import Any, get_args
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from cbmir.config import check_int
 from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.schema import typed
@@ -82,19 +83,12 @@ def check_accelerator(accelerator: Any) -> None:
         raise ConfigError(f"trainer.accelerator={name} but this machine has none; use auto or cpu")
 
 
-def at_least(value: int, minimum: int, key: str) -> None:
-    """A typed integer setting's range (its type is the schema's)."""
-    if value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{key} must be {what}, got {value!r}")
-
-
 @dataclass
 class GallerySchema:
     n_queries: int | None = 8  # 0 or null: no gallery (config.yaml: 8)
 
     def __post_init__(self) -> None:
-        at_least(self.n_queries or 0, 0, "gallery.n_queries (0: no gallery)")
+        check_int(self.n_queries or 0, "gallery.n_queries (0: no gallery)", minimum=0)
 
 
 @dataclass
@@ -105,8 +99,8 @@ class LoaderSchema:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        at_least(self.batch_size, 1, "data.batch_size")
-        at_least(self.num_workers, 0, "data.num_workers")
+        check_int(self.batch_size, "data.batch_size")
+        check_int(self.num_workers, "data.num_workers", minimum=0)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cbmir.config import check_choice, to_plain
+from cbmir.config import check_choice, check_int, to_plain
 from cbmir.errors import ConfigError
 from cbmir.schema import typed
 
@@ -47,10 +47,7 @@ class VolumeSpec:
                 "e.g. [0] (the paper) or [0,1,2] (tri-planar)."
             )
         object.__setattr__(self, "axes", tuple(sorted(axes)))
-        if self.slice_batch_size < 1:
-            raise ConfigError(
-                f"model.volume.slice_batch_size must be a positive integer, not {self.slice_batch_size!r}."
-            )
+        check_int(self.slice_batch_size, "model.volume.slice_batch_size")
 
     @classmethod
     def from_config(cls, conf: Mapping[str, Any] | None) -> VolumeSpec:

@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from cbmir.config import check_int
 from cbmir.errors import ConfigError
 from cbmir.runner import run_command
 
@@ -57,10 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def embeddings(args: argparse.Namespace, console: Console) -> int:
     from cbmir.figures.embedding_map import METHODS, plot_embeddings, umap_available
 
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, not {args.threads}")
-    if args.max_points < 0:
-        raise ConfigError(f"--max-points must be >= 0, not {args.max_points}")
+    if args.threads is not None:
+        check_int(args.threads, "--threads")
+    check_int(args.max_points, "--max-points", minimum=0)
     if not args.run_dir.is_dir():
         raise ConfigError(f"{args.run_dir} is not a directory")
     if args.method == "all":

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from cbmir.config import check_choice, is_int
+from cbmir.config import check_choice, check_int, is_int
 from cbmir.errors import ConfigError
 from cbmir.io_utils import write_json, write_text
 from cbmir.runner import build_loggers, finish_loggers
@@ -72,15 +72,12 @@ class FinetuneSchema:
     def __post_init__(self) -> None:
         check_choice(self.objective, OBJECTIVES, "finetune.objective")
         check_choice(self.strategy, STRATEGIES, "finetune.strategy")
-        if self.max_epochs < 1:
-            raise ConfigError(f"finetune.max_epochs must be >= 1, not {self.max_epochs!r}")
+        check_int(self.max_epochs, "finetune.max_epochs")
         for key in ("lr", "weight_decay", "warmup_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"finetune.{key} must be >= 0, not {getattr(self, key)!r}")
-        if self.projection_dim is not None and self.projection_dim < 1:
-            raise ConfigError(
-                f"finetune.projection_dim must be >= 1 or null, not {self.projection_dim!r}"
-            )
+        if self.projection_dim is not None:
+            check_int(self.projection_dim, "finetune.projection_dim (or null)")
 
 
 def check_settings(ft: DictConfig) -> FinetuneSchema:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cbmir.config import check_choice, is_int
+from cbmir.config import check_choice, check_int
 from cbmir.errors import ConfigError
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 from cbmir.schema import typed
@@ -49,10 +49,8 @@ def default_acc_ks(k: object) -> list[int]:
     return [a for a in PAPER_ACC_KS if a <= limit] or list(PAPER_ACC_KS)
 
 
-def positive_int(value: Any, key: str) -> int:
-    if not is_int(value) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    return int(value)
+#: the positive-integer rule under the name `knn_search` imports it by
+positive_int = check_int
 
 
 def check_distance(distance: Any, key: str = "distance") -> str:
@@ -61,7 +59,7 @@ def check_distance(distance: Any, key: str = "distance") -> str:
 
 def check_k(k: Any, n_database: int | None = None, key: str = "k") -> int:
     """k >= 1, and at most the database rows when their number is known."""
-    k = positive_int(k, key)
+    k = check_int(k, key)
     if n_database is not None and k > n_database:
         raise ConfigError(f"{key}={k} exceeds the {n_database} database rows")
     return k
@@ -73,7 +71,7 @@ def check_backend(backend: Any) -> str:
 
 def check_acc_ks(acc_ks: Sequence[int], k: int, key: str = "acc_ks") -> tuple[int, ...]:
     """ACC@a needs a neighbours: every a is a positive integer <= k (never silently dropped)."""
-    values = tuple(positive_int(a, f"every {key} entry") for a in acc_ks)
+    values = tuple(check_int(a, f"every {key} entry") for a in acc_ks)
     beyond = [a for a in values if a > k]
     if beyond:
         kept = [a for a in values if a <= k]
@@ -95,13 +93,8 @@ def check_faiss(kind: Any, params: Mapping[str, Any] | None) -> dict[str, Any]:
             f"unknown {kind} index parameters {sorted(unknown)}; allowed {sorted(allowed)}"
         )
     for name, value in params.items():
-        if value is None:
-            continue
-        if name == "seed":
-            if not is_int(value) or value < 0:
-                raise ConfigError(f"faiss seed must be an integer >= 0, got {value!r}")
-        else:
-            positive_int(value, f"faiss {name}")
+        if value is not None:
+            check_int(value, f"faiss {name}", minimum=0 if name == "seed" else 1)
     return params
 
 
@@ -139,7 +132,7 @@ class SearchOptions:
     def __post_init__(self) -> None:
         for name in ("query_chunk", "db_chunk"):
             if getattr(self, name) is not None:
-                positive_int(getattr(self, name), f"retrieval.search.{name}")
+                check_int(getattr(self, name), f"retrieval.search.{name}")
         if self.score_dtype not in (None, *SCORE_DTYPES):
             raise ConfigError(
                 f"retrieval.search.score_dtype must be {', '.join(SCORE_DTYPES)} or null, "
