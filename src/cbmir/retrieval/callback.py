@@ -18,7 +18,7 @@ from cbmir.io_utils import write_json, write_npz
 from cbmir.retrieval.bootstrap import bootstrap_cis
 from cbmir.retrieval.labels import LabelsLike
 from cbmir.retrieval.metric_set import PAPER_METRICS, Search
-from cbmir.retrieval.settings import RetrievalSettings
+from cbmir.retrieval.settings import RetrievalSettings, resolve_device
 from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -76,17 +76,12 @@ class RetrievalCallback(Callback):
         if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
             self.evaluate(trainer)
 
-    def _search_device(self) -> str:
-        if self.settings.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.settings.device
-
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
         queries = self.store.load(self.query_key)
         database = self.store.load(self.database_key)
         started = time.perf_counter()
-        q = _as_tensor(queries.embeddings, self._search_device())
-        db = _as_tensor(database.embeddings, self._search_device())
+        device = resolve_device(self.settings.device)
+        q, db = _as_tensor(queries.embeddings, device), _as_tensor(database.embeddings, device)
         distances, indices, metrics, self.per_query = score_queries(
             lambda rows, width: self._search(q, db, rows, width, database.path),
             queries.labels,

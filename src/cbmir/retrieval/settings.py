@@ -120,6 +120,16 @@ def check_device(device: Any, key: str = "device") -> str:
     return name
 
 
+def resolve_device(device: Any, key: str = "device") -> str:
+    """`check_device`'s device with auto resolved: cuda where present, else cpu."""
+    import torch
+
+    name = check_device(device, key)
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """`retrieval.search`: knn_search options (null: its default)."""
