@@ -27,7 +27,22 @@ log = logging.getLogger(__name__)
 MIN_CI_QUERIES = 5
 
 
-class RetrievalCallback(Callback):
+class ScoringCallback(Callback):
+    """Scores stored embeddings at the end of a predict run (`evaluate`), or when called
+    directly because every embedding was already in the store."""
+
+    metrics: dict[str, Any] | None = None
+    per_query: dict[str, np.ndarray] | None = None
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
+            self.evaluate(trainer)
+
+    def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class RetrievalCallback(ScoringCallback):
     """Searches the database split with the query split and scores the neighbours.
 
     Runs at the end of prediction, or directly through `evaluate()` when every embedding was
@@ -69,12 +84,6 @@ class RetrievalCallback(Callback):
         self.output_dir = Path(output_dir)
         self.embedded_now = list(embedded_now or [])
         self.data_facts = dict(data_facts or {})  # synthetic / data_verified, from the data file
-        self.metrics: dict[str, Any] | None = None
-        self.per_query: dict[str, np.ndarray] | None = None
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
-            self.evaluate(trainer)
 
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
         queries = self.store.load(self.query_key)

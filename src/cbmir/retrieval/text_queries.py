@@ -27,11 +27,15 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 
 from cbmir.config import check_choice
 from cbmir.errors import ConfigError, DataError
-from cbmir.retrieval.callback import publish_results, query_intervals, score_queries
+from cbmir.retrieval.callback import (
+    ScoringCallback,
+    publish_results,
+    query_intervals,
+    score_queries,
+)
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 from cbmir.retrieval.settings import PromptsSchema
 from cbmir.schema import typed
@@ -199,7 +203,7 @@ def text_search(
     return distances, indices, similarity
 
 
-class TextRetrievalCallback(Callback):
+class TextRetrievalCallback(ScoringCallback):
     """Runs the class text queries against the database split once its embeddings exist."""
 
     def __init__(
@@ -230,12 +234,6 @@ class TextRetrievalCallback(Callback):
         self.embedded_now = list(embedded_now)
         self.data_facts = dict(data_facts or {})
         self.metric_names = check_metrics(metrics)  # `retrieval.metrics`, as for image queries
-        self.metrics: dict[str, Any] | None = None
-        self.per_query: dict[str, np.ndarray] | None = None
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
-            self.evaluate(trainer)
 
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
         from cbmir.extractors.text import build_text_encoder
