@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cbmir.errors import ConfigError, DataError
-from cbmir.retrieval.settings import DISTANCES, check_k
+from cbmir.retrieval.settings import DISTANCES, check_k, resolve_device
 from cbmir.runner import run_command
 
 DEFAULT_OUT = Path("cbmir-query.png")
@@ -110,6 +110,7 @@ def _check_args(args: argparse.Namespace, files: list[Path]) -> None:
         raise DataError(f"query file(s) not found: {', '.join(missing)}")
     if args.k is not None:
         check_k(args.k, key="-k")  # against the database size once it is open
+    resolve_device(args.device, "--device")
     if args.tile < 8:
         raise ConfigError(f"--tile must be at least 8 pixels, not {args.tile}")
     if args.run is not None and not args.run.is_dir():
