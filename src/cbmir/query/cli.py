@@ -115,8 +115,6 @@ def _check_args(args: argparse.Namespace, files: list[Path]) -> None:
         raise ConfigError(f"--tile must be at least 8 pixels, not {args.tile}")
     if args.run is not None and not args.run.is_dir():
         raise DataError(f"--run {args.run} is not a directory")
-    if args.out.suffix.lower() != ".png":
-        raise ConfigError(f"--out must name a .png file, not {args.out}")
 
 
 def _say(console: Console, text: str, style: str = "") -> None:
@@ -151,6 +149,8 @@ def _table(item, indices, distances, database_labels, names, multilabel: bool, f
 
 
 def query(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.out.suffix.lower() != ".png":  # image and --text queries alike
+        raise ConfigError(f"--out must name a .png file, not {args.out}")
     if args.text:
         from cbmir.query.text import text_query
 
