@@ -77,7 +77,7 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     if getattr(datamodule, "skipped_files", ""):  # data.on_error=skip: listed in the outputs
         write_text(output_dir / "skipped_files.txt", datamodule.skipped_files)
     check_data(settings, datamodule)  # k vs the database size, labels that rank trivially
-    text = text_queries.query_mode(cfg.retrieval) == "text"
+    text = settings.query == "text"
     if text:  # prompts from the label names, checked before any weights load
         prompts = text_queries.dataset_prompts(cfg.retrieval, datamodule)
         model_cfg = text_shared_space(model_cfg)

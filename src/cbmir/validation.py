@@ -117,7 +117,9 @@ class JobSchema:
 def check_config(cfg: DictConfig) -> RetrievalSettings:
     """Stage 1: every setting's value; returns the validated retrieval settings."""
     from cbmir.embedding import check_embedder_config
+    from cbmir.extractors.text import check_text_tower
     from cbmir.resume import resume_enabled
+    from cbmir.retrieval.text_queries import PromptSettings
     from cbmir.volumes import VolumeSpec
 
     check_job_keys(cfg)
@@ -126,8 +128,11 @@ def check_config(cfg: DictConfig) -> RetrievalSettings:
     check_precision(cfg.trainer.get("precision", "32-true"))
     check_embedder_config(cfg)  # channels_last; the store key's precision is the Trainer's
     check_accelerator(cfg.trainer.get("accelerator", "auto"))
-    check_text_queries(cfg)
-    return RetrievalSettings.from_config(cfg.retrieval)
+    settings = RetrievalSettings.from_config(cfg.retrieval)
+    if settings.query == "text":  # a model with a text tower and valid prompts (docs/text.md)
+        check_text_tower(cfg.model, str(cfg.model.get("name", "?")))
+        PromptSettings.from_config(cfg.retrieval.get("prompts"))
+    return settings
 
 
 def check_job_keys(cfg: DictConfig) -> JobSchema:
@@ -143,16 +148,6 @@ def check_job_keys(cfg: DictConfig) -> JobSchema:
         },
         "",
     )
-
-
-def check_text_queries(cfg: DictConfig) -> None:
-    """`retrieval.query=text`: a model with a text tower and valid prompts (docs/text.md)."""
-    from cbmir.extractors.text import check_text_tower
-    from cbmir.retrieval.text_queries import PromptSettings, query_mode
-
-    if query_mode(cfg.retrieval) == "text":
-        check_text_tower(cfg.model, str(cfg.model.get("name", "?")))
-        PromptSettings.from_config(cfg.retrieval.get("prompts"))
 
 
 def writable_dir(path: str | os.PathLike, key: str, hint: str) -> Path:

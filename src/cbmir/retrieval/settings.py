@@ -21,6 +21,8 @@ from cbmir.schema import typed
 #: the image-query callback that `instantiate(cfg.retrieval)` builds
 TEXT_QUERY_KEYS = ("query", "prompts")
 DISTANCES = ("euclidean", "cosine")
+#: `retrieval.query`: the paper's image queries, or one text query per class
+QUERY_MODES = ("image", "text")
 BACKENDS = ("torch", "faiss")
 FAISS_KINDS = ("flat", "ivf", "hnsw")
 #: faiss index parameters per kind (build time) and for every kind (search time)
@@ -205,6 +207,7 @@ class RetrievalSettings:
             require_faiss()  # not installed: say so now, not after the embedding
         check_distance(self.distance, "retrieval.distance")
         check_device(self.device, "retrieval.device")
+        check_choice(self.query, QUERY_MODES, "retrieval.query")
         checked = {
             "acc_ks": check_acc_ks(self.acc_ks, self.k, "retrieval.acc_ks"),
             "metrics": check_metrics(self.metrics, "retrieval.metrics"),

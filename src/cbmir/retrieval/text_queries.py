@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cbmir.config import check_choice
 from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.callback import (
     ScoringCallback,
@@ -43,7 +42,6 @@ from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
-QUERY_MODES = ("image", "text")
 #: CLIP-style templates; `{}` is replaced by the class name or description
 DEFAULT_TEMPLATES = (
     "a medical image of {}.",
@@ -53,11 +51,6 @@ DEFAULT_TEMPLATES = (
 )
 #: the distance text queries are searched with (CLIP's training objective)
 TEXT_DISTANCE = "cosine"
-
-
-def query_mode(retrieval: Mapping[str, Any]) -> str:
-    """`retrieval.query`: image (the paper's protocol, default) or text."""
-    return check_choice(retrieval.get("query", "image") or "image", QUERY_MODES, "retrieval.query")
 
 
 @dataclass(frozen=True)
