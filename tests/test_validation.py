@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cbmir.errors import ConfigError, DataError
-from cbmir.retrieval.settings import RetrievalSchema
+from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.schema import typed
 from cbmir.validation import (
     JobSchema,
@@ -86,7 +86,7 @@ def make_readonly():
         ("channels_last=sometimes", "use true, false or auto"),
         ("embedder.channels_last=sometimes", "use true, false or auto"),
         ("embedder.precision=bf16-mixed", "embedder.precision='bf16-mixed' differs from trainer"),
-        ("model.volume.reduce=median", "model.volume.reduce='median'"),
+        ("model.volume.reduce=median", "unknown model.volume.reduce 'median'; choose one of"),
     ],
 )
 def test_every_bad_setting_is_named_before_any_work(override, message) -> None:
@@ -151,7 +151,7 @@ def test_valid_settings_pass(overrides) -> None:
     if "+retrieval.search.score_dtype=bfloat16" in overrides:
         import torch
 
-        assert settings.search == {"score_dtype": torch.bfloat16, "db_chunk": 64}
+        assert settings.search.kwargs() == {"score_dtype": torch.bfloat16, "db_chunk": 64}
 
 
 def test_a_store_path_that_is_a_file_or_read_only_is_one_line(tmp_path, make_readonly) -> None:
@@ -308,27 +308,37 @@ def test_ivf_lists_beyond_the_database_rows_are_an_error() -> None:
 @pytest.mark.parametrize(
     ("schema", "conf", "key", "message"),
     [
-        (RetrievalSchema, {"k": "five"}, "retrieval", "retrieval.k must be an integer, got 'five'"),
-        (RetrievalSchema, {"acc_ks": [1, 2.5]}, "retrieval", "retrieval.acc_ks[1] must be an"),
-        (RetrievalSchema, {"acc_ks": 3}, "retrieval", "retrieval.acc_ks must be a list of int"),
         (
-            RetrievalSchema,
+            RetrievalSettings,
+            {"k": "five"},
+            "retrieval",
+            "retrieval.k must be an integer, got 'five'",
+        ),
+        (RetrievalSettings, {"acc_ks": [1, 2.5]}, "retrieval", "retrieval.acc_ks[1] must be an"),
+        (RetrievalSettings, {"acc_ks": 3}, "retrieval", "retrieval.acc_ks must be a list of int"),
+        (
+            RetrievalSettings,
             {"faiss": {"params": {"nprobe": "x"}}},
             "retrieval",
             "retrieval.faiss.params.nprobe must be an integer or null, got 'x'",
         ),
         (
-            RetrievalSchema,
+            RetrievalSettings,
             {"faiss": {"kindd": "ivf"}},
             "retrieval",
             "unknown key retrieval.faiss.kindd; allowed: kind, params",
         ),
-        (RetrievalSchema, {"search": {"rerank": "maybe"}}, "retrieval", "rerank must be true or"),
-        (RetrievalSchema, {"faiss": 3}, "retrieval", "retrieval.faiss must be a mapping, got 3"),
-        (RetrievalSchema, {"k": "5"}, "retrieval", "retrieval.k must be an integer, got '5' (str)"),
+        (RetrievalSettings, {"search": {"rerank": "maybe"}}, "retrieval", "rerank must be true or"),
+        (RetrievalSettings, {"faiss": 3}, "retrieval", "retrieval.faiss must be a mapping, got 3"),
+        (
+            RetrievalSettings,
+            {"k": "5"},
+            "retrieval",
+            "retrieval.k must be an integer, got '5' (str)",
+        ),
         (JobSchema, {"resume": "auto", "data": {"batch_size": "64"}}, "", "data.batch_size must"),
         (
-            RetrievalSchema,
+            RetrievalSettings,
             {"prompts": {"template": ["{}"]}},
             "retrieval",
             "unknown key retrieval.prompts.template; allowed: templates, classes",
@@ -353,10 +363,10 @@ def test_schemas_keep_the_config_defaults() -> None:
     """A schema adds no key and changes no default of the yaml files: fingerprints and store
     keys are made of the composed config, which must be the same with or without it."""
     cfg = helpers.compose_config(OFFLINE)
-    schema_keys = [f.name for f in dataclasses.fields(RetrievalSchema)]
+    schema_keys = [f.name for f in dataclasses.fields(RetrievalSettings)]
     assert sorted(cfg.retrieval) == sorted(schema_keys)
     plain = OmegaConf.to_container(cfg.retrieval, resolve=True)
-    assert typed(RetrievalSchema, cfg.retrieval, "retrieval").k == plain["k"]
+    assert typed(RetrievalSettings, cfg.retrieval, "retrieval").k == plain["k"]
     assert dataclasses.asdict(typed(VolumeSpec, cfg.model.volume, "model.volume")) == {
         **OmegaConf.to_container(cfg.model.volume),
         "axes": (0,),

@@ -1,12 +1,17 @@
 """Plain-config helpers of the core layer: where the Hydra configs live, OmegaConf -> plain
-data, yes/no words, multirun. Resolvers are registered by the entry points (`cbmir.resolvers`)."""
+data, yes/no words, integers, choices, multirun. Resolvers are registered by the entry points
+(`cbmir.resolvers`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cbmir.errors import ConfigError
 
 
 def config_dir() -> Path:
@@ -15,6 +20,26 @@ def config_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parents[2] / "configs"
+
+
+def is_int(value: Any) -> bool:
+    """A real integer (a bool, float or numeric string is not)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_int(value: Any, key: str, minimum: int = 1) -> int:
+    """`value` when it is an integer >= `minimum`; else a ConfigError naming `key`."""
+    if not is_int(value) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+    return int(value)
+
+
+def check_choice(value: Any, choices: Sequence[str], key: str) -> str:
+    """`value` when it is one of `choices`; else a ConfigError naming `key` and the choices."""
+    if value not in choices:
+        raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+    return str(value)
 
 
 def to_plain(value: Any) -> Any:

@@ -77,16 +77,14 @@ def _run_retrieval(cfg: DictConfig, settings: RetrievalSettings) -> dict[str, An
     if getattr(datamodule, "skipped_files", ""):  # data.on_error=skip: listed in the outputs
         write_text(output_dir / "skipped_files.txt", datamodule.skipped_files)
     check_data(settings, datamodule)  # k vs the database size, labels that rank trivially
-    text = text_queries.query_mode(cfg.retrieval) == "text"
+    text = settings.query == "text"
     if text:  # prompts from the label names, checked before any weights load
         prompts = text_queries.dataset_prompts(cfg.retrieval, datamodule)
-        model_cfg = OmegaConf.create(
-            text_shared_space(OmegaConf.to_container(model_cfg, resolve=True))
-        )
+        model_cfg = text_shared_space(model_cfg)
     with weights_file.recording() as weights_files:  # the files the weights came from
         extractor = instantiate(model_cfg)
         if text:  # its text tower too, before any embedding (tokenizer, weights: docs/text.md)
-            text_encoder = build_text_encoder(OmegaConf.to_container(model_cfg, resolve=True))
+            text_encoder = build_text_encoder(model_cfg)
     embedder = build_embedder(cfg, extractor, volume if datamodule.is_volume else None)
     volume_meta = {"volume": volume.identity()} if embedder.volume is not None else {}
 

@@ -57,6 +57,19 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig], object]) -> object:
         raise SystemExit(2 if is_user_error else 1) from None
 
 
+def run_command(prog: str, command: Callable[[], int]) -> int:
+    """The job wrapper of a plain (argparse) command: a user error is one line
+    `prog: error: ...` on stderr and exit code 2; a bug keeps its traceback."""
+    try:
+        return command()
+    except Exception as raised:
+        exc = user_error(raised)  # Hydra's instantiate wraps what targets raise
+        if exc is None:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _write_error(cfg: DictConfig, exc: BaseException) -> None:
     """`error.json` in the job's folder, where that folder can take it (it may be the problem)."""
     from cbmir.io_utils import write_json

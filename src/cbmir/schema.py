@@ -33,9 +33,8 @@ def typed(schema: type[Schema], conf: Any, key: str) -> Schema:
     _check_mappings(schema, plain, key)
     try:
         node = OmegaConf.merge(_writable(OmegaConf.structured(schema)), plain)
-        result = OmegaConf.to_object(node)
-        _same_kinds(plain, result, key)
-        return result  # type: ignore[return-value]
+        _same_kinds(plain, OmegaConf.to_container(node), key)  # before __post_init__ converts
+        return OmegaConf.to_object(node)  # type: ignore[return-value]
     except ConfigKeyError as exc:
         parent = _unless_none(_field_type(schema, _parent_key(exc.full_key)))
         allowed = ", ".join(f.name for f in dataclasses.fields(parent))
@@ -58,8 +57,7 @@ def _same_kinds(raw: Any, out: Any, key: str) -> None:
         return
     if isinstance(raw, Mapping):
         for name, value in raw.items():
-            child = out[name] if isinstance(out, Mapping) else getattr(out, name)
-            _same_kinds(value, child, _join(key, str(name)))
+            _same_kinds(value, out[name], _join(key, str(name)))
     elif isinstance(raw, list | tuple):
         for index, (value, child) in enumerate(zip(raw, out, strict=False)):
             _same_kinds(value, child, f"{key}[{index}]")

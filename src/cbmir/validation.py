@@ -26,6 +26,7 @@ from typing import Any, get_args
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from cbmir.config import check_int
 from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.schema import typed
@@ -82,19 +83,12 @@ def check_accelerator(accelerator: Any) -> None:
         raise ConfigError(f"trainer.accelerator={name} but this machine has none; use auto or cpu")
 
 
-def at_least(value: int, minimum: int, key: str) -> None:
-    """A typed integer setting's range (its type is the schema's)."""
-    if value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{key} must be {what}, got {value!r}")
-
-
 @dataclass
 class GallerySchema:
     n_queries: int | None = 8  # 0 or null: no gallery (config.yaml: 8)
 
     def __post_init__(self) -> None:
-        at_least(self.n_queries or 0, 0, "gallery.n_queries (0: no gallery)")
+        check_int(self.n_queries or 0, "gallery.n_queries (0: no gallery)", minimum=0)
 
 
 @dataclass
@@ -105,14 +99,14 @@ class LoaderSchema:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        at_least(self.batch_size, 1, "data.batch_size")
-        at_least(self.num_workers, 0, "data.num_workers")
+        check_int(self.batch_size, "data.batch_size")
+        check_int(self.num_workers, "data.num_workers", minimum=0)
 
 
 @dataclass
 class JobSchema:
     """The keys of a `cbmir` job that no instantiated target checks: the top level's, the
-    gallery's and the loader's (`RetrievalSchema` and `VolumeSpec` type their own groups)."""
+    gallery's and the loader's (`RetrievalSettings` and `VolumeSpec` type their own groups)."""
 
     seed: int = 0
     resume: Any = "auto"  # auto | true | false (`cbmir.resume.resume_enabled`)
@@ -123,7 +117,9 @@ class JobSchema:
 def check_config(cfg: DictConfig) -> RetrievalSettings:
     """Stage 1: every setting's value; returns the validated retrieval settings."""
     from cbmir.embedding import check_embedder_config
+    from cbmir.extractors.text import check_text_tower
     from cbmir.resume import resume_enabled
+    from cbmir.retrieval.text_queries import PromptSettings
     from cbmir.volumes import VolumeSpec
 
     check_job_keys(cfg)
@@ -132,8 +128,11 @@ def check_config(cfg: DictConfig) -> RetrievalSettings:
     check_precision(cfg.trainer.get("precision", "32-true"))
     check_embedder_config(cfg)  # channels_last; the store key's precision is the Trainer's
     check_accelerator(cfg.trainer.get("accelerator", "auto"))
-    check_text_queries(cfg)
-    return RetrievalSettings.from_config(cfg.retrieval)
+    settings = RetrievalSettings.from_config(cfg.retrieval)
+    if settings.query == "text":  # a model with a text tower and valid prompts (docs/text.md)
+        check_text_tower(cfg.model, str(cfg.model.get("name", "?")))
+        PromptSettings.from_config(cfg.retrieval.get("prompts"))
+    return settings
 
 
 def check_job_keys(cfg: DictConfig) -> JobSchema:
@@ -149,16 +148,6 @@ def check_job_keys(cfg: DictConfig) -> JobSchema:
         },
         "",
     )
-
-
-def check_text_queries(cfg: DictConfig) -> None:
-    """`retrieval.query=text`: a model with a text tower and valid prompts (docs/text.md)."""
-    from cbmir.extractors.text import check_text_tower
-    from cbmir.retrieval.text_queries import PromptSettings, query_mode
-
-    if query_mode(cfg.retrieval) == "text":
-        check_text_tower(cfg.model, str(cfg.model.get("name", "?")))
-        PromptSettings.from_config(cfg.retrieval.get("prompts"))
 
 
 def writable_dir(path: str | os.PathLike, key: str, hint: str) -> Path:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cbmir.config import check_choice, check_int, to_plain
 from cbmir.errors import ConfigError
 from cbmir.schema import typed
 
@@ -38,10 +39,7 @@ class VolumeSpec:
     slice_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.reduce not in REDUCTIONS:
-            raise ConfigError(
-                f"model.volume.reduce={self.reduce!r}; valid: {', '.join(REDUCTIONS)}."
-            )
+        check_choice(self.reduce, REDUCTIONS, "model.volume.reduce")
         axes = tuple(self.axes)
         if not axes or len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
             raise ConfigError(
@@ -49,10 +47,7 @@ class VolumeSpec:
                 "e.g. [0] (the paper) or [0,1,2] (tri-planar)."
             )
         object.__setattr__(self, "axes", tuple(sorted(axes)))
-        if self.slice_batch_size < 1:
-            raise ConfigError(
-                f"model.volume.slice_batch_size must be a positive integer, not {self.slice_batch_size!r}."
-            )
+        check_int(self.slice_batch_size, "model.volume.slice_batch_size")
 
     @classmethod
     def from_config(cls, conf: Mapping[str, Any] | None) -> VolumeSpec:
@@ -156,24 +151,16 @@ def _stream_rows(moved: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return torch.cat(rows, dim=0).unsqueeze(1)
 
 
-def split_model_config(model_cfg: Any) -> tuple[Any, VolumeSpec]:
-    """`cfg.model` -> (the extractor's config without `volume`, the validated `VolumeSpec`).
+def split_model_config(model_cfg: Any) -> tuple[dict[str, Any], VolumeSpec]:
+    """`cfg.model` -> (the extractor's plain config without `volume`, the validated
+    `VolumeSpec`).
 
     Every model config carries `volume` (a default in config.yaml), but extractor classes do not
-    take it: instantiate the returned config, not `cfg.model` itself.
+    take it: instantiate the returned config, not `cfg.model` itself. It is resolved while
+    still attached: `name: ${model.model_name}` points into the full config.
     """
-    from omegaconf import DictConfig, OmegaConf, open_dict
-
-    if isinstance(model_cfg, DictConfig):
-        spec = VolumeSpec.from_config(model_cfg.get("volume"))
-        # resolved while still attached: `name: ${model.model_name}` points into the full config
-        extractor_cfg = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
-        with open_dict(extractor_cfg):
-            extractor_cfg.pop("volume", None)
-        return extractor_cfg, spec
-    conf = dict(model_cfg)
-    spec = VolumeSpec.from_config(conf.pop("volume", None))
-    return conf, spec
+    conf = to_plain(model_cfg)
+    return conf, VolumeSpec.from_config(conf.pop("volume", None))
 
 
 def instantiate_extractor(model_cfg: Any) -> tuple[Any, VolumeSpec]:

@@ -78,8 +78,16 @@ def test_model_finetuned_without_or_with_a_foreign_checkpoint_says_what_to_do(tm
 @pytest.mark.parametrize(
     ("overrides", "error", "message"),
     [
-        (["finetune.objective=arcface"], ConfigError, "valid: supcon, triplet, classification"),
-        (["finetune.strategy=half"], ConfigError, "valid: full, last_block, projection_head"),
+        (
+            ["finetune.objective=arcface"],
+            ConfigError,
+            "choose one of supcon, triplet, classification",
+        ),
+        (
+            ["finetune.strategy=half"],
+            ConfigError,
+            "choose one of full, last_block, projection_head",
+        ),
         (["finetune.max_epochs=0"], ConfigError, "max_epochs"),
         (["finetune.resume=/no/such/last.ckpt"], ConfigError, "no checkpoint at"),
         (["data.query_split=val"], ConfigError, "query split"),

@@ -33,7 +33,7 @@ def test_full_trains_everything_and_projection_head_only_the_head() -> None:
     assert all(p.requires_grad for p in ext.head.parameters())
     with pytest.raises(ConfigError, match="projection head"):
         apply_strategy(_wrap("test_resnet"), "projection_head", SHAPE)
-    with pytest.raises(ConfigError, match="valid: full, last_block, projection_head"):
+    with pytest.raises(ConfigError, match="choose one of full, last_block, projection_head"):
         apply_strategy(ext, "everything", SHAPE)
 
 

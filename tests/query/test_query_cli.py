@@ -201,6 +201,11 @@ def test_bad_arguments_fail_before_any_work(breast_run, tmp_path, capsys):
     assert code == 2 and "give at least one query" in stderr
     code, _, stderr = run_query(capsys, "--run", breast_run, "--index=0", "model=resnet50")
     assert code == 2 and "picks a config group" in stderr
+    code, _, stderr = run_query(capsys, "--run", breast_run, "--index=0", "--device=tpu")
+    assert code == 2 and "--device='tpu'; choose one of auto, cpu, cuda" in stderr
+    for text in ([], ["--text", "a mass"]):  # image and text queries write the same PNG grid
+        code, _, stderr = run_query(capsys, "--run", breast_run, "--index=0", "--out=g.jpg", *text)
+        assert code == 2 and "--out must name a .png file, not g.jpg" in stderr
 
 
 def test_volume_queries_search_a_3d_database(volume_run, tmp_path, capsys):

@@ -70,6 +70,7 @@ def test_the_retrieval_config_builds_the_callback(tmp_path) -> None:
         output_dir=tmp_path / "out",
     )
     assert isinstance(callback, RetrievalCallback)
-    assert (callback.k, callback.distance, callback.acc_ks) == (3, "cosine", (1, 3))
-    assert callback.search_kwargs == {"db_chunk": 64}
+    settings = callback.settings
+    assert (settings.k, settings.distance, settings.acc_ks) == (3, "cosine", (1, 3))
+    assert settings.search.kwargs() == {"db_chunk": 64}
     assert callback.evaluate()["map@3"] > 0

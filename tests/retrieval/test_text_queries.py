@@ -14,6 +14,7 @@ from tests.helpers import cbmir_env, compose_config, run_cbmir
 from cbmir.errors import ConfigError, DataError
 from cbmir.extractors import text as text_towers
 from cbmir.retrieval import text_queries
+from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.retrieval.text_queries import PromptSettings, TextRetrievalCallback
 from cbmir.store import EmbeddingStore
 
@@ -116,8 +117,8 @@ def test_prompt_errors() -> None:
         PromptSettings.from_config({"templates": ["no placeholder"]})
     with pytest.raises(ConfigError, match=r"class ids \[7\]"):
         PromptSettings.from_config({"classes": {7: "x"}}).class_prompts(NAMES)
-    with pytest.raises(ConfigError, match="query='words'"):
-        text_queries.query_mode({"query": "words"})
+    with pytest.raises(ConfigError, match="unknown retrieval.query 'words'"):
+        RetrievalSettings.from_config({"query": "words"})
 
 
 def test_multilabel_queries_are_one_hot_rows() -> None:

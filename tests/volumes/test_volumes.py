@@ -194,7 +194,7 @@ def test_every_model_config_gets_volume_defaults_and_instantiates_without_them()
     cfg = compose_config(["model=timm", "model.model_name=test_resnet", "model.pretrained=false"])
     assert cfg.model.volume.reduce == "concat" and list(cfg.model.volume.axes) == [0]
     model_cfg, spec = split_model_config(cfg.model)
-    assert "volume" not in model_cfg and model_cfg.name == "test_resnet"  # interpolation resolved
+    assert "volume" not in model_cfg and model_cfg["name"] == "test_resnet"  # resolved
     assert spec == VolumeSpec()
     cfg = compose_config(["model=pixels", "model.volume.reduce=max", "model.volume.axes=[0,1,2]"])
     assert split_model_config(cfg.model)[1] == VolumeSpec(reduce="max", axes=(0, 1, 2))

@@ -8,6 +8,7 @@ from typing import Any
 
 from medmnist import INFO
 
+from cbmir.config import is_int
 from cbmir.errors import ConfigError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -52,8 +53,7 @@ def check_flag_size(flag: str, size: int) -> str:
     key = check_flag(flag)
     sizes = valid_sizes(key)
     kind = "3D" if key in FLAGS_3D else "2D"
-    ok = isinstance(size, int) and not isinstance(size, bool) and size in sizes
-    if not ok:
+    if not (is_int(size) and size in sizes):
         raise ConfigError(
             f"{key} is a {kind} dataset: sizes {_or_list(sizes)}, not {size!r}. "
             f"Valid data.size values: {', '.join(map(str, sizes))}."

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from cbmir.config import check_choice, check_int
 from cbmir.data import catalog
 from cbmir.data.datasets import ArraySplitDataset
 from cbmir.data.files import (
@@ -36,9 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def _check_split(split: str, what: str) -> str:
-    if split not in catalog.SPLITS:
-        raise ConfigError(f"{what} must be one of {', '.join(catalog.SPLITS)}, not {split!r}.")
-    return split
+    return check_choice(split, catalog.SPLITS, what)
 
 
 class RetrievalDataModule(L.LightningDataModule):
@@ -63,10 +62,8 @@ class RetrievalDataModule(L.LightningDataModule):
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, not {batch_size!r}.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ConfigError(f"num_workers must be an integer >= 0, not {num_workers!r}.")
+        check_int(batch_size, "batch_size")
+        check_int(num_workers, "num_workers", minimum=0)
         self.name = name
         self.query_split = _check_split(query_split, "query_split")
         self.database_split = _check_split(database_split, "database_split")

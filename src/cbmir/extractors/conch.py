@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbmir.errors import CbmirError, ConfigError
+from cbmir.config import check_choice
+from cbmir.errors import CbmirError
 
 from . import hub
 from .base import Extractor
@@ -121,8 +122,7 @@ class ConchExtractor(ModelTransform, Extractor):
         seed: int = 0,
         proj_contrast: bool = False,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ConfigError(f"unknown CONCH backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        check_choice(backend, BACKENDS, "CONCH backend")
         self.pretrained = bool(pretrained)
         self.checkpoint = str(checkpoint) if checkpoint else None
         self.backend = backend

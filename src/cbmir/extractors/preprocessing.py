@@ -113,16 +113,11 @@ class ModelTransform:
     def _set_transform(
         self, resize_mode: str = "shortest", crop_pct: float | None = 1.0, grayscale: bool = False
     ) -> None:
+        from cbmir.config import check_choice
         from cbmir.errors import ConfigError
 
-        if resize_mode not in RESIZE_MODES:
-            raise ConfigError(
-                f"unknown resize_mode {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}"
-            )
-        if self.interpolation not in INTERPOLATIONS:  # type: ignore[attr-defined]
-            raise ConfigError(
-                f"unknown interpolation {self.interpolation!r}; valid: {', '.join(INTERPOLATIONS)}"  # type: ignore[attr-defined]
-            )
+        check_choice(resize_mode, RESIZE_MODES, "resize_mode")
+        check_choice(self.interpolation, INTERPOLATIONS, "interpolation")  # type: ignore[attr-defined]
         if crop_pct is not None and not 0 < float(crop_pct) <= 1:
             raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
         self.resize_mode = resize_mode

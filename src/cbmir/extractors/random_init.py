@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cbmir.config import is_int
 from cbmir.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ M = TypeVar("M", bound=nn.Module)
 def check_seed(seed: Any) -> int:
     """The seed random weights are drawn from: an integer, or a clear error (a missing seed
     would give unreproducible weights under one store key)."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+    if not is_int(seed):
         raise ConfigError(
             f"random weights (model.pretrained=false) need an integer seed, got {seed!r}: "
             "set seed=<int> (or model.seed=<int>)"

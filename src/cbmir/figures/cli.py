@@ -14,7 +14,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from cbmir.errors import CbmirError, ConfigError
+from cbmir.config import check_int
+from cbmir.errors import ConfigError
+from cbmir.runner import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def embeddings(args: argparse.Namespace, console: Console) -> int:
     from cbmir.figures.embedding_map import METHODS, plot_embeddings, umap_available
 
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, not {args.threads}")
-    if args.max_points < 0:
-        raise ConfigError(f"--max-points must be >= 0, not {args.max_points}")
+    if args.threads is not None:
+        check_int(args.threads, "--threads")
+    check_int(args.max_points, "--max-points", minimum=0)
     if not args.run_dir.is_dir():
         raise ConfigError(f"{args.run_dir} is not a directory")
     if args.method == "all":
@@ -81,12 +82,7 @@ def embeddings(args: argparse.Namespace, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     console = Console(soft_wrap=True)
-    try:
-        code = embeddings(args, console)
-    except CbmirError as exc:
-        Console(stderr=True, soft_wrap=True).print(Text(f"cbmir-plot: error: {exc}", style="red"))
-        code = 2
-    sys.exit(code)
+    sys.exit(run_command("cbmir-plot", lambda: embeddings(args, console)))
 
 
 if __name__ == "__main__":

@@ -175,16 +175,7 @@ def wandb_table(
         columns += [f"#{rank} file"] if with_files else []
     table = wandb.Table(columns=columns)
     for result in results:
-        hits = (
-            relevance(
-                np.asarray(result.label).reshape(1, -1),
-                database_labels,
-                np.asarray(result.indices).reshape(1, -1),
-                multilabel,
-            )[0].tolist()
-            if result.label is not None
-            else [None] * k
-        )
+        hits = result.hits(database_labels, multilabel) or [None] * k
         row: list[Any] = [
             result.name,
             wandb.Image(result.image),

@@ -29,6 +29,13 @@ class QueryResult:
     label: np.ndarray | None = None
     file: str | None = None  # the query's source file (own collections)
 
+    def hits(self, database_labels: np.ndarray, multilabel: bool) -> list[bool] | None:
+        """Whether each neighbour is relevant to the query (None: its label is unknown)."""
+        if self.label is None:
+            return None
+        query, rows = np.asarray(self.label).reshape(1, -1), np.asarray(self.indices)
+        return relevance(query, database_labels, rows.reshape(1, -1), multilabel)[0].tolist()
+
 
 def neighbour_cells(
     results: Sequence[QueryResult],
@@ -54,16 +61,11 @@ def neighbour_cells(
         if result.file is not None:
             query_lines.append(Path(result.file).name)
         query_cell = Cell(result.image, query_lines, role="query")
-        if result.label is not None:
-            hits = relevance(
-                np.asarray(result.label).reshape(1, -1),
-                database_labels,
-                np.asarray(result.indices).reshape(1, -1),
-                multilabel,
-            )[0]
-            roles = ["hit" if h else "miss" for h in hits]
-        else:
+        hits = result.hits(database_labels, multilabel)
+        if hits is None:
             roles = ["unknown"] * len(result.indices)
+        else:
+            roles = ["hit" if h else "miss" for h in hits]
         cells = [query_cell]
         for rank, (row, dist, role) in enumerate(
             zip(result.indices, result.distances, roles, strict=True), start=1

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cbmir.config import check_int
 from cbmir.data.datamodule import RetrievalDataModule
 from cbmir.errors import ConfigError, DataError
 
@@ -65,8 +66,7 @@ class FinetuneData(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or source.batch_size)
         self.seed = int(seed)
         self.reads: list[str] = []
-        if self.batch_size < 2:
-            raise ConfigError(f"finetune.batch_size must be >= 2, not {batch_size!r}")
+        check_int(self.batch_size, "finetune.batch_size", minimum=2)
         if self.query_split in (self.train_split, self.val_split):
             raise ConfigError(
                 f"fine-tuning trains on data.database_split={self.train_split!r} and selects "

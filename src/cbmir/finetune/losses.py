@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbmir.config import check_choice
 from cbmir.errors import ConfigError
 
 OBJECTIVES = ("supcon", "triplet", "classification")
@@ -85,8 +86,7 @@ def make_objective(
     mining: str = "semihard",
 ) -> nn.Module:
     """Build the objective; ConfigError for combinations that cannot work."""
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown finetune.objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+    check_choice(name, OBJECTIVES, "finetune.objective")
     if name in METRIC_OBJECTIVES and multilabel:
         raise ConfigError(
             f"finetune.objective={name} needs one label per image; this data set is multi-label. "

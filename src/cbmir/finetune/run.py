@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from cbmir.config import check_choice, check_int, is_int
 from cbmir.errors import ConfigError
 from cbmir.io_utils import write_json, write_text
 from cbmir.runner import build_loggers, finish_loggers
@@ -69,23 +70,14 @@ class FinetuneSchema:
     resume: Any = None  # true, or a path to last.ckpt / its folder (`resolve_resume`)
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(
-                f"unknown finetune.objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}"
-            )
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(
-                f"unknown finetune.strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}"
-            )
-        if self.max_epochs < 1:
-            raise ConfigError(f"finetune.max_epochs must be >= 1, not {self.max_epochs!r}")
+        check_choice(self.objective, OBJECTIVES, "finetune.objective")
+        check_choice(self.strategy, STRATEGIES, "finetune.strategy")
+        check_int(self.max_epochs, "finetune.max_epochs")
         for key in ("lr", "weight_decay", "warmup_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"finetune.{key} must be >= 0, not {getattr(self, key)!r}")
-        if self.projection_dim is not None and self.projection_dim < 1:
-            raise ConfigError(
-                f"finetune.projection_dim must be >= 1 or null, not {self.projection_dim!r}"
-            )
+        if self.projection_dim is not None:
+            check_int(self.projection_dim, "finetune.projection_dim (or null)")
 
 
 def check_settings(ft: DictConfig) -> FinetuneSchema:
@@ -283,7 +275,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
 def _log_every(ft: FinetuneSchema, n_train: int) -> int:
     """Log at least once per epoch, even when an epoch has fewer batches than asked."""
     batches = max(1, n_train // int(ft.batch_size))
-    if isinstance(ft.limit_train_batches, int) and not isinstance(ft.limit_train_batches, bool):
+    if is_int(ft.limit_train_batches):
         batches = min(batches, max(1, ft.limit_train_batches))
     return max(1, min(int(ft.log_every_n_steps), batches))
 

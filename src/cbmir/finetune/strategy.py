@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from cbmir.config import check_choice
 from cbmir.errors import ConfigError
 from cbmir.extractors.base import Extractor
 
@@ -36,8 +37,7 @@ def apply_strategy(
     extractor: FineTunedExtractor, strategy: str, image_shape: tuple[int, ...]
 ) -> list[nn.Module]:
     """Set `requires_grad` on the backbone; return the modules to keep in eval mode."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown finetune.strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    check_choice(strategy, STRATEGIES, "finetune.strategy")
     base = extractor.base
     if extractor.head is not None:
         extractor.head.requires_grad_(True)

@@ -20,8 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from cbmir.errors import ConfigError, DataError
-from cbmir.retrieval.settings import DISTANCES, check_k
-from cbmir.runner import user_error
+from cbmir.retrieval.settings import DISTANCES, check_k, resolve_device
+from cbmir.runner import run_command
 
 DEFAULT_OUT = Path("cbmir-query.png")
 
@@ -110,12 +110,11 @@ def _check_args(args: argparse.Namespace, files: list[Path]) -> None:
         raise DataError(f"query file(s) not found: {', '.join(missing)}")
     if args.k is not None:
         check_k(args.k, key="-k")  # against the database size once it is open
+    resolve_device(args.device, "--device")
     if args.tile < 8:
         raise ConfigError(f"--tile must be at least 8 pixels, not {args.tile}")
     if args.run is not None and not args.run.is_dir():
         raise DataError(f"--run {args.run} is not a directory")
-    if args.out.suffix.lower() != ".png":
-        raise ConfigError(f"--out must name a .png file, not {args.out}")
 
 
 def _say(console: Console, text: str, style: str = "") -> None:
@@ -150,6 +149,8 @@ def _table(item, indices, distances, database_labels, names, multilabel: bool, f
 
 
 def query(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.out.suffix.lower() != ".png":  # image and --text queries alike
+        raise ConfigError(f"--out must name a .png file, not {args.out}")
     if args.text:
         from cbmir.query.text import text_query
 
@@ -248,15 +249,7 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
-    try:
-        code = query(args, out, err)
-    except Exception as raised:
-        exc = user_error(raised)  # Hydra's instantiate wraps what targets raise
-        if exc is None:
-            raise
-        _say(err, f"cbmir-query: error: {exc}", "red")
-        code = 2
-    sys.exit(code)
+    sys.exit(run_command("cbmir-query", lambda: query(args, out, err)))
 
 
 if __name__ == "__main__":

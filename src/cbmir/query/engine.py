@@ -10,15 +10,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cbmir.embedding import FrozenEmbedder, embed_items, numeric_precision
-from cbmir.errors import ConfigError, EmbeddingError
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} but no CUDA device is available")
-    return torch.device(device)
+from cbmir.errors import EmbeddingError
+from cbmir.retrieval.settings import resolve_device
 
 
 def embed_queries(
@@ -34,7 +27,8 @@ def embed_queries(
     `Trainer.predict` under the run's precision, as in its predict run (`embed_items`).
     """
     precision = OmegaConf.select(cfg, "trainer.precision", default="32-true")
-    embeddings = embed_items(embedder, images, precision, pick_device(device), batch_size)
+    device = resolve_device(device, "--device")
+    embeddings = embed_items(embedder, images, precision, device, batch_size)
     if not np.isfinite(embeddings).all():
         raise EmbeddingError("a query embedding holds NaN or Inf; no neighbours computed")
     return embeddings

@@ -37,11 +37,9 @@ def check_shared_space(db: Database) -> None:
 def text_encoder_config(cfg: DictConfig) -> dict[str, Any]:
     """The run's model config as the text protocol uses it (without the volume settings)."""
     from cbmir.extractors.text import shared_space_config
+    from cbmir.volumes import split_model_config
 
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(model, dict)
-    model.pop("volume", None)
-    return shared_space_config(model)
+    return shared_space_config(split_model_config(cfg.model)[0])
 
 
 def search_text(db: Database, sentences: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +67,6 @@ def text_query(args: Any, out: Any, err: Any) -> int:
 
     if args.run is None:
         raise ConfigError("--text needs --run RUN_DIR: a finished run of a model with a text tower")
-    if args.out.suffix.lower() != ".png":
-        raise ConfigError(f"--out must name a .png file, not {args.out}")
     sentences = [t for t in args.text if t.strip()]
     if not sentences:
         raise ConfigError("--text needs a non-empty sentence")

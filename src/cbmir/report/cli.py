@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cbmir.errors import CbmirError
+from cbmir.runner import run_command
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,16 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args.sweep_dir) != (2 if args.compare else 1):
         p.error("give one SWEEP_DIR, or two with --compare")
     if args.compare:
-        return _compare(args.sweep_dir[0], args.sweep_dir[1], args.out, args.quiet)
+        sweep_a, sweep_b = args.sweep_dir
+        return run_command("cbmir-report", lambda: _compare(sweep_a, sweep_b, args.out, args.quiet))
+    return run_command("cbmir-report", lambda: _report(args))
+
+
+def _report(args: argparse.Namespace) -> int:
     from cbmir.report.build import build_report
 
-    try:
-        report = build_report(
-            args.sweep_dir[0], args.out, reference=args.reference, metric=args.metric
-        )
-    except CbmirError as exc:
-        print(f"cbmir-report: error: {exc}", file=sys.stderr)
-        return 2
+    report = build_report(args.sweep_dir[0], args.out, reference=args.reference, metric=args.metric)
     if not args.quiet:
         from cbmir.report.build import size_title
 
@@ -87,11 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _compare(sweep_a: str, sweep_b: str, out: str | None, quiet: bool) -> int:
     from cbmir.report.build import build_comparison
 
-    try:
-        path, markdown = build_comparison(sweep_a, sweep_b, out)
-    except CbmirError as exc:
-        print(f"cbmir-report: error: {exc}", file=sys.stderr)
-        return 2
+    path, markdown = build_comparison(sweep_a, sweep_b, out)
     if not quiet:
         print(markdown)
     print(f"cbmir-report: comparison -> {path}")

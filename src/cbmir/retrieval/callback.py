@@ -18,7 +18,7 @@ from cbmir.io_utils import write_json, write_npz
 from cbmir.retrieval.bootstrap import bootstrap_cis
 from cbmir.retrieval.labels import LabelsLike
 from cbmir.retrieval.metric_set import PAPER_METRICS, Search
-from cbmir.retrieval.settings import RetrievalSettings
+from cbmir.retrieval.settings import RetrievalSettings, resolve_device
 from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,22 @@ log = logging.getLogger(__name__)
 MIN_CI_QUERIES = 5
 
 
-class RetrievalCallback(Callback):
+class ScoringCallback(Callback):
+    """Scores stored embeddings at the end of a predict run (`evaluate`), or when called
+    directly because every embedding was already in the store."""
+
+    metrics: dict[str, Any] | None = None
+    per_query: dict[str, np.ndarray] | None = None
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
+            self.evaluate(trainer)
+
+    def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class RetrievalCallback(ScoringCallback):
     """Searches the database split with the query split and scores the neighbours.
 
     Runs at the end of prediction, or directly through `evaluate()` when every embedding was
@@ -52,7 +67,7 @@ class RetrievalCallback(Callback):
         data_facts: dict[str, Any] | None = None,
         metrics: Sequence[str] | str = PAPER_METRICS,
     ) -> None:
-        settings = RetrievalSettings.from_config(
+        self.settings = RetrievalSettings.from_config(
             {
                 "k": k,
                 "distance": distance,
@@ -67,47 +82,30 @@ class RetrievalCallback(Callback):
         self.store = store
         self.query_key, self.database_key = query_key, database_key
         self.output_dir = Path(output_dir)
-        self.k, self.distance, self.acc_ks = settings.k, settings.distance, settings.acc_ks
-        self.device = settings.device
-        self.metric_names = settings.metrics
-        self.search_kwargs = settings.search
-        self.backend = settings.backend
-        self.faiss = {"kind": settings.faiss_kind, "params": settings.faiss_params}
         self.embedded_now = list(embedded_now or [])
         self.data_facts = dict(data_facts or {})  # synthetic / data_verified, from the data file
-        self.metrics: dict[str, Any] | None = None
-        self.per_query: dict[str, np.ndarray] | None = None
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
-            self.evaluate(trainer)
-
-    def _search_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
 
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
         queries = self.store.load(self.query_key)
         database = self.store.load(self.database_key)
         started = time.perf_counter()
-        q = _as_tensor(queries.embeddings, self._search_device())
-        db = _as_tensor(database.embeddings, self._search_device())
+        device = resolve_device(self.settings.device)
+        q, db = _as_tensor(queries.embeddings, device), _as_tensor(database.embeddings, device)
         distances, indices, metrics, self.per_query = score_queries(
             lambda rows, width: self._search(q, db, rows, width, database.path),
             queries.labels,
             database.labels,
-            k=self.k,
-            acc_ks=self.acc_ks,
-            metrics=self.metric_names,
+            k=self.settings.k,
+            acc_ks=self.settings.acc_ks,
+            metrics=self.settings.metrics,
         )
         search_seconds = time.perf_counter() - started
         metrics.update(
             n_queries=int(len(queries.labels)),
             n_database=int(len(database.labels)),
-            k=self.k,
-            distance=self.distance,
-            backend=self.backend,
+            k=self.settings.k,
+            distance=self.settings.distance,
+            backend=self.settings.backend,
             embed_seconds=float(
                 queries.manifest.get("embed_seconds", 0.0)
                 + database.manifest.get("embed_seconds", 0.0)
@@ -128,7 +126,7 @@ class RetrievalCallback(Callback):
         summary = ", ".join(f"{name}={metrics[name]:.4f}" for name in metrics if "@" in name)
         log.info(
             "retrieval %s: %s (%d queries, %d database, search %.2fs)",
-            self.distance,
+            self.settings.distance,
             summary,
             metrics["n_queries"],
             metrics["n_database"],
@@ -146,18 +144,19 @@ class RetrievalCallback(Callback):
 
         if not torch.equal(rows, torch.arange(q.shape[0])):  # a block of the R-metric search
             q = q[rows.to(q.device)]
-        if self.backend == "torch":
-            return knn_search(q, db, width, self.distance, **self.search_kwargs)
-        kind = self.faiss.get("kind", "flat")  # the index is saved beside the database's entry
+        settings = self.settings
+        if settings.backend == "torch":
+            return knn_search(q, db, width, settings.distance, **settings.search.kwargs())
+        kind = settings.faiss.kind  # the index is saved beside the database's entry
         return knn_search_backend(
             q.cpu(),
             db.cpu(),
             width,
-            self.distance,
-            backend=self.backend,
+            settings.distance,
+            backend=settings.backend,
             faiss_kind=kind,
-            index_path=db_path / f"faiss-{kind}-{self.distance}.index",
-            **self.faiss.get("params", {}),
+            index_path=db_path / f"faiss-{kind}-{settings.distance}.index",
+            **settings.faiss.params,
         )
 
 

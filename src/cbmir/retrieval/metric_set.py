@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torchmetrics import Metric
 
@@ -244,7 +243,3 @@ def r_search(
         top_d[rows], top_i[rows] = dist[:, :k].float(), idx[:, :k]
         start += height
     return top_d, top_i
-
-
-def per_query_numpy(values: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {key: v.detach().cpu().numpy().astype(np.float32) for key, v in values.items()}

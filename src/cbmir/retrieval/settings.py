@@ -12,8 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from cbmir.config import check_choice, check_int
 from cbmir.errors import ConfigError
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 from cbmir.schema import typed
@@ -22,6 +21,8 @@ from cbmir.schema import typed
 #: the image-query callback that `instantiate(cfg.retrieval)` builds
 TEXT_QUERY_KEYS = ("query", "prompts")
 DISTANCES = ("euclidean", "cosine")
+#: `retrieval.query`: the paper's image queries, or one text query per class
+QUERY_MODES = ("image", "text")
 BACKENDS = ("torch", "faiss")
 FAISS_KINDS = ("flat", "ivf", "hnsw")
 #: faiss index parameters per kind (build time) and for every kind (search time)
@@ -31,17 +32,11 @@ FAISS_BUILD_PARAMS: dict[str, frozenset[str]] = {
     "hnsw": frozenset({"M", "ef_construction"}),
 }
 FAISS_SEARCH_PARAMS = frozenset({"nprobe", "ef_search"})
-#: `retrieval.search` keys (knn_search options a config can set) and their value rules
-SEARCH_OPTIONS = ("query_chunk", "db_chunk", "score_dtype", "rerank")
+#: `retrieval.search.score_dtype` values
 SCORE_DTYPES = ("float16", "bfloat16")
 SEARCH_DEVICES = ("auto", "cpu", "cuda")
 #: the ACC@k cut-offs the paper reports
 PAPER_ACC_KS = (1, 3, 5)
-
-
-def is_int(value: Any) -> bool:
-    """A real integer (a bool, float or numeric string is not)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def default_acc_ks(k: object) -> list[int]:
@@ -56,35 +51,29 @@ def default_acc_ks(k: object) -> list[int]:
     return [a for a in PAPER_ACC_KS if a <= limit] or list(PAPER_ACC_KS)
 
 
-def positive_int(value: Any, key: str) -> int:
-    if not is_int(value) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    return int(value)
+#: the positive-integer rule under the name `knn_search` imports it by
+positive_int = check_int
 
 
 def check_distance(distance: Any, key: str = "distance") -> str:
-    if distance not in DISTANCES:
-        raise ConfigError(f"unknown {key} {distance!r}; choose one of {', '.join(DISTANCES)}")
-    return str(distance)
+    return check_choice(distance, DISTANCES, key)
 
 
 def check_k(k: Any, n_database: int | None = None, key: str = "k") -> int:
     """k >= 1, and at most the database rows when their number is known."""
-    k = positive_int(k, key)
+    k = check_int(k, key)
     if n_database is not None and k > n_database:
         raise ConfigError(f"{key}={k} exceeds the {n_database} database rows")
     return k
 
 
 def check_backend(backend: Any) -> str:
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return str(backend)
+    return check_choice(backend, BACKENDS, "backend")
 
 
 def check_acc_ks(acc_ks: Sequence[int], k: int, key: str = "acc_ks") -> tuple[int, ...]:
     """ACC@a needs a neighbours: every a is a positive integer <= k (never silently dropped)."""
-    values = tuple(positive_int(a, f"every {key} entry") for a in acc_ks)
+    values = tuple(check_int(a, f"every {key} entry") for a in acc_ks)
     beyond = [a for a in values if a > k]
     if beyond:
         kept = [a for a in values if a <= k]
@@ -97,10 +86,7 @@ def check_acc_ks(acc_ks: Sequence[int], k: int, key: str = "acc_ks") -> tuple[in
 
 def check_faiss(kind: Any, params: Mapping[str, Any] | None) -> dict[str, Any]:
     """A known index kind and only its own parameters, each an integer of the right range."""
-    if kind not in FAISS_KINDS:
-        raise ConfigError(
-            f"unknown faiss index kind {kind!r}; choose one of {', '.join(FAISS_KINDS)}"
-        )
+    check_choice(kind, FAISS_KINDS, "faiss index kind")
     params = dict(params or {})
     allowed = FAISS_BUILD_PARAMS[kind] | FAISS_SEARCH_PARAMS
     unknown = set(params) - allowed
@@ -109,13 +95,8 @@ def check_faiss(kind: Any, params: Mapping[str, Any] | None) -> dict[str, Any]:
             f"unknown {kind} index parameters {sorted(unknown)}; allowed {sorted(allowed)}"
         )
     for name, value in params.items():
-        if value is None:
-            continue
-        if name == "seed":
-            if not is_int(value) or value < 0:
-                raise ConfigError(f"faiss seed must be an integer >= 0, got {value!r}")
-        else:
-            positive_int(value, f"faiss {name}")
+        if value is not None:
+            check_int(value, f"faiss {name}", minimum=0 if name == "seed" else 1)
     return params
 
 
@@ -127,28 +108,6 @@ def check_faiss_database(kind: str, params: Mapping[str, Any], n_database: int) 
             f"faiss nlist={nlist} exceeds the {n_database} database rows; lower it or leave it "
             "unset (default 4 sqrt(N))"
         )
-
-
-def search_options(options: Mapping[str, Any] | None, key: str = "search") -> dict[str, Any]:
-    """`retrieval.search` (typed by `SearchSchema`) as knn_search keyword arguments: the unset
-    ones left out, chunks positive, score_dtype named -> torch dtype."""
-    import torch
-
-    out: dict[str, Any] = {}
-    for name, value in (options or {}).items():
-        if value is None:
-            continue
-        if name in ("query_chunk", "db_chunk"):
-            out[name] = positive_int(value, f"{key}.{name}")
-        elif name == "rerank":
-            out[name] = value
-        elif value not in SCORE_DTYPES:
-            raise ConfigError(
-                f"{key}.score_dtype must be {', '.join(SCORE_DTYPES)} or null, got {value!r}"
-            )
-        else:
-            out[name] = getattr(torch, value)
-    return out
 
 
 def check_device(device: Any, key: str = "device") -> str:
@@ -163,8 +122,18 @@ def check_device(device: Any, key: str = "device") -> str:
     return name
 
 
-@dataclass
-class SearchSchema:
+def resolve_device(device: Any, key: str = "device") -> str:
+    """`check_device`'s device with auto resolved: cuda where present, else cpu."""
+    import torch
+
+    name = check_device(device, key)
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
     """`retrieval.search`: knn_search options (null: its default)."""
 
     query_chunk: int | None = None
@@ -172,13 +141,35 @@ class SearchSchema:
     score_dtype: str | None = None  # float16 | bfloat16
     rerank: bool | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("query_chunk", "db_chunk"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), f"retrieval.search.{name}")
+        if self.score_dtype not in (None, *SCORE_DTYPES):
+            raise ConfigError(
+                f"retrieval.search.score_dtype must be {', '.join(SCORE_DTYPES)} or null, "
+                f"got {self.score_dtype!r}"
+            )
 
-@dataclass
-class FaissSchema:
+    def kwargs(self) -> dict[str, Any]:
+        """As knn_search keyword arguments: the unset ones left out, score_dtype a torch dtype."""
+        import torch
+
+        out = {name: value for name, value in vars(self).items() if value is not None}
+        if "score_dtype" in out:
+            out["score_dtype"] = getattr(torch, out["score_dtype"])
+        return out
+
+
+@dataclass(frozen=True)
+class FaissSettings:
     """`retrieval.faiss`: the index kind and its parameters (`check_faiss`)."""
 
     kind: str = "flat"
     params: dict[str, int | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_faiss(self.kind, self.params)
 
 
 @dataclass
@@ -189,64 +180,50 @@ class PromptsSchema:
     classes: dict[Any, Any] | None = None  # class id -> a description or a list of them
 
 
-@dataclass
-class RetrievalSchema:
-    """The keys of a `retrieval` config (configs/retrieval/paper.yaml) and their types: a
-    misspelt or mistyped key fails before any weights load (`instantiate(cfg.retrieval)` passes
-    every key to the callback). The value rules are `RetrievalSettings.from_config`'s."""
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """A `retrieval` config (configs/retrieval/paper.yaml): its keys and types, checked by
+    `typed` (a misspelt or mistyped key fails before any weights load, and
+    `instantiate(cfg.retrieval)` passes every key to the callback), and every value rule
+    (`__post_init__`), so the pipeline and a direct `RetrievalCallback` check the same way."""
 
     _target_: str = "cbmir.retrieval.callback.RetrievalCallback"
     k: int = 5
     distance: str = "euclidean"
-    acc_ks: list[int] = field(default_factory=lambda: list(PAPER_ACC_KS))
+    acc_ks: list[int] = field(default_factory=lambda: list(PAPER_ACC_KS))  # a tuple once checked
     metrics: Any = field(default_factory=lambda: list(PAPER_METRICS))  # `all` or a list
     device: str = "auto"
-    search: SearchSchema | None = field(default_factory=SearchSchema)  # null: the defaults
+    search: SearchOptions | None = field(default_factory=SearchOptions)  # null: the defaults
     backend: str = "torch"
-    faiss: FaissSchema | None = field(default_factory=FaissSchema)  # null: the defaults
+    faiss: FaissSettings | None = field(default_factory=FaissSettings)  # null: the defaults
     query: str = "image"  # text protocol (`cbmir.retrieval.text_queries`) ...
     prompts: PromptsSchema | None = None  # ... and its prompts (`PromptSettings`)
 
+    def __post_init__(self) -> None:
+        check_k(self.k, key="retrieval.k")
+        if check_backend(self.backend) == "faiss":
+            from cbmir.retrieval.faiss_backend import require_faiss
 
-@dataclass(frozen=True)
-class RetrievalSettings:
-    """A validated `retrieval` config (see configs/retrieval/paper.yaml)."""
-
-    k: int = 5
-    distance: str = "euclidean"
-    acc_ks: tuple[int, ...] = (1, 3, 5)
-    device: str = "auto"
-    backend: str = "torch"
-    search: dict[str, Any] = field(default_factory=dict)
-    faiss_kind: str = "flat"
-    faiss_params: dict[str, Any] = field(default_factory=dict)
-    metrics: tuple[str, ...] = PAPER_METRICS
+            require_faiss()  # not installed: say so now, not after the embedding
+        check_distance(self.distance, "retrieval.distance")
+        check_device(self.device, "retrieval.device")
+        check_choice(self.query, QUERY_MODES, "retrieval.query")
+        checked = {
+            "acc_ks": check_acc_ks(self.acc_ks, self.k, "retrieval.acc_ks"),
+            "metrics": check_metrics(self.metrics, "retrieval.metrics"),
+            "search": self.search or SearchOptions(),
+            "faiss": self.faiss or FaissSettings(),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_config(cls, conf: Mapping[str, Any]) -> RetrievalSettings:
         """Check every key of a `retrieval` config (a DictConfig or dict); ConfigError names it."""
-        typed_conf = typed(RetrievalSchema, conf, "retrieval")
-        k = check_k(typed_conf.k, key="retrieval.k")
-        backend = check_backend(typed_conf.backend)
-        if backend == "faiss":
-            from cbmir.retrieval.faiss_backend import require_faiss
-
-            require_faiss()  # not installed: say so now, not after the embedding
-        faiss = typed_conf.faiss or FaissSchema()
-        return cls(
-            k=k,
-            distance=check_distance(typed_conf.distance, "retrieval.distance"),
-            acc_ks=check_acc_ks(typed_conf.acc_ks, k, "retrieval.acc_ks"),
-            device=check_device(typed_conf.device, "retrieval.device"),
-            backend=backend,
-            search=search_options(vars(typed_conf.search or SearchSchema()), "retrieval.search"),
-            faiss_kind=faiss.kind,
-            faiss_params=check_faiss(faiss.kind, faiss.params),
-            metrics=check_metrics(typed_conf.metrics, "retrieval.metrics"),
-        )
+        return typed(cls, conf, "retrieval")
 
     def check_database(self, n_database: int) -> None:
         """The rules that need the database split's size."""
         check_k(self.k, n_database, key="retrieval.k")
         if self.backend == "faiss":
-            check_faiss_database(self.faiss_kind, self.faiss_params, n_database)
+            check_faiss_database(self.faiss.kind, self.faiss.params, n_database)

@@ -27,10 +27,14 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 
 from cbmir.errors import ConfigError, DataError
-from cbmir.retrieval.callback import publish_results, query_intervals, score_queries
+from cbmir.retrieval.callback import (
+    ScoringCallback,
+    publish_results,
+    query_intervals,
+    score_queries,
+)
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
 from cbmir.retrieval.settings import PromptsSchema
 from cbmir.schema import typed
@@ -38,7 +42,6 @@ from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
-QUERY_MODES = ("image", "text")
 #: CLIP-style templates; `{}` is replaced by the class name or description
 DEFAULT_TEMPLATES = (
     "a medical image of {}.",
@@ -48,14 +51,6 @@ DEFAULT_TEMPLATES = (
 )
 #: the distance text queries are searched with (CLIP's training objective)
 TEXT_DISTANCE = "cosine"
-
-
-def query_mode(retrieval: Mapping[str, Any]) -> str:
-    """`retrieval.query`: image (the paper's protocol, default) or text."""
-    mode = retrieval.get("query", "image") or "image"
-    if mode not in QUERY_MODES:
-        raise ConfigError(f"retrieval.query={mode!r}; choose one of {', '.join(QUERY_MODES)}")
-    return str(mode)
 
 
 @dataclass(frozen=True)
@@ -201,7 +196,7 @@ def text_search(
     return distances, indices, similarity
 
 
-class TextRetrievalCallback(Callback):
+class TextRetrievalCallback(ScoringCallback):
     """Runs the class text queries against the database split once its embeddings exist."""
 
     def __init__(
@@ -232,12 +227,6 @@ class TextRetrievalCallback(Callback):
         self.embedded_now = list(embedded_now)
         self.data_facts = dict(data_facts or {})
         self.metric_names = check_metrics(metrics)  # `retrieval.metrics`, as for image queries
-        self.metrics: dict[str, Any] | None = None
-        self.per_query: dict[str, np.ndarray] | None = None
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
-            self.evaluate(trainer)
 
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
         from cbmir.extractors.text import build_text_encoder
