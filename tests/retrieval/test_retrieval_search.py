@@ -355,3 +355,23 @@ def test_direct_keys_on_the_cpu_lie_within_their_bounds_whatever_the_threads(dim
     low, high = serial.key_bounds(keys)
     assert ((low <= true) & (true <= high)).all()
     assert keys.dtype == torch.float32 and keys.shape == (9, 4)
+    assert len(serial.key_pieces) > len(serial.pieces) > 1  # the re-rank sums narrower pieces
+
+
+def test_query_norms_on_several_threads_are_the_one_thread_norms():
+    """float64 squared query norms computed in runs of rows on pool threads: the same numbers,
+    within float64's gamma_D of the sum (the certificate's 1% slack is far wider), and a NaN
+    row is still named."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(12)
+    q = torch.rand(37, 300000, generator=g)  # rows of 1.2 MB: one row per buffer step
+    serial = _query_norms(q, cosine=False)
+    with ThreadPoolExecutor(2) as pool:
+        threaded = _query_norms(q, cosine=False, pool=pool, threads=2)
+        q[30, 5] = float("nan")
+        with pytest.raises(EmbeddingError, match="1 of 37 embedding rows contain NaN"):
+            _query_norms(q, cosine=False, pool=pool, threads=2)
+    assert torch.equal(serial, threaded) and serial.dtype == torch.float64
+    exact = q[:30].double().square().sum(1)
+    assert ((serial[:30] - exact).abs() <= 2 * 300000 * 2.0**-53 * exact).all()

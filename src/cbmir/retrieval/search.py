@@ -13,7 +13,7 @@ How it stays fast and exact:
    shortlist from faiss' brute force instead when faiss is installed (`pass1`), with a bound
    of its own (`_Searcher.faiss_error`); steps 2 and 3 are the same.
 2. The shortlist is re-ranked with float32 distances computed directly (``sum((q - x)^2)``
-   summed over the same pieces, cosine ``1 - q^.x^``), gathering only the rows that can still
+   summed over pieces of KEY_PIECE columns, cosine ``1 - q^.x^``), gathering only the rows that can still
    be in the top k, a few MB at a time so the arithmetic on them stays in cache (wide
    euclidean vectors on the CPU: each difference straight from the database row into a reused
    buffer, query runs side by side on the piece threads); ties go to the lower database index
@@ -69,6 +69,10 @@ GEMM_PIECE = 2048
 pieces in 1.09x the CPU time of one whole product, in 2,048-column ones in 1.00x; the wider
 pieces double the rounding-error bound, which sent 12 instead of 7 of those 298 queries to
 float64 ordering and certified all of them."""
+KEY_PIECE = 1024
+"""Widest piece of the re-rank's float32 sums (`exact_keys`, `key_bounds`): narrower than the
+GEMM's, because the re-rank's cost does not depend on it while its rounding interval, which
+decides how many queries are ordered in float64, grows with it."""
 FAISS_MAX_DIM = 1024
 """Widest vectors whose pass 1 may come from faiss (see `_pass1_faiss`; measured at 512)."""
 RERANK_BYTES_CPU = 4 * 2**20
@@ -179,16 +183,19 @@ def check_finite(t: torch.Tensor, name: str, sq_norms: torch.Tensor | None = Non
     return norms
 
 
-def _query_norms(queries: torch.Tensor, cosine: bool) -> torch.Tensor:
+def _query_norms(
+    queries: torch.Tensor, cosine: bool, pool: ThreadPoolExecutor | None = None, threads: int = 1
+) -> torch.Tensor:
     """What `_Queries.build` needs of every query row, checked finite (`check_finite`) in the
-    same pass: float32 norms for cosine, float64 squared norms (`_sq_norms64`) for euclidean.
+    same pass: float32 norms for cosine, float64 squared norms (`_sq_norms64`, on `threads`
+    of `pool` where given) for euclidean.
 
     A squared norm beyond float32's range is refused as the float32 norm would be: the GEMM's
     products could overflow.
     """
     if cosine:
         return check_finite(queries, "queries")
-    sq = _sq_norms64(queries)
+    sq = _sq_norms64(queries, pool, threads)
     too_large = sq > torch.finfo(torch.float32).max
     check_finite(queries, "queries", sq_norms=torch.where(too_large, math.inf, sq))
     return sq
@@ -248,14 +255,15 @@ def _gamma(n: int) -> float:
     return n * _U32 / (1.0 - n * _U32)
 
 
-def _pieces(dim: int) -> list[slice]:
-    """Split of the feature axis into near-equal pieces of at most GEMM_PIECE columns.
+def _pieces(dim: int, widest: int = GEMM_PIECE) -> list[slice]:
+    """Split of the feature axis into near-equal pieces of at most `widest` columns.
 
     Summing the GEMM piece by piece bounds the accumulation depth of a score by
     width + pieces instead of `dim`: for 12,288-d pixels 2,054 instead of 12,288, which is what
-    lets the rounding-error bound certify wide vectors (see `_Searcher.score_error`).
+    lets the rounding-error bound certify wide vectors (see `_Searcher.score_error`). The
+    re-rank's sums use their own, narrower pieces (KEY_PIECE).
     """
-    count = max(1, math.ceil(dim / GEMM_PIECE))
+    count = max(1, math.ceil(dim / widest))
     width = math.ceil(dim / count) if dim else 1
     return [slice(start, min(start + width, dim)) for start in range(0, max(dim, 1), width)]
 
@@ -357,25 +365,46 @@ def _smallest(scores: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]
     return values, columns.gather(1, pos)
 
 
-def _sq_norms64(t: torch.Tensor) -> torch.Tensor:
+def _sq_norms64(
+    t: torch.Tensor, pool: ThreadPoolExecutor | None = None, threads: int = 1
+) -> torch.Tensor:
     """float64 squared L2 norm of every row, converting ~1 MB at a time.
 
-    Squares of float32 numbers are exact in float64 and the float64 sum is ~1e-16-accurate:
-    used for the query norms in the certificate, where a float32 reduction would be off by
-    gamma_dim ||q||^2. On the CPU each step is converted into one reused float64 buffer: a fresh
+    Squares of float32 numbers are exact in float64 and the float64 sum is within gamma_D of
+    float64 (D 2^-53: 1.5e-11 relative at 131,072 dims, against the 1% slack the certificate
+    allows): used for the query norms in the certificate, where a float32 reduction would be
+    off by gamma_D ||q||^2 in float32. On the CPU each step is converted into one reused float64 buffer: a fresh
     1 MB tensor per step was paged in anew each time (298 rows of 131,072 dims: 0.10-0.29 CPU s
-    against 0.05 s).
+    against 0.05 s). With `pool`, `threads` of its threads take contiguous runs of rows, each
+    with its own buffer (every row's sum is the same operations either way).
     """
     rows = max(1, 2**17 // max(1, t.shape[1]))
     if t.device.type != "cpu":
         parts = [torch.linalg.vector_norm(c.double(), dim=1).square() for c in t.split(rows)]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=t.device)
     out = np.empty(t.shape[0])
-    buffer = torch.empty((min(rows, t.shape[0]), t.shape[1]), dtype=torch.float64)
-    for start in range(0, t.shape[0], rows):
-        chunk = buffer[: min(rows, t.shape[0] - start)].copy_(t[start : start + rows]).numpy()
-        out[start : start + rows] = np.einsum("ij,ij->i", chunk, chunk)
+
+    def norms_of(part: range) -> None:
+        buffer = torch.empty((min(rows, len(part)), t.shape[1]), dtype=torch.float64)
+        for start in range(part.start, part.stop, rows):
+            stop = min(start + rows, part.stop)
+            chunk = buffer[: stop - start].copy_(t[start:stop]).numpy()
+            out[start:stop] = np.einsum("ij,ij->i", chunk, chunk)
+
+    _split_rows(norms_of, t.shape[0], pool, threads)
     return torch.from_numpy(out)
+
+
+def _split_rows(
+    work: Callable[[range], None], count: int, pool: ThreadPoolExecutor | None, threads: int
+) -> None:
+    """`work` over rows 0..count: in one call, or on `threads` of `pool`, one contiguous run of
+    rows each (a worker's exception is re-raised here)."""
+    if pool is None or threads < 2 or count < 2:
+        work(range(count))
+        return
+    bounds = np.linspace(0, count, threads + 1).astype(int)
+    list(pool.map(work, [range(bounds[t], bounds[t + 1]) for t in range(threads)]))
 
 
 def _piecewise_sq_norms(t: torch.Tensor, pieces: list[slice]) -> torch.Tensor:
@@ -536,6 +565,7 @@ class _Searcher:
         self.n, self.dim = db.x.shape
         self.device = db.x.device
         self.pieces = _pieces(self.dim)
+        self.key_pieces = _pieces(self.dim, KEY_PIECE)  # the re-rank's sums
         self.n_uncertified = 0  # queries pass 1 could not certify (diagnostics, tests)
         self.n_float64 = 0  # queries whose top k held a near-tie resolved in float64
         self._buffers: dict[str, torch.Tensor] = {}  # score blocks, reused across blocks
@@ -689,7 +719,7 @@ class _Searcher:
 
         Row b of `idx` belongs to query `q[q_rows[b]]` (default: `q[b]`).
 
-        The euclidean sum runs over the GEMM pieces (`_piece_sums`), so its rounding interval
+        The euclidean sum runs over pieces (`_piece_sums`, KEY_PIECE), so its rounding interval
         (`key_bounds`) grows with width + pieces, not the full width: at 131,072 dims the
         whole-width interval (7.8e-3 relative) sent most queries to float64 ordering.
         Gathered a few queries at a time, so the [B, m, D] gather stays near `rerank_bytes` and
@@ -706,7 +736,7 @@ class _Searcher:
             if self.db.cosine:
                 out.append(1.0 - (rows * query).sum(dim=-1))
             else:
-                out.append(_piece_sums(rows.sub_(query).square_(), self.pieces))
+                out.append(_piece_sums(rows.sub_(query).square_(), self.key_pieces))
         return torch.cat(out) if len(out) != 1 else out[0]
 
     def _euclidean_keys_cpu(
@@ -715,8 +745,8 @@ class _Searcher:
         """`exact_keys` for wide euclidean vectors on the CPU, without gathering the rows.
 
         Each difference ``x_row - q`` is written straight from the database row into a small
-        reused buffer (numpy, single-threaded per call), squared in place and summed per GEMM
-        piece (`_piece_sums_np`): no fresh multi-MB gather per query, and with `pool` its
+        reused buffer (numpy, single-threaded per call), squared in place and summed per
+        KEY_PIECE piece (`_piece_sums_np`): no fresh multi-MB gather per query, and with `pool` its
         threads take contiguous runs of query rows, each with its own buffer. Every key is the
         same sequence of operations whatever the thread count, so the reported distances do
         not depend on it. Ad-hoc single-thread timings of 5-6 rows per query (a loaded
@@ -740,15 +770,9 @@ class _Searcher:
                     for j, row in enumerate(block):
                         np.subtract(x[row], query, out=diff[j])
                     np.square(diff, out=diff)
-                    out[b, start : start + step] = _piece_sums_np(diff, self.pieces)
+                    out[b, start : start + step] = _piece_sums_np(diff, self.key_pieces)
 
-        count = rows_of.shape[0]
-        if self.pool is None or count < 2:
-            keys_of(range(count))
-        else:
-            bounds = np.linspace(0, count, self.threads + 1).astype(int)
-            parts = [range(bounds[t], bounds[t + 1]) for t in range(self.threads)]
-            list(self.pool.map(keys_of, parts))  # re-raises a worker's exception
+        _split_rows(keys_of, rows_of.shape[0], self.pool, self.threads)
         return torch.from_numpy(out)
 
     def valid_keys(
@@ -812,8 +836,8 @@ class _Searcher:
         norms), the product and the sum (gamma_{D+1}) and the final 1 - (u), absolute.
         """
         keys64 = keys.double()
-        width = max(p.stop - p.start for p in self.pieces)
-        sum_roundings = (width - 1) + (len(self.pieces) - 1)  # `_piece_sums`; D - 1 for one piece
+        width = max(p.stop - p.start for p in self.key_pieces)
+        sum_roundings = (width - 1) + (len(self.key_pieces) - 1)  # `_piece_sums`; D - 1: one
         if self.db.cosine:
             # 2 (D+2) + (D+1) + 1 <= 3D + 10 roundings in all; 1% for the float64 arithmetic
             band = _gamma(3 * self.dim + 10) * 1.01
@@ -1055,8 +1079,6 @@ def knn_search(
         db_rows.shape[1],
         db_rows.shape[0],
     )
-    query_norms = _query_norms(query_rows, cosine=distance == "cosine")
-
     n_queries, n_database = query_rows.shape[0], db_rows.shape[0]
     out_distances = torch.empty((n_queries, k), dtype=torch.float32)
     out_indices = torch.empty((n_queries, k), dtype=torch.int64)
@@ -1069,14 +1091,15 @@ def knn_search(
     )
     blas_limit = 1 if piece_threads > 1 else None
     with torch.no_grad(), _blas_threads(search_device, blas_limit), contextlib.ExitStack() as stack:
+        pool = None
+        if piece_threads > 1:
+            pool = stack.enter_context(ThreadPoolExecutor(piece_threads, "cbmir-gemm"))
+        query_norms = _query_norms(query_rows, cosine, pool, piece_threads)
         db_rows = db_rows.to(search_device, torch.float32)
         if n_queries == 0:
             check_finite(db_rows, "database")
             return out_distances, out_indices
         db = _Database.build(db_rows, cosine, score_dtype)
-        pool = None
-        if piece_threads > 1:
-            pool = stack.enter_context(ThreadPoolExecutor(piece_threads, "cbmir-gemm"))
         searcher = _Searcher(db, k, block_rows, score_dtype, pool, piece_threads)
         # shortlist width of pass 1: k plus a margin for rows the rounding-error bound cannot
         # yet rule out (wider for half-precision scores, whose bound is looser)
