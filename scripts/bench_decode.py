@@ -5,10 +5,10 @@ rounds: a bare loop (`Image.open` + `np.asarray`, one process), and cbmir's firs
 (`prepare_collection`: list, stamp, one decode pass with 0 or 2 DataLoader workers writing
 rows into the cache, install), each into a fresh cache. Then the second run: the key check
 that finds the cache valid (as a fresh process pays it; the median of --rounds checks), and
-reading every image back from the memory map. Pending writes are flushed (`os.sync`) before each timed step, so that no
-step pays for the write-back of another. The load average is printed at the start and the
-end, and each variant's CPU time (with its workers): on a shared machine only ratios
-measured side by side mean something.
+reading every image back from the memory map. Pending writes are flushed (`os.sync`) before
+each timed step, so that no step pays for the write-back of another. The load average is
+printed at the start and the end, and each variant's CPU time (with its workers): on a shared
+machine only ratios measured side by side mean something.
 
     python scripts/bench_decode.py --n 2000
 """
