@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 MIN_CI_QUERIES = 5
 
 
-class ScoringCallback(Callback):
+class ScoringCallback(Callback, ABC):
     """Scores stored embeddings at the end of a predict run (`evaluate`), or when called
     directly because every embedding was already in the store."""
 
@@ -38,8 +39,9 @@ class ScoringCallback(Callback):
         if trainer.world_size == 1:  # DDP: rank 0 alone, once the ranks have parted (pipeline)
             self.evaluate(trainer)
 
+    @abstractmethod
     def evaluate(self, trainer: L.Trainer | None = None) -> dict[str, Any]:
-        raise NotImplementedError
+        """Score, write and log the results; what each subclass scores."""
 
 
 class RetrievalCallback(ScoringCallback):
