@@ -13,8 +13,8 @@ How it stays fast and exact:
    shortlist from faiss' brute force instead when faiss is installed (`pass1`), with a bound
    of its own (`_Searcher.faiss_error`); steps 2 and 3 are the same.
 2. The shortlist is re-ranked with float32 distances computed directly (``sum((q - x)^2)``
-   summed over pieces of KEY_PIECE columns, cosine ``1 - q^.x^``), gathering only the rows that can still
-   be in the top k, a few MB at a time so the arithmetic on them stays in cache (wide
+   summed over pieces of KEY_PIECE columns, cosine ``1 - q^.x^``), gathering only the rows that can
+   still be in the top k, a few MB at a time so the arithmetic on them stays in cache (wide
    euclidean vectors on the CPU: each difference straight from the database row into a reused
    buffer, query runs side by side on the piece threads); ties go to the lower database index
    (stable lexicographic sort).
@@ -316,9 +316,9 @@ def _piece_threads(device: torch.device, dim: int) -> int:
     """Threads that multiply the GEMM pieces of wide vectors side by side (1: none).
 
     A piece is a small GEMM (298 x 1,188 x 1,024 for 3D concat features when pieces had 1,024
-    columns), and two BLAS threads sharing each one spent 2-3x the CPU time of one thread, worse still while
-    other processes ran; one single-threaded BLAS call per thread and piece took 0.55x the wall
-    time (`scripts/bench_search.py`, docs/benchmarks.md). Used on the CPU with numpy's BLAS
+    columns), and two BLAS threads sharing each one spent 2-3x the CPU time of one thread, worse
+    still while other processes ran; one single-threaded BLAS call per thread and piece took 0.55x
+    the wall time (`scripts/bench_search.py`, docs/benchmarks.md). Used on the CPU with numpy's BLAS
     (`_numpy_gemm`, whose threads threadpoolctl controls) where every thread gets a piece.
     """
     threads = torch.get_num_threads()
@@ -372,11 +372,11 @@ def _sq_norms64(
 
     Squares of float32 numbers are exact in float64 and the float64 sum is within gamma_D of
     float64 (D 2^-53: 1.5e-11 relative at 131,072 dims, against the 1% slack the certificate
-    allows): used for the query norms in the certificate, where a float32 reduction would be
-    off by gamma_D ||q||^2 in float32. On the CPU each step is converted into one reused float64 buffer: a fresh
-    1 MB tensor per step was paged in anew each time (298 rows of 131,072 dims: 0.10-0.29 CPU s
-    against 0.05 s). With `pool`, `threads` of its threads take contiguous runs of rows, each
-    with its own buffer (every row's sum is the same operations either way).
+    allows): used for the query norms in the certificate, where a float32 reduction would be off by
+    gamma_D ||q||^2 in float32. On the CPU each step is converted into one reused float64 buffer: a
+    fresh 1 MB tensor per step was paged in anew each time (298 rows of 131,072 dims: 0.10-0.29 CPU
+    s against 0.05 s). With `pool`, `threads` of its threads take contiguous runs of rows, each with
+    its own buffer (every row's sum is the same operations either way).
     """
     rows = max(1, 2**17 // max(1, t.shape[1]))
     if t.device.type != "cpu":
@@ -441,28 +441,22 @@ def _take_rows(t: torch.Tensor, rows: torch.Tensor | None, start: int, step: int
     return t[rows[start : start + step]]
 
 
-def _piece_sums(t: torch.Tensor, pieces: list[slice]) -> torch.Tensor:
-    """Sum over the last axis, piece by piece and then over the pieces.
+def _piece_sums(t: Any, pieces: list[slice]) -> Any:
+    """Sum over the last axis, piece by piece and then over the pieces (a torch tensor, or a
+    numpy array for the CPU re-rank's threads, which must not start torch's own).
 
     Each term then passes through at most (width - 1) + (pieces - 1) additions, whatever order
-    torch sums in: the depth `_Searcher.key_bounds` assumes. One piece: a plain sum.
+    the library sums in: the depth `_Searcher.key_bounds` assumes. One piece: a plain sum.
     """
     if len(pieces) == 1:
-        return t.sum(dim=-1)
+        return t.sum(-1)
     width = pieces[0].stop - pieces[0].start
     if width * len(pieces) == t.shape[-1]:
-        return t.unflatten(-1, (len(pieces), width)).sum(dim=-1).sum(dim=-1)
-    return torch.stack([t[..., piece].sum(dim=-1) for piece in pieces], dim=-1).sum(dim=-1)
-
-
-def _piece_sums_np(t: np.ndarray, pieces: list[slice]) -> np.ndarray:
-    """`_piece_sums` of a float32 numpy [rows, D] array (float32 sums, same depth)."""
-    if len(pieces) == 1:
-        return t.sum(axis=-1)
-    width = pieces[0].stop - pieces[0].start
-    if width * len(pieces) == t.shape[-1]:
-        return t.reshape(*t.shape[:-1], len(pieces), width).sum(axis=-1).sum(axis=-1)
-    return np.stack([t[..., piece].sum(axis=-1) for piece in pieces], axis=-1).sum(axis=-1)
+        return t.reshape(*t.shape[:-1], len(pieces), width).sum(-1).sum(-1)
+    total = t[..., pieces[0]].sum(-1)
+    for piece in pieces[1:]:
+        total = total + t[..., piece].sum(-1)
+    return total
 
 
 @dataclass
@@ -746,8 +740,8 @@ class _Searcher:
 
         Each difference ``x_row - q`` is written straight from the database row into a small
         reused buffer (numpy, single-threaded per call), squared in place and summed per
-        KEY_PIECE piece (`_piece_sums_np`): no fresh multi-MB gather per query, and with `pool` its
-        threads take contiguous runs of query rows, each with its own buffer. Every key is the
+        KEY_PIECE piece (`_piece_sums`): no fresh multi-MB gather per query, and with `pool`
+        its threads take contiguous runs of query rows, each with its own buffer. Every key is the
         same sequence of operations whatever the thread count, so the reported distances do
         not depend on it. Ad-hoc single-thread timings of 5-6 rows per query (a loaded
         machine, not a script output): 0.83-0.89x the torch gather path's CPU time from 16,384
@@ -770,7 +764,7 @@ class _Searcher:
                     for j, row in enumerate(block):
                         np.subtract(x[row], query, out=diff[j])
                     np.square(diff, out=diff)
-                    out[b, start : start + step] = _piece_sums_np(diff, self.key_pieces)
+                    out[b, start : start + step] = _piece_sums(diff, self.key_pieces)
 
         _split_rows(keys_of, rows_of.shape[0], self.pool, self.threads)
         return torch.from_numpy(out)
@@ -830,10 +824,10 @@ class _Searcher:
 
         Euclidean: sum of D rounded squares of rounded differences, each term off by <= 3
         roundings and the sum by r more (r = w - 1 + P - 1 for P pieces of <= w columns, see
-        `_piece_sums`; D - 1 for one piece): K is within gamma_{r+3} T of the true T, so
-        T is in [K (1 - g), K / (1 - g)] with g = gamma_{r+4} (one u of slack for the float64
-        arithmetic here), plus D * 2^-126 for squares that underflow. Cosine: both normalisations (gamma_{D+2} each, from float32
-        norms), the product and the sum (gamma_{D+1}) and the final 1 - (u), absolute.
+        `_piece_sums`; D - 1 for one piece): K is within gamma_{r+3} T of the true T, so T is in [K
+        (1 - g), K / (1 - g)] with g = gamma_{r+4} (one u of slack for the float64 arithmetic here),
+        plus D * 2^-126 for squares that underflow. Cosine: both normalisations (gamma_{D+2} each,
+        from float32 norms), the product and the sum (gamma_{D+1}) and the final 1 - (u), absolute.
         """
         keys64 = keys.double()
         width = max(p.stop - p.start for p in self.key_pieces)
