@@ -7,6 +7,7 @@ search time, speed-up of the search over exact faiss flat, and recall@k against 
     python scripts/bench_faiss.py --database 1000000 --dim 512 --queries 10000 --k 5
     python scripts/bench_faiss.py --database 50000 --queries 1000   # quick run
     python scripts/bench_faiss.py --exact-only --rounds 2   # torch vs faiss flat, alternating
+    python scripts/bench_faiss.py --tile-rows 1024 8192 --rounds 3   # faiss' database tile
 """
 
 from __future__ import annotations
@@ -78,6 +79,37 @@ def cpu_model() -> str:
     )
 
 
+def compare_tiles(faiss, q: np.ndarray, x: np.ndarray, tiles: list[int], rounds: int) -> None:
+    """knn_search's faiss pass 1 (`knn_L2sqr` with the 21-row shortlist of k=5 and float32
+    ||x||^2 given) timed with each database tile in turn, `rounds` times: wall and CPU s."""
+    m, ptr = 21, faiss.swig_ptr
+    sqn = np.einsum("ij,ij->i", x, x).astype(np.float32)
+    scores, idx = np.empty((len(q), m), np.float32), np.empty((len(q), m), np.int64)
+    before = faiss.cvar.distance_compute_blas_database_bs
+    wall: dict[int, list[float]] = {t: [] for t in tiles}
+    cpu: dict[int, list[float]] = {t: [] for t in tiles}
+    try:
+        for _ in range(rounds):
+            for tile in tiles:
+                faiss.cvar.distance_compute_blas_database_bs = tile
+                c0, t0 = time.process_time(), time.perf_counter()
+                faiss.knn_L2sqr(
+                    ptr(q), ptr(x), x.shape[1], len(q), len(x), m, ptr(scores), ptr(idx), ptr(sqn)
+                )
+                wall[tile].append(time.perf_counter() - t0)
+                cpu[tile].append(time.process_time() - c0)
+    finally:
+        faiss.cvar.distance_compute_blas_database_bs = before
+    query_tile = faiss.cvar.distance_compute_blas_query_bs
+    for tile in tiles:
+        print(
+            f"faiss knn_L2sqr, {query_tile}-query x {tile}-row tiles: wall s "
+            f"{', '.join(f'{t:.1f}' for t in wall[tile])}; process CPU s "
+            f"{', '.join(f'{t:.1f}' for t in cpu[tile])}"
+        )
+    print(f"load average at end {os.getloadavg()}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--database", type=int, default=1_000_000)
@@ -95,6 +127,14 @@ def main() -> None:
     p.add_argument("--exact-only", action="store_true", help="only torch vs faiss flat")
     p.add_argument("--rounds", type=int, default=1, help="alternating exact rounds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tile-rows",
+        type=int,
+        nargs="+",
+        default=None,
+        help="only time knn_search's faiss pass 1 (knn_L2sqr, 21-row shortlist) with these "
+        "database tiles (faiss' distance_compute_blas_database_bs), alternating",
+    )
     p.add_argument(
         "--pass1",
         choices=["auto", "torch", "faiss"],
@@ -119,6 +159,10 @@ def main() -> None:
         f"data: {args.database} database x {args.dim} dims, {args.queries} queries, k={k}, "
         f"{args.clusters} clusters, noise {args.noise}"
     )
+
+    if args.tile_rows:
+        compare_tiles(faiss, q, x, args.tile_rows, args.rounds)
+        return
 
     t0 = time.perf_counter()
     flat = fb.build_index(x, "flat")

@@ -182,3 +182,36 @@ def test_faiss_scores_lie_within_their_bound():
     miss = (scores.double() - true.square().gather(1, idx)).abs()
     assert (miss <= searcher.faiss_error(queries)[:, None]).all()
     assert miss.max() > 1.0  # cancellation at ||q||^2 ~ 2.6e8: far above the true ~0.05
+
+
+def test_faiss_pass1_runs_on_wide_tiles_and_restores_faiss_settings(monkeypatch, caplog):
+    """faiss' database tile is process-wide: pass 1 sets its own (`_faiss_tile_rows`, not
+    faiss' 1,024) and torch's thread count for the call only, restores the tile after it, and
+    gives the same certified result as the torch pass."""
+    import faiss
+
+    seen = []
+    real = faiss.knn_L2sqr
+
+    def spy(*args):
+        cvar = faiss.cvar
+        seen.append(
+            (
+                cvar.distance_compute_blas_database_bs,
+                cvar.distance_compute_blas_query_bs,
+                faiss.omp_get_max_threads() == torch.get_num_threads(),
+            )
+        )
+        return real(*args)
+
+    monkeypatch.setattr(faiss, "knn_L2sqr", spy)
+    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_database_bs", 777)
+    g = torch.Generator().manual_seed(3)
+    x, q = torch.randn(3000, 64, generator=g), torch.randn(300, 64, generator=g)
+    (dt, it), (df, i_f) = _torch_and_faiss_pass1(q, x, 5, caplog)
+    assert faiss.cvar.distance_compute_blas_database_bs == 777
+    ((tile, query_tile, same_threads),) = seen
+    assert tile == search_module._faiss_tile_rows(query_tile) and same_threads
+    assert tile * query_tile * 4 <= max(search_module.BLOCK_BYTES, 1024 * query_tile * 4)
+    assert tile == 8192 or query_tile != 4096  # faiss' default query tile: 8,192 rows
+    assert torch.equal(i_f, it) and torch.equal(df, dt)

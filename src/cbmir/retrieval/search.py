@@ -126,14 +126,30 @@ def _pass1_faiss(
 
 
 @contextlib.contextmanager
-def _omp_threads(faiss: Any) -> Iterator[None]:
-    """Hold faiss' OpenMP threads to torch's thread count for one call."""
-    before = faiss.omp_get_max_threads()
+def _faiss_settings(faiss: Any) -> Iterator[None]:
+    """Hold faiss' OpenMP threads to torch's thread count, and its database tile to
+    `_faiss_tile_rows`, for one call; both are process-wide in faiss, so both are restored."""
+    cvar = faiss.cvar
+    threads, tile_rows = faiss.omp_get_max_threads(), cvar.distance_compute_blas_database_bs
     faiss.omp_set_num_threads(torch.get_num_threads())
+    cvar.distance_compute_blas_database_bs = _faiss_tile_rows(cvar.distance_compute_blas_query_bs)
     try:
         yield
     finally:
-        faiss.omp_set_num_threads(before)
+        faiss.omp_set_num_threads(threads)
+        cvar.distance_compute_blas_database_bs = tile_rows
+
+
+def _faiss_tile_rows(query_tile: int) -> int:
+    """Database rows per faiss BLAS call in pass 1: as many as fill one BLOCK_BYTES score tile
+    with faiss' query tile (8,192 rows for its 4,096 queries), not faiss' default of 1,024.
+
+    faiss multiplies one query tile by one database tile per BLAS call, and BLAS packs the
+    query tile anew in every call: 1,024-row tiles repack a 4,096 x 512 query tile once per
+    1,024 database rows. The tile changes how the work is cut, not the rounding-error bound:
+    each score is still one float32 dot product over the whole width (`faiss_error`). Measured with
+    `scripts/bench_faiss.py --tile-rows` (docs/benchmarks.md, "faiss tiles")."""
+    return max(1024, BLOCK_BYTES // (4 * max(1, query_tile)))
 
 
 def _as_matrix(data: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
@@ -671,8 +687,8 @@ class _Searcher:
         """Pass 1 by faiss' exact brute force (`knn_L2sqr`): the m smallest float32 scores
         ||q - x||^2 per query (all queries at once) and their rows.
 
-        faiss multiplies 4096-query x 1024-row tiles that stay in cache and keeps a heap per
-        query; at 1M x 512 that beat the torch pass (docs/benchmarks.md). It is given our
+        faiss multiplies 4,096-query x `_faiss_tile_rows` tiles and keeps a heap per query; at
+        1M x 512 that beat the torch pass (docs/benchmarks.md). It is given our
         ||x||^2, so the bound `faiss_error` holds for the very numbers it adds.
         """
         q = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
@@ -681,7 +697,7 @@ class _Searcher:
         scores = np.empty((q.shape[0], m), dtype=np.float32)
         idx = np.empty((q.shape[0], m), dtype=np.int64)
         ptr = faiss.swig_ptr
-        with _omp_threads(faiss):
+        with _faiss_settings(faiss):
             faiss.knn_L2sqr(
                 ptr(q), ptr(x), self.dim, q.shape[0], self.n, m, ptr(scores), ptr(idx), ptr(sqn)
             )
