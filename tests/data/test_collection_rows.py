@@ -236,3 +236,46 @@ def test_the_key_text_is_unchanged_for_existing_caches(tmp_path) -> None:
         [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
         for st in (Path(r.path).stat() for r in collection.rows)
     ]
+
+
+def _content_digest(dm: CollectionDataModule, row_digest, version: bytes) -> str:
+    """`_content_sha256` recomputed from the stored arrays of a grey collection (stored rows
+    are the decoded rows there), with `row_digest` per row under the format tag `version`."""
+    import hashlib
+
+    digest = hashlib.sha256(b"cbmir collection rows " + version)
+    for split in ("train", "test"):
+        images, labels = np.asarray(dm.images(split)), np.asarray(dm.labels(split), np.int64)
+        digest.update(json.dumps([split, list(images.shape), list(labels.shape)]).encode())
+        for image in images:
+            head = f"{image.dtype.str}{image.shape}".encode()
+            digest.update(row_digest(head + np.ascontiguousarray(image).tobytes()))
+        digest.update(np.ascontiguousarray(labels).data)
+    return digest.hexdigest()
+
+
+def test_the_content_digest_of_xxh3_rows_never_equals_a_sha256_rows_digest(tmp_path) -> None:
+    """Rows are digested by xxh3_128 (a twentieth of the decode's CPU time went to sha256);
+    the content digest's format tag moved from 1 to 2 with it, so a digest of the old format
+    (the embeddings' store key of caches decoded before) never equals a new one."""
+    import hashlib
+
+    import xxhash
+
+    dm = module(grey_tree(tmp_path / "v"), tmp_path / "cache")
+    new = _content_digest(dm, lambda b: xxhash.xxh3_128(b).digest(), b"2")
+    assert sha(dm) == new
+    assert sha(dm) != _content_digest(dm, lambda b: hashlib.sha256(b).digest(), b"1")
+
+
+def test_a_file_rewritten_with_the_same_pixels_keeps_the_content_digest(tmp_path) -> None:
+    """Its stamp changed, so the collection is decoded again (a new key); the content digest,
+    the embeddings' store key, is the same: nothing is embedded again."""
+    root = grey_tree(tmp_path / "p")
+    first = module(root, tmp_path / "cache")
+    path = root / "train" / "b" / "1.png"
+    pixels = np.asarray(Image.open(path))
+    path.unlink()
+    Image.fromarray(pixels).save(path)  # a new file (inode, ctime), the same pixels
+    again = module(root, tmp_path / "cache")
+    assert again._key != first._key and sha(again) == sha(first)
