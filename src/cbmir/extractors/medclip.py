@@ -94,12 +94,6 @@ class MedClipVision(nn.Module):
         return self.projection_head(pooled)
 
 
-class _Tower(nn.Module):
-    def __init__(self, vision_model: nn.Module) -> None:
-        super().__init__()
-        self.vision_model = vision_model
-
-
 #: Hugging Face Swin block names -> timm (transformers 4.x names, as in MedCLIP's file, and 5.x)
 _HF_BLOCK = {
     "layernorm_before": "norm1",
@@ -122,7 +116,7 @@ _HF_QKV = {
 
 
 def hf_swin_to_timm(sd: StateDict) -> StateDict:
-    """Rename a MedCLIP / Hugging Face Swin state dict to `_Tower(MedClipVision)` keys."""
+    """Rename a MedCLIP / Hugging Face Swin state dict to `vision_model.` + `MedClipVision` keys."""
     anchor = "embeddings.patch_embeddings.projection.weight"
     prefixes = [k[: -len(anchor)] for k in sd if k.endswith(anchor)]
     if not prefixes:
@@ -195,10 +189,14 @@ class MedClipExtractor(ModelTransform, Extractor):
         self.checkpoint = str(checkpoint) if checkpoint else None
         self.normalize = bool(normalize)
         hint = "Is it pytorch_model.bin from MedCLIP's medclip-vit-pretrained.zip?"
+
+        def build() -> nn.Module:  # named as in MedCLIP's checkpoint
+            return nn.ModuleDict({"vision_model": MedClipVision()})
+
         if self.checkpoint or self.pretrained:
-            tower = _Tower(MedClipVision())
+            tower = build()
         else:  # random weights: from the seed, seeing the whole image (`random_init`)
-            tower = build_random(lambda: _Tower(MedClipVision()), seed)
+            tower = build_random(build, seed)
             self.random_init = random_identity(seed, "timm")
         if self.checkpoint:
             path, weights = self.checkpoint, weights_identity(self.checkpoint)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cbmir.errors import ConfigError
+from cbmir.errors import ConfigError, reason
 from cbmir.extractors.checkpoint import (
     CheckpointError,
     UnreadableWeightsError,
@@ -101,8 +101,7 @@ def read_spec(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
         obj = load_torch_file(path, trust=trust)
     except UnreadableWeightsError as exc:  # every other failure of the file is already one
         raise CheckpointError(
-            f"could not read {path} as a cbmir-finetune checkpoint "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            f"could not read {path} as a cbmir-finetune checkpoint ({reason(exc)})"
         ) from exc
     spec = obj.get(CKPT_KEY) if isinstance(obj, Mapping) else None
     if not isinstance(spec, Mapping):
