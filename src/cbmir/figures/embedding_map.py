@@ -84,9 +84,7 @@ def open_source(path: str | Path) -> MapSource:
         )
     data = entry.manifest.get("data", {})
     caption = f"{run_name}: {data.get('name', '?')} {data.get('split', '?')} embeddings"
-    names = names_from_config(
-        data_cfg, entry.labels, entry.manifest.get("data", {}).get("source_sha256")
-    )
+    names = names_from_config(data_cfg, entry.labels, data.get("source_sha256"))
     return MapSource(entry, names, distance, caption, is_run=(path / "metrics.json").is_file())
 
 

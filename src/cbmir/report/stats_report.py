@@ -93,7 +93,7 @@ def sweep_significance(
         frames.append(pairs)
     pairs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     out = Significance(pairs=pairs, notes=notes)
-    for size in _sizes(done):
+    for size in sizes_of(done):
         at = done[done["size"].isna()] if size is None else done[done["size"] == size]
         table = marked_table(at, marks)
         if table:
@@ -102,7 +102,8 @@ def sweep_significance(
     return out
 
 
-def _sizes(done: pd.DataFrame) -> list[int | None]:
+def sizes_of(done: pd.DataFrame) -> list[int | None]:
+    """The image sizes of `done`'s jobs, ascending; None (data without a MedMNIST size) last."""
     sizes: list[int | None] = sorted(int(s) for s in done["size"].dropna().unique())
     return sizes + ([None] if done["size"].isna().any() else [])
 
@@ -154,7 +155,7 @@ def _friedman(done: pd.DataFrame, out: Significance) -> None:
     """Friedman + Nemenyi per size and metric over the plain jobs (no extra overrides)."""
     plain = done[done["setting"] == ""]
     rows = []
-    for size in _sizes(plain):
+    for size in sizes_of(plain):
         at = plain[plain["size"].isna()] if size is None else plain[plain["size"] == size]
         columns = [(key, col) for key, col, _ in METRICS if at[col].notna().any()]
         columns += [(col.replace("_at_", "@"), col) for col, _ in extra_columns(at)]
