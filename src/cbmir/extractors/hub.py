@@ -47,9 +47,8 @@ def model_page(repo_id: str) -> str:
 
 def offline() -> bool:
     """`HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) as the hub client reads it."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if is_true(os.environ.get(var, "")):
-            return True
+    if any(is_true(os.environ.get(var, "")) for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
     try:
         from huggingface_hub import constants
 

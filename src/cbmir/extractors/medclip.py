@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import urllib.request
 import zipfile
 from importlib import resources
@@ -273,15 +274,13 @@ def download_weights(cache_dir: str | None = None, timeout: float = 10.0) -> Pat
         archive = root / "medclip-vit-pretrained.zip"
         tmp = archive.with_suffix(".part")
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-            while block := resp.read(1 << 20):
-                out.write(block)
+            shutil.copyfileobj(resp, out, 1 << 20)
         tmp.replace(archive)
         with zipfile.ZipFile(archive) as zf:
             member = next(n for n in zf.namelist() if n.endswith("pytorch_model.bin"))
             partial = target.with_suffix(".bin.part")
             with zf.open(member) as src, open(partial, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
+                shutil.copyfileobj(src, dst, 1 << 20)
             partial.replace(target)  # never a half-written file at the path later runs trust
         archive.unlink(missing_ok=True)
     except (OSError, StopIteration, zipfile.BadZipFile, ValueError) as exc:

@@ -42,11 +42,7 @@ VERSION_KEYS = ("timm", "open_clip", "torch")
 
 def architecture_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """A model config (plain dict, resolved) that builds the same network without weights."""
-    cfg = dict(model_cfg)
-    for key, value in WEIGHT_SOURCES.items():
-        if key in cfg:
-            cfg[key] = value
-    return cfg
+    return {**model_cfg, **{k: v for k, v in WEIGHT_SOURCES.items() if k in model_cfg}}
 
 
 def extractor_spec(model_cfg: Mapping[str, Any], extractor: FineTunedExtractor) -> dict[str, Any]:
@@ -171,10 +167,6 @@ def checkpoint_info(path: object, field: str = "name") -> str | None:
     if field == "sha256":  # not cached by (mtime, size) here: that misses in-place rewrites
         return weights_identity(p)
     return _cached_info(str(p.resolve()), stat.st_mtime_ns, stat.st_size, field) or default
-
-
-def checkpoint_name(path: object) -> str:
-    return str(checkpoint_info(path, "name"))
 
 
 @functools.lru_cache(maxsize=64)

@@ -27,9 +27,9 @@ from cbmir.figures.report_plots import dataset_figure, metric_column, overview_f
 from cbmir.io_utils import write_text
 from cbmir.report import tables
 from cbmir.report.collect import collect, finished
-from cbmir.report.names import METRICS
+from cbmir.report.names import METRICS, sizes_of
 from cbmir.report.reference import compare, load_reference, unmeasured
-from cbmir.report.stats_report import Significance, sizes_of, sweep_significance
+from cbmir.report.stats_report import Significance, sweep_significance
 
 log = logging.getLogger(__name__)
 

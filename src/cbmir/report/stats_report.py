@@ -16,7 +16,7 @@ import pandas as pd
 from cbmir.errors import CbmirError, DataError
 from cbmir.report import significance as sig
 from cbmir.report.collect import _load_config, _select
-from cbmir.report.names import METRICS, is_metric_key
+from cbmir.report.names import METRICS, is_metric_key, sizes_of
 from cbmir.report.tables import extra_columns, fmt, markdown_table
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,6 @@ def sweep_significance(
             out.tables[size] = table
     _friedman(done, out)
     return out
-
-
-def sizes_of(done: pd.DataFrame) -> list[int | None]:
-    """The image sizes of `done`'s jobs, ascending; None (data without a MedMNIST size) last."""
-    sizes: list[int | None] = sorted(int(s) for s in done["size"].dropna().unique())
-    return sizes + ([None] if done["size"].isna().any() else [])
 
 
 def _size_text(size: object) -> str:
