@@ -33,7 +33,6 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from cbmir.config import is_multirun
@@ -92,10 +91,7 @@ def check_launch(trainer_cfg: Mapping[str, Any], multirun: bool | None = None) -
 def hold_job_dir_once(job_dir: Path) -> Iterator[None]:
     """`resume.hold_job_dir` in the launch-primary process only: ranks > 0 run the same job
     while rank 0 holds it, so taking the lock there would wait for ever."""
-    if not is_launch_primary():
-        yield
-        return
-    with hold_job_dir(job_dir):
+    with hold_job_dir(job_dir) if is_launch_primary() else contextlib.nullcontext():
         yield
 
 
@@ -225,23 +221,13 @@ class DistributedStoreWriter(EmbeddingStoreWriter):
         self._ends = {}
         self._last_end = time.perf_counter()
 
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        prediction: torch.Tensor,
-        batch_indices: Any,
-        batch: dict[str, Any],
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def _write_rows(
+        self, trainer: L.Trainer, index: int, rows: np.ndarray, values: np.ndarray
     ) -> None:
         if trainer.world_size == 1:
-            return super().write_on_batch_end(
-                trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
-            )
-        rows = batch["index"].detach().cpu().numpy()
-        self.shards[dataloader_idx].write(rows, prediction.detach().cpu().numpy())
-        self._ends[dataloader_idx] = time.perf_counter()
+            return super()._write_rows(trainer, index, rows, values)
+        self.shards[index].write(rows, values)
+        self._ends[index] = time.perf_counter()
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size == 1:

@@ -243,15 +243,21 @@ class EmbeddingStoreWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        writer = self.writers[dataloader_idx]
+        rows = batch["index"].detach().cpu().numpy()
+        self._write_rows(trainer, dataloader_idx, rows, prediction.detach().cpu().numpy())
+
+    def _write_rows(
+        self, trainer: L.Trainer, index: int, rows: np.ndarray, values: np.ndarray
+    ) -> None:
+        """One batch's rows into entry `index` (under DDP each rank writes shards instead)."""
+        writer = self.writers[index]
         if writer is None:
             raise EmbeddingError(
-                f"predict dataloader {dataloader_idx} yielded rows after its entry was complete"
+                f"predict dataloader {index} yielded rows after its entry was complete"
             )
-        rows = batch["index"].detach().cpu().numpy()
-        writer.write(rows, prediction.detach().cpu().numpy())
+        writer.write(rows, values)
         if writer.complete:
-            self._publish(dataloader_idx)
+            self._publish(index)
 
     def _publish(self, index: int) -> None:
         """Publish one finished entry; dataloaders run one after another, so its time runs

@@ -8,6 +8,16 @@ import http.client
 DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError, http.client.HTTPException)
 
 
+def reason(exc: BaseException) -> str:
+    """`Type: first line` of a library's exception (200 characters at most; `Type` alone when
+    it says nothing), to name it in a one-line message without its traceback. Torch's
+    weights_only unpickler says what it refused after advice that would mislead here."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
 class CbmirError(Exception):
     """Bad input or environment that the user can fix; the message says how."""
 

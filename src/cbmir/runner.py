@@ -7,6 +7,7 @@ layer reaches into another command's private state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -74,11 +75,9 @@ def _write_error(cfg: DictConfig, exc: BaseException) -> None:
     """`error.json` in the job's folder, where that folder can take it (it may be the problem)."""
     from cbmir.io_utils import write_json
 
-    try:
+    with contextlib.suppress(OSError, OmegaConfBaseException):
         out = Path(cfg.paths.output_dir)
         write_json(out / "error.json", {"error": str(exc), "type": type(exc).__name__})
-    except (OSError, OmegaConfBaseException):
-        pass
 
 
 def quiet_library_logging() -> None:

@@ -26,7 +26,7 @@ from tests.data.collection_files import (
 
 from cbmir.data import CollectionDataModule, NpzDataModule
 from cbmir.data.decode import DecodeSettings, fit, read_item
-from cbmir.errors import DataError
+from cbmir.errors import ConfigError, DataError
 
 
 def module(path: Path, tmp_path: Path, **kwargs) -> CollectionDataModule:
@@ -458,3 +458,17 @@ def test_listing_pauses_the_garbage_collector_only_while_it_lists(tmp_path):
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"kind": "zip"}, r"unknown data.kind 'zip'; choose one of folder, csv"),
+        ({"decode_workers": -1}, r"data.decode_workers must be an integer >= 0, got -1"),
+        ({"decode_workers": 1.5}, r"data.decode_workers must be an integer >= 0, got 1.5"),
+    ],
+)
+def test_bad_kind_or_decode_workers_fail_before_any_file_is_read(tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=message):
+        CollectionDataModule(tmp_path / "absent", cache_dir=tmp_path / "cache", **setting)
+    assert not (tmp_path / "cache").exists()

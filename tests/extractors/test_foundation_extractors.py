@@ -232,7 +232,7 @@ def test_unreachable_hub_fails_fast_without_retries(monkeypatch) -> None:
     monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: False)
     start = time.monotonic()
     with pytest.raises(hub.HubError, match=r"huggingface.co/paige-ai/Virchow2[\s\S]*HF_TOKEN"):
-        hub.download("paige-ai/Virchow2", ("model.safetensors", "pytorch_model.bin"), gated=True)
+        hub.fetch("paige-ai/Virchow2", ("model.safetensors", "pytorch_model.bin"), gated=True)
     assert time.monotonic() - start < 5
 
 

@@ -221,10 +221,11 @@ def conch_overrides() -> list[str]:
 
 
 def test_conch_weights_from_the_hub_cache(hub_cache, tmp_path) -> None:
-    from cbmir.extractors.conch import ConchVisual, _Tower
+    from cbmir.extractors.conch import ConchVisual
+    from cbmir.extractors.open_clip_extractor import ImageTower
 
     torch.manual_seed(3)
-    tower = _Tower(ConchVisual(**TINY_CONCH))
+    tower = ImageTower(ConchVisual(**TINY_CONCH))
     state = {**tower.state_dict(), "text.token_embedding.weight": torch.zeros(50, 32)}
     state["visual.attn_pool_caption.query"] = torch.zeros(4, 32)
     link = add_file(

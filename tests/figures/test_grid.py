@@ -9,7 +9,7 @@ import torch
 from cbmir.figures.grid import COLOURS, Cell, GridLayout, _fit, _font, render_grid
 from cbmir.figures.images import display_image
 from cbmir.figures.labels import NO_LABEL, label_text, names_from_config, relevance
-from cbmir.figures.neighbours import QueryResult, neighbour_grid
+from cbmir.figures.neighbours import QueryResult, neighbour_cells
 
 
 @pytest.mark.parametrize(("rows", "cols", "title"), [(1, 1, False), (3, 6, True), (8, 11, True)])
@@ -43,11 +43,10 @@ def test_neighbour_grid_marks_hits_by_the_query_label() -> None:
         "q", np.full((8, 8), 9, np.uint8), np.array([2, 1, 0]), np.ones(3), np.array([0])
     )
     layout = GridLayout(tile=16)
-    image = np.asarray(
-        neighbour_grid(
-            [result], lambda r: np.zeros((8, 8), np.uint8), database_labels, {}, False, layout
-        )
+    cells = neighbour_cells(
+        [result], lambda r: np.zeros((8, 8), np.uint8), database_labels, {}, False
     )
+    image = np.asarray(render_grid(cells, layout))
     corners = [
         tuple(image[layout.origin(0, c)[1] + 1, layout.origin(0, c)[0] + 1]) for c in range(4)
     ]

@@ -8,7 +8,7 @@ import torch
 
 from cbmir.errors import CbmirError, ConfigError, DataError
 from cbmir.extractors.checkpoint import CheckpointError
-from cbmir.finetune.checkpoint import checkpoint_info, checkpoint_name, load_finetuned
+from cbmir.finetune.checkpoint import checkpoint_info, load_finetuned
 from cbmir.finetune.data import FinetuneData, QuerySplitAccess
 from cbmir.finetune.losses import OBJECTIVES, make_objective
 from cbmir.finetune.run import run_finetune
@@ -54,7 +54,7 @@ def test_finetuned_model_config_takes_its_checkpoint_from_a_sweep_key(tmp_path) 
     assert cfg.model.name == "finetuned"  # unreadable file: the default name
     assert cfg.model.sha256 is None  # no file yet
     assert compose_config(["model=finetuned"]).model.checkpoint is None
-    assert checkpoint_name(None) == "finetuned"
+    assert checkpoint_info(None, "name") == "finetuned"
     # the file's hash is part of the config, so a resumable sweep re-runs when the file changes
     path = tmp_path / "x.ckpt"
     path.write_bytes(b"one")

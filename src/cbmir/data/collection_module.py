@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cbmir.config import check_choice, check_int
 from cbmir.data.collection import (
     Collection,
     Columns,
@@ -25,7 +26,7 @@ from cbmir.data.collection_cache import (
     prepare_collection,
     trusted,
 )
-from cbmir.data.datamodule import RetrievalDataModule
+from cbmir.data.datamodule import RetrievalDataModule, shared_args
 from cbmir.data.decode import DecodeSettings
 from cbmir.data.files import read_manifest
 from cbmir.errors import ConfigError, DataError
@@ -66,23 +67,10 @@ class CollectionDataModule(RetrievalDataModule):
         synthetic: bool = False,
         verify: bool = True,
     ) -> None:
-        if kind not in KINDS:
-            raise ConfigError(f"data.kind must be one of {', '.join(KINDS)}, not {kind!r}.")
-        if not isinstance(decode_workers, int) or decode_workers < 0:
-            raise ConfigError(
-                f"data.decode_workers must be an integer >= 0, not {decode_workers!r}."
-            )
+        check_choice(kind, KINDS, "data.kind")
+        check_int(decode_workers, "data.decode_workers", minimum=0)
         self.npz_file = Path(path).expanduser().absolute()  # the source, named in messages
-        super().__init__(
-            name=name or self.npz_file.stem,
-            query_split=query_split,
-            database_split=database_split,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            seed=seed,
-            cache_dir=cache_dir,
-        )
+        super().__init__(name=name or self.npz_file.stem, **shared_args(locals()))
         self.save_hyperparameters()
         self.kind = kind
         self.settings = DecodeSettings(size, resize, tuple(window) if window else None)
@@ -102,18 +90,11 @@ class CollectionDataModule(RetrievalDataModule):
         """The manifest rows (built once per module)."""
         if self._collection is None:
             assert self.cache_dir is not None
+            split = (self.cache_dir, self.split_seed, self.split_fractions)
             if self.kind == "folder":
-                self._collection = folder_collection(
-                    self.npz_file, self.cache_dir, self.split_seed, self.split_fractions
-                )
+                self._collection = folder_collection(self.npz_file, *split)
             else:
-                self._collection = table_collection(
-                    self.npz_file,
-                    self.columns,
-                    self.cache_dir,
-                    self.split_seed,
-                    self.split_fractions,
-                )
+                self._collection = table_collection(self.npz_file, self.columns, *split)
         return self._collection
 
     def _prepare(self) -> Path:

@@ -40,6 +40,24 @@ def _check_split(split: str, what: str) -> str:
     return check_choice(split, catalog.SPLITS, what)
 
 
+#: the settings every DataModule takes in its own signature (so Lightning records them as its
+#: hyper-parameters) and passes on unchanged to `RetrievalDataModule`
+SHARED_ARGS = (
+    "query_split",
+    "database_split",
+    "batch_size",
+    "num_workers",
+    "pin_memory",
+    "seed",
+    "cache_dir",
+)
+
+
+def shared_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """`SHARED_ARGS` out of a subclass constructor's `locals()`, named once for all of them."""
+    return {key: args[key] for key in SHARED_ARGS}
+
+
 class RetrievalDataModule(L.LightningDataModule):
     """Shared machinery: one MedMNIST-layout npz, converted once, served split by split.
 
@@ -334,16 +352,7 @@ class MedMNISTDataModule(RetrievalDataModule):
         flag = catalog.check_flag_size(flag, size)
         if not isinstance(verify, bool):
             raise ConfigError(f"data.verify must be true or false, not {verify!r}.")
-        super().__init__(
-            name=name or flag,
-            query_split=query_split,
-            database_split=database_split,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            seed=seed,
-            cache_dir=cache_dir,
-        )
+        super().__init__(name=name or flag, **shared_args(locals()))
         self.save_hyperparameters()
         self.flag = flag
         self._size = size
@@ -447,12 +456,11 @@ class MedMNISTDataModule(RetrievalDataModule):
                 self.npz_file,
                 catalog.paper_name(self.flag),
             )
-        s = self._size
-        expected = [s, s, s] if catalog.is_3d(self.flag) else [catalog.n_channels(self.flag), s, s]
+        expected = list(self.image_shape)
         if manifest["image_shape"] != expected:
             raise DataError(
                 f"{self.npz_file} holds images of shape {manifest['image_shape']}, expected "
-                f"{expected} for {self.flag} at {s} px. Delete it and download it again."
+                f"{expected} for {self.flag} at {self._size} px. Delete it and download it again."
             )
 
     @property
@@ -503,16 +511,7 @@ class NpzDataModule(RetrievalDataModule):
         verify: bool = True,
     ) -> None:
         self.npz_file = Path(path).expanduser()
-        super().__init__(
-            name=name or self.npz_file.stem,
-            query_split=query_split,
-            database_split=database_split,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            seed=seed,
-            cache_dir=cache_dir,
-        )
+        super().__init__(name=name or self.npz_file.stem, **shared_args(locals()))
         self.save_hyperparameters()
         if synthetic:
             log.info("data=npz uses %s as it is; synthetic=true is ignored", self.npz_file)

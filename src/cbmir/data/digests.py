@@ -11,6 +11,7 @@ never re-read. A chmod, a new hard link or a remount also changes the stamp: one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,14 +54,12 @@ def hash_file(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _cached(cache_file: Path, current: dict[str, Any]) -> dict[str, str] | None:
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         record = json.loads(cache_file.read_text())
         if record["version"] == CACHE_VERSION and record["stamp"] == current:
             digests = record["digests"]
             if all(isinstance(digests.get(k), str) for k in ("sha256", "md5")):
                 return digests
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
     return None
 
 

@@ -281,7 +281,9 @@ def _float_mode(zf, member: str, src: Path, name: str) -> float:
     )
 
 
-def _write_images(zf, member, src, name, out: Path, n: int, item_shape, layout) -> str:
+def _write_images(zf, src: Path, out_dir: Path, split: str, n: int, item_shape, layout) -> str:
+    name = f"{split}_images"
+    member, out = _member_name(zf, name), out_dir / f"{name}.npy"
     dtype = _header(zf, member)[2]
     out_shape = (n, *item_shape[:2]) if layout == "gray2d" else (n, *item_shape)
     scale = _float_mode(zf, member, src, name) if dtype.kind == "f" else None
@@ -305,8 +307,9 @@ def _write_images(zf, member, src, name, out: Path, n: int, item_shape, layout) 
     return "float [0,255] rounded" if scale else ("none" if dtype == np.uint8 else "cast")
 
 
-def _write_labels(zf, member: str, src: Path, name: str, out: Path) -> None:
-    labels = _read_full(zf, member)
+def _write_labels(zf, src: Path, out_dir: Path, split: str) -> None:
+    name = f"{split}_labels"
+    labels = _read_full(zf, _member_name(zf, name))
     labels = labels.reshape(len(labels), -1) if labels.ndim == 1 else labels
     if labels.dtype.kind == "f" and (
         not np.isfinite(labels).all() or (labels != np.round(labels)).any()
@@ -314,7 +317,7 @@ def _write_labels(zf, member: str, src: Path, name: str, out: Path) -> None:
         raise DataError(f"{src}: {name} are non-integer floats; expected integer class ids.")
     if labels.size and labels.min() < 0:
         raise DataError(f"{src}: {name} has negative values; expected class ids >= 0.")
-    np.save(out, labels.astype(np.int64))
+    np.save(out_dir / f"{name}.npy", labels.astype(np.int64))
 
 
 # --------------------------------------------------------------------------- manifest
@@ -348,18 +351,26 @@ def read_manifest(npy_dir: str | os.PathLike) -> dict[str, Any]:
         raise DataError(f"{path} is unreadable ({exc}); delete {npy_dir} to rebuild it.") from None
 
 
+def _marker(zf: zipfile.ZipFile) -> dict[str, Any] | None:
+    member = _member_name(zf, SYNTHETIC_KEY)
+    return json.loads(_read_full(zf, member).item()) if member else None
+
+
 def read_synthetic_marker(src: Path) -> dict[str, Any] | None:
     """The `cbmir_synthetic` member of an npz (written by cbmir-synth), or None. Cheap: reads
     the zip directory and one small member."""
     try:
         with zipfile.ZipFile(src) as zf:
-            member = _member_name(zf, SYNTHETIC_KEY)
-            return json.loads(_read_full(zf, member).item()) if member else None
+            return _marker(zf)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as exc:
-        raise DataError(
-            f"{src} is not a readable MedMNIST .npz file ({type(exc).__name__}: {exc}). It may "
-            f"be corrupt or partly downloaded: delete it and download it again."
-        ) from None
+        raise _unreadable(src, exc) from None
+
+
+def _unreadable(src: Path, exc: BaseException) -> DataError:
+    return DataError(
+        f"{src} is not a readable MedMNIST .npz file ({type(exc).__name__}: {exc}). It may "
+        f"be corrupt or partly downloaded: delete it and download it again."
+    )
 
 
 def _trusted(
@@ -473,31 +484,14 @@ def _convert_into(
             layout, item_shape, n_cols, splits = _scan_headers(zf, src, volumes, expected_n)
             for split, meta in splits.items():
                 meta["conversion"] = _write_images(
-                    zf,
-                    _member_name(zf, f"{split}_images"),
-                    src,
-                    f"{split}_images",
-                    out / f"{split}_images.npy",
-                    meta["n"],
-                    item_shape,
-                    layout,
+                    zf, src, out, split, meta["n"], item_shape, layout
                 )
-                _write_labels(
-                    zf,
-                    _member_name(zf, f"{split}_labels"),
-                    src,
-                    f"{split}_labels",
-                    out / f"{split}_labels.npy",
-                )
-            marker = _member_name(zf, SYNTHETIC_KEY)
-            synthetic = json.loads(_read_full(zf, marker).item()) if marker else None
+                _write_labels(zf, src, out, split)
+            synthetic = _marker(zf)
     except DataError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as exc:
-        raise DataError(
-            f"{src} is not a readable MedMNIST .npz file ({type(exc).__name__}: {exc}). It may "
-            f"be corrupt or partly downloaded: delete it and download it again."
-        ) from None
+        raise _unreadable(src, exc) from None
     if stamp(src) != digests.stamp:  # the arrays must come from the version that was hashed
         raise DataError(f"{src} changed while it was being converted; run again.")
     manifest = {

@@ -112,10 +112,7 @@ class Extractor(nn.Module, ABC):
 
     def freeze(self) -> Extractor:
         """Eval mode and no gradients: a frozen feature extractor (dropout off, BN stats fixed)."""
-        self.eval()
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return self
+        return self.eval().requires_grad_(False)
 
 
 def _channel_vector(values: tuple[float, ...] | None) -> torch.Tensor:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cbmir.errors import CbmirError
+from cbmir.errors import CbmirError, reason
 
 from . import weights_file
 
@@ -100,7 +100,7 @@ def read_state_dict(path: str | Path, trust: bool = False) -> StateDict:
             return dict(load_file(str(path), device="cpu"))
         except Exception as exc:
             raise UnreadableWeightsError(
-                f"could not read {path} as safetensors ({_reason(exc)}): the file is truncated "
+                f"could not read {path} as safetensors ({reason(exc)}): the file is truncated "
                 "or corrupt"
             ) from exc
     obj = load_torch_file(path, trust=trust)
@@ -142,7 +142,7 @@ def load_torch_file(path: str | Path, trust: bool = False) -> Any:
     assert error is not None
     if not _refused_by_weights_only(error):
         raise UnreadableWeightsError(
-            f"could not read {path} as a torch checkpoint ({_reason(error)}): the file is "
+            f"could not read {path} as a torch checkpoint ({reason(error)}): the file is "
             "truncated or corrupt, or not a state dict (.pt/.pth/.bin), a Lightning .ckpt or a "
             ".safetensors file."
         )
@@ -155,7 +155,7 @@ def load_torch_file(path: str | Path, trust: bool = False) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise UnreadableWeightsError(f"could not read {path} ({_reason(exc)})") from exc
+        raise UnreadableWeightsError(f"could not read {path} ({reason(exc)})") from exc
 
 
 #: what torch's weights_only unpickler says when a well-formed file holds objects it refuses
@@ -187,15 +187,6 @@ def _unsafe_types(path: Path) -> str:
         n for n in names if n not in {f"{t.__module__}.{t.__qualname__}" for t in safe_types()}
     ]
     return f" ({', '.join(shown[:SHOW_KEYS])})" if shown else ""
-
-
-def _reason(exc: BaseException) -> str:
-    """Type and first line of an error; for torch's weights_only unpickler, its actual
-    complaint (its first lines only advise loading with weights_only=False)."""
-    text = str(exc).strip()
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _unwrap(obj: Any, path: Path) -> StateDict:
@@ -279,7 +270,7 @@ def load_into(
     own = module.state_dict()
     expected = set(own)
     sd, prefix = strip_prefix(sd, expected)
-    if convert is not None and not _fits(sd, own, ignore_unexpected, ignore_missing):
+    if convert is not None and any(_misfits(sd, own, ignore_unexpected, ignore_missing)):
         # only foreign layouts are converted: some filters (timm's Swin) are not idempotent
         try:
             sd = convert(sd)
@@ -289,15 +280,7 @@ def load_into(
             ) from exc
         sd, prefix2 = strip_prefix(sd, expected)
         prefix = prefix + prefix2
-    missing = sorted(k for k in expected - set(sd) if not _matches(k, ignore_missing))
-    unexpected_all = sorted(set(sd) - expected)
-    ignored = [k for k in unexpected_all if _matches(k, ignore_unexpected)]
-    unexpected = [k for k in unexpected_all if k not in set(ignored)]
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-        for k in sorted(expected.intersection(sd))
-        if tuple(sd[k].shape) != tuple(own[k].shape)
-    ]
+    missing, unexpected, shapes = _misfits(sd, own, ignore_unexpected, ignore_missing)
     if missing or unexpected or shapes:
         parts = [
             f"{where} does not fit {label}"
@@ -314,26 +297,29 @@ def load_into(
             "Is it a checkpoint of the same architecture (model.model_name and model_kwargs)?"
         )
         raise CheckpointError("\n  ".join(parts))
-    for k in ignored:
-        sd.pop(k)
+    ignored = set(sd) - expected  # all of them match ignore_unexpected by now
     # missing-but-ignored keys keep the module's own values
-    for k in expected - set(sd):
-        sd[k] = own[k]
+    sd = {**own, **{k: v for k, v in sd.items() if k not in ignored}}
     module.load_state_dict(sd, strict=True)
     return {"prefix": prefix, "ignored": len(ignored)}
 
 
-def _fits(
+def _misfits(
     sd: Mapping[str, torch.Tensor],
     own: Mapping[str, torch.Tensor],
     ignore_unexpected: Iterable[str],
     ignore_missing: Iterable[str],
-) -> bool:
-    if any(not _matches(k, ignore_missing) for k in own.keys() - sd.keys()):
-        return False
-    if any(not _matches(k, ignore_unexpected) for k in sd.keys() - own.keys()):
-        return False
-    return all(tuple(sd[k].shape) == tuple(own[k].shape) for k in own.keys() & sd.keys())
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, keys of another shape) of `sd` against `own`, each
+    sorted; keys matching `ignore_missing` / `ignore_unexpected` are not counted."""
+    missing = sorted(k for k in own.keys() - sd.keys() if not _matches(k, ignore_missing))
+    unexpected = sorted(k for k in sd.keys() - own.keys() if not _matches(k, ignore_unexpected))
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(own.keys() & sd.keys())
+        if tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    return missing, unexpected, shapes
 
 
 def weights_identity(path: str | Path) -> str:

@@ -21,6 +21,7 @@ centre-crop 448, OpenAI CLIP mean/std.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbmir.config import check_choice
-from cbmir.errors import CbmirError
+from cbmir.errors import CbmirError, reason
 
 from . import hub
 from .base import Extractor
@@ -39,6 +40,7 @@ from .checkpoint import (
     load_torch_file,
     weights_identity,
 )
+from .open_clip_extractor import ImageTower
 from .preprocessing import ModelTransform
 from .random_init import build_random, random_identity
 
@@ -97,12 +99,6 @@ class ConchVisual(nn.Module):
         tokens = self.trunk.forward_features(x)
         pooled = self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
         return F.normalize(pooled, dim=-1) if normalize else pooled
-
-
-class _Tower(nn.Module):
-    def __init__(self, visual: nn.Module) -> None:
-        super().__init__()
-        self.visual = visual
 
 
 class ConchExtractor(ModelTransform, Extractor):
@@ -195,10 +191,19 @@ class ConchExtractor(ModelTransform, Extractor):
         return ident
 
 
+def conch_config() -> dict[str, Any]:
+    """CONCH's model config as shipped with `conch-fork` (both of its towers need that code)."""
+    try:
+        from conch.open_clip_custom import factory
+    except ImportError as exc:
+        raise CbmirError(INSTALL_HELP) from exc
+    return json.loads((factory.CFG_DIR / "conch_ViT-B-16.json").read_text("utf-8"))
+
+
 def _builtin_visual(
     arch: dict[str, Any], path: str | None, trust: bool, project: bool = False
 ) -> nn.Module:
-    tower = _Tower(ConchVisual(**arch, project=project))
+    tower = ImageTower(ConchVisual(**arch, project=project))
     unused = r"|proj_contrast" if not project else ""
     if path is not None:
         load_into(
@@ -216,14 +221,7 @@ def _builtin_visual(
 
 
 def _conch_package_visual(path: str | None, trust: bool = False) -> nn.Module:
-    try:
-        from conch.open_clip_custom import create_model
-        from conch.open_clip_custom import factory as conch_factory
-    except ImportError as exc:
-        raise CbmirError(INSTALL_HELP) from exc
-    import json
-
-    cfg = json.loads((conch_factory.CFG_DIR / "conch_ViT-B-16.json").read_text())
+    cfg = conch_config()  # CbmirError when CONCH's code is not installed
     cfg.pop("custom_text", None)
     if path is None:
         from conch.open_clip_custom import CoCa
@@ -231,12 +229,13 @@ def _conch_package_visual(path: str | None, trust: bool = False) -> nn.Module:
         model = CoCa(**cfg)
     else:
         load_torch_file(path, trust=trust)  # CbmirError for a broken or unsafe file, first
+        from conch.open_clip_custom import create_model
+
         try:
             model = create_model("conch_ViT-B-16", checkpoint_path=path)
         except Exception as exc:
             raise CheckpointError(
-                f"CONCH's own code could not load {path} ({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''})"
+                f"CONCH's own code could not load {path} ({reason(exc)})"
             ) from exc
     visual = model.visual
     del model  # drop the text tower and decoder

@@ -1,6 +1,6 @@
 """Weights from the Hugging Face hub, with one clear error instead of a hub-client traceback.
 
-Every family fetches its hub files through `download()`. It never retries for long: when the
+Every family fetches its hub files through `fetch()`. It never retries for long: when the
 hub cannot be reached (no network, a firewall, `HF_HUB_OFFLINE=1`) it answers from the local
 cache or raises a `HubError` at once, naming the model page, the `HF_TOKEN` variable and the
 offline alternative (`model.checkpoint=/path/to/weights`).
@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cbmir.config import is_true
-from cbmir.errors import CbmirError
+from cbmir.errors import CbmirError, reason
 
 from .weights_file import file_identity
 
@@ -47,9 +47,8 @@ def model_page(repo_id: str) -> str:
 
 def offline() -> bool:
     """`HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) as the hub client reads it."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if is_true(os.environ.get(var, "")):
-            return True
+    if any(is_true(os.environ.get(var, "")) for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
     try:
         from huggingface_hub import constants
 
@@ -126,18 +125,6 @@ def cache_hint(path: str | os.PathLike) -> str:
     )
 
 
-def download(
-    repo_id: str,
-    filenames: Sequence[str],
-    *,
-    gated: bool = False,
-    revision: str | None = None,
-    what: str | None = None,
-) -> str:
-    """Local path of the first of `filenames` that `repo_id` has (see `fetch`)."""
-    return fetch(repo_id, filenames, gated=gated, revision=revision, what=what).path
-
-
 def fetch(
     repo_id: str,
     filenames: Sequence[str],
@@ -197,18 +184,11 @@ def fetch(
                 ) from None
             raise _hub_error(repo_id, what, f"HTTP error {status or ''}".strip(), gated) from None
         except (OSError, ValueError) as exc:  # connection errors, bad cache, bad repo id
-            raise _hub_error(
-                repo_id, what, f"{type(exc).__name__}: {_first_line(exc)}", gated
-            ) from None
+            raise _hub_error(repo_id, what, reason(exc), gated) from None
     if local_only:
-        reason = (
+        why = (
             "HF_HUB_OFFLINE is set" if offline() else f"the hub ({endpoint()}) cannot be reached"
         ) + f" and none of {', '.join(filenames)} is in the local cache"
     else:
-        reason = f"the repository has none of {', '.join(filenames)}"
-    raise _hub_error(repo_id, what, reason, gated)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
+        why = f"the repository has none of {', '.join(filenames)}"
+    raise _hub_error(repo_id, what, why, gated)

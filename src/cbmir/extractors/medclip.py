@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import urllib.request
 import zipfile
 from importlib import resources
@@ -94,12 +95,6 @@ class MedClipVision(nn.Module):
         return self.projection_head(pooled)
 
 
-class _Tower(nn.Module):
-    def __init__(self, vision_model: nn.Module) -> None:
-        super().__init__()
-        self.vision_model = vision_model
-
-
 #: Hugging Face Swin block names -> timm (transformers 4.x names, as in MedCLIP's file, and 5.x)
 _HF_BLOCK = {
     "layernorm_before": "norm1",
@@ -122,7 +117,7 @@ _HF_QKV = {
 
 
 def hf_swin_to_timm(sd: StateDict) -> StateDict:
-    """Rename a MedCLIP / Hugging Face Swin state dict to `_Tower(MedClipVision)` keys."""
+    """Rename a MedCLIP / Hugging Face Swin state dict to `vision_model.` + `MedClipVision` keys."""
     anchor = "embeddings.patch_embeddings.projection.weight"
     prefixes = [k[: -len(anchor)] for k in sd if k.endswith(anchor)]
     if not prefixes:
@@ -195,10 +190,14 @@ class MedClipExtractor(ModelTransform, Extractor):
         self.checkpoint = str(checkpoint) if checkpoint else None
         self.normalize = bool(normalize)
         hint = "Is it pytorch_model.bin from MedCLIP's medclip-vit-pretrained.zip?"
+
+        def build() -> nn.Module:  # named as in MedCLIP's checkpoint
+            return nn.ModuleDict({"vision_model": MedClipVision()})
+
         if self.checkpoint or self.pretrained:
-            tower = _Tower(MedClipVision())
+            tower = build()
         else:  # random weights: from the seed, seeing the whole image (`random_init`)
-            tower = build_random(lambda: _Tower(MedClipVision()), seed)
+            tower = build_random(build, seed)
             self.random_init = random_identity(seed, "timm")
         if self.checkpoint:
             path, weights = self.checkpoint, weights_identity(self.checkpoint)
@@ -275,15 +274,13 @@ def download_weights(cache_dir: str | None = None, timeout: float = 10.0) -> Pat
         archive = root / "medclip-vit-pretrained.zip"
         tmp = archive.with_suffix(".part")
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-            while block := resp.read(1 << 20):
-                out.write(block)
+            shutil.copyfileobj(resp, out, 1 << 20)
         tmp.replace(archive)
         with zipfile.ZipFile(archive) as zf:
             member = next(n for n in zf.namelist() if n.endswith("pytorch_model.bin"))
             partial = target.with_suffix(".bin.part")
             with zf.open(member) as src, open(partial, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
+                shutil.copyfileobj(src, dst, 1 << 20)
             partial.replace(target)  # never a half-written file at the path later runs trust
         archive.unlink(missing_ok=True)
     except (OSError, StopIteration, zipfile.BadZipFile, ValueError) as exc:

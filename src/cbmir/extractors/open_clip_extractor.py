@@ -190,10 +190,10 @@ def _model_config(model_name: str, model_config: str | None, gated: bool) -> dic
         shipped = shipped_config(repo)
         if shipped is not None:
             return shipped
-        path = hub.download(
+        hub_file = hub.fetch(
             repo, ("open_clip_config.json",), gated=gated, what=f"the open_clip config of {repo}"
         )
-        return json.loads(Path(path).read_text("utf-8"))
+        return json.loads(Path(hub_file.path).read_text("utf-8"))
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         known = [

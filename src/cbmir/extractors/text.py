@@ -17,7 +17,6 @@ entry (`shared_space_config`). A model without an entry in `TEXT_TOWERS` has no 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -69,11 +68,8 @@ class OpenClipText(nn.Module):
 
         from . import open_clip_extractor as oce
 
-        hub_repo = (
-            model_name[len(oce.HF_PREFIX) :] if model_name.startswith(oce.HF_PREFIX) else None
-        )
-        if weights is None and hub_repo:
-            weights = f"{oce.HF_PREFIX}{hub_repo}"
+        if weights is None and model_name.startswith(oce.HF_PREFIX):
+            weights = model_name  # an hf-hub: model's weights are its own repository's
         full_cfg = oce._model_config(model_name, model_config, gated)
         cfg = full_cfg.get("model_cfg", full_cfg)
         text_cfg = dict(cfg.get("text_cfg") or {})
@@ -113,8 +109,7 @@ class OpenClipText(nn.Module):
         self.eval().requires_grad_(False)
 
     def _load(self, tower: nn.Module, path: str, trust: bool, model_name: str) -> None:
-        holder = nn.Module()
-        holder.text = tower
+        holder = nn.ModuleDict({"text": tower})
 
         def convert(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if self._custom:
@@ -165,17 +160,6 @@ def _open_clip_tokenizer(text_cfg: Mapping[str, Any]) -> Callable[[list[str]], t
 
 
 # -- CONCH ------------------------------------------------------------------------------------
-def conch_config() -> dict[str, Any]:
-    """CONCH's model config as shipped with `conch-fork`."""
-    try:
-        from conch.open_clip_custom import factory
-    except ImportError as exc:
-        from .conch import INSTALL_HELP
-
-        raise CbmirError("CONCH's text tower needs CONCH's code. " + INSTALL_HELP) from exc
-    return json.loads((factory.CFG_DIR / "conch_ViT-B-16.json").read_text("utf-8"))
-
-
 class ConchText(nn.Module):
     """CONCH's text encoder: `CoCa.encode_text(tokenize(texts))`, normalised."""
 
@@ -195,16 +179,15 @@ class ConchText(nn.Module):
         from conch.open_clip_custom.custom_tokenizer import get_tokenizer
 
         from . import hub
+        from .conch import conch_config
 
-        cfg = conch_config()
+        cfg = conch_config()  # CbmirError when CONCH's code is not installed
         text_cfg = {**cfg["text_cfg"], **dict(text_cfg or {})}
         # the shared space's width: the image tower's (`architecture`, scaled down in tests)
         embed_dim = int(dict(architecture or {}).get("embed_dim", cfg["embed_dim"]))
 
         def build() -> nn.Module:
-            holder = nn.Module()
-            holder.text = _build_text_tower(embed_dim, text_cfg)
-            return holder
+            return nn.ModuleDict({"text": _build_text_tower(embed_dim, text_cfg)})
 
         if checkpoint or pretrained:
             holder = build()
@@ -308,9 +291,7 @@ class MedClipText(nn.Module):
         config, self.tokenizer = _bert_files(bert_type)
 
         def build() -> nn.Module:
-            holder = nn.Module()
-            holder.text_model = MedClipTextTower(config)
-            return holder
+            return nn.ModuleDict({"text_model": MedClipTextTower(config)})
 
         if checkpoint or pretrained:
             holder = build()

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import torch
 
 from cbmir.config import to_plain as _plain
-from cbmir.errors import DOWNLOAD_ERRORS, CbmirError
+from cbmir.errors import DOWNLOAD_ERRORS, CbmirError, reason
 
 from . import hub
 from .base import Extractor
@@ -303,10 +303,9 @@ def _broken_weights_error(path: str, model_name: str, exc: Exception) -> Checkpo
         read_state_dict(path)
     except CheckpointError as unreadable:
         return type(unreadable)(f"{unreadable} {hub.cache_hint(path)}")
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
     return CheckpointError(
         f"timm could not build {model_name!r} with the weights file {path} "
-        f"({type(exc).__name__}: {first}). Does the file hold this architecture "
+        f"({reason(exc)}). Does the file hold this architecture "
         f"(model.model_name, model.model_kwargs)? If not, it is a broken copy: "
         f"{hub.cache_hint(path)}"
     )
@@ -372,13 +371,12 @@ def _create_timm_model(
             raise _broken_weights_error(weights_file, model_name, exc) from None
         if not pretrained and schema is None:
             raise CbmirError(
-                f"could not build timm model {model_name!r} with {kwargs}: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"could not build timm model {model_name!r} with {kwargs}: {reason(exc)}"
             ) from exc
         page = hub.model_page(base) if schema == "hf-hub" else "https://huggingface.co/timm"
         raise CbmirError(
             f"could not load pretrained weights for timm model {model_name!r} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).\n"
+            f"({reason(exc)}).\n"
             f"Model page: {page}\n"
             "Weights come from the Hugging Face hub: check the network (or HF_HUB_OFFLINE with a "
             "filled cache), the weight tag and, for gated models, HF_TOKEN. " + hub.OFFLINE_HELP

@@ -87,12 +87,10 @@ def sha256(path: str | Path) -> str:
     if version["size"] < CACHE_MIN_BYTES:
         return file_sha256(path)
     entry = _cache_file(version)
-    try:
+    with contextlib.suppress(OSError, ValueError):
         cached = json.loads(entry.read_text())
         if cached.get("version") == version and len(cached.get("sha256", "")) == 64:
             return str(cached["sha256"])
-    except (OSError, ValueError):
-        pass
     digest, version = _stable_sha256(path, version)
     try:
         write_json(_cache_file(version), {"version": version, "sha256": digest})

@@ -84,9 +84,7 @@ def open_source(path: str | Path) -> MapSource:
         )
     data = entry.manifest.get("data", {})
     caption = f"{run_name}: {data.get('name', '?')} {data.get('split', '?')} embeddings"
-    names = names_from_config(
-        data_cfg, entry.labels, entry.manifest.get("data", {}).get("source_sha256")
-    )
+    names = names_from_config(data_cfg, entry.labels, data.get("source_sha256"))
     return MapSource(entry, names, distance, caption, is_run=(path / "metrics.json").is_file())
 
 
@@ -95,15 +93,11 @@ def class_names(labels: np.ndarray, names: dict[int, str]) -> np.ndarray:
     labels = np.asarray(labels).reshape(len(labels), -1)
     if labels.shape[1] == 1:
         return np.asarray([names.get(int(v), str(int(v))) for v in labels[:, 0]], dtype=object)
-    out = []
-    for row in labels:
-        positive = np.flatnonzero(row)
-        if len(positive) == 0:
-            out.append(NO_LABEL)
-        elif len(positive) == 1:
-            out.append(names.get(int(positive[0]), str(int(positive[0]))))
-        else:
-            out.append(MULTIPLE)
+    positive = labels != 0
+    out = [
+        NO_LABEL if n == 0 else MULTIPLE if n > 1 else names.get(int(i), str(int(i)))
+        for n, i in zip(positive.sum(axis=1), positive.argmax(axis=1), strict=True)
+    ]
     return np.asarray(out, dtype=object)
 
 

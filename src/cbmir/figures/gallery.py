@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from cbmir.errors import DataError
+from cbmir.figures.grid import render_grid
 from cbmir.figures.images import display_image
 from cbmir.figures.labels import label_text, relevance
-from cbmir.figures.neighbours import QueryResult, neighbour_grid
+from cbmir.figures.neighbours import QueryResult, neighbour_cells
 from cbmir.figures.png import save_png
 from cbmir.io_utils import write_text
 
@@ -56,14 +57,11 @@ def pick_queries(labels: np.ndarray, n: int, seed: int, multilabel: bool) -> np.
         return np.sort(rng.choice(len(labels), size=n, replace=False))
     classes = np.unique(labels[:, 0])
     shuffled = [rng.permutation(np.flatnonzero(labels[:, 0] == c)) for c in classes]
-    picks: list[int] = []
-    depth = 0
-    while len(picks) < n:
-        for rows in shuffled:
-            if depth < len(rows) and len(picks) < n:
-                picks.append(int(rows[depth]))
-        depth += 1
-    chosen = np.asarray(picks)
+    # classes in turn: every class's depth-th row before any class's (depth + 1)-th
+    turns = sorted(
+        (depth, c, int(row)) for c, rows in enumerate(shuffled) for depth, row in enumerate(rows)
+    )
+    chosen = np.asarray([row for _, _, row in turns[:n]])
     return chosen[np.lexsort((chosen, labels[chosen, 0]))]
 
 
@@ -103,9 +101,7 @@ def _write_gallery(
     caption: tuple[str, str],
     loggers: Sequence[Any],
 ) -> Path:
-    with np.load(output_dir / "neighbors.npz") as found:
-        indices, distances = found["indices"], found["distances"]
-        query_labels = found["query_labels"]
+    indices, distances, query_labels = _read_neighbours(output_dir)
     query_split, database_split = datamodule.query_split, datamodule.database_split
     queries, database = datamodule.dataset(query_split), datamodule.dataset(database_split)
     volume, multilabel = bool(datamodule.is_volume), bool(datamodule.multilabel)
@@ -135,15 +131,8 @@ def _write_gallery(
     )
     if volume:
         title += " (middle slices)"
-    image = neighbour_grid(
-        results,
-        fetch,
-        database.labels,
-        names,
-        multilabel,
-        title=title,
-        database_files=database_files,
-    )
+    cells = neighbour_cells(results, fetch, database.labels, names, multilabel, database_files)
+    image = render_grid(cells, title=title)
     path = save_png(image, output_dir / GALLERY_PNG)
     log.info("gallery: %s", path)
     for logger in loggers:
@@ -153,6 +142,12 @@ def _write_gallery(
 
             logger.experiment.log({"gallery/table": table, "gallery/grid": wandb.Image(str(path))})
     return path
+
+
+def _read_neighbours(output_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices, distances, query labels) of the run's `neighbors.npz`: what was scored."""
+    with np.load(output_dir / "neighbors.npz") as found:
+        return found["indices"], found["distances"], found["query_labels"]
 
 
 def wandb_table(
@@ -207,9 +202,7 @@ def write_neighbor_table(datamodule: Any, output_dir: str | Path) -> Path | None
     if query_files is None or database_files is None:
         return None
     output_dir = Path(output_dir)
-    with np.load(output_dir / "neighbors.npz") as found:
-        indices, distances = found["indices"], found["distances"]
-        query_labels = found["query_labels"]
+    indices, distances, query_labels = _read_neighbours(output_dir)
     database_labels = datamodule.labels(database_split)
     if len(query_files) != len(query_labels) or len(database_files) != len(database_labels):
         raise DataError(

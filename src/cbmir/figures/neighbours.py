@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from cbmir.figures.grid import Cell, GridLayout, render_grid
+from cbmir.figures.grid import Cell
 from cbmir.figures.labels import label_text, relevance
 
 
@@ -45,7 +44,8 @@ def neighbour_cells(
     multilabel: bool,
     database_files: Sequence[str] | None = None,
 ) -> list[list[Cell]]:
-    """Cells of the grid; `fetch(row)` returns a database item's display picture.
+    """Cells of the grid (`grid.render_grid` draws them); `fetch(row)` returns a database
+    item's display picture.
 
     With `database_files` (own collections) a neighbour is captioned by its file name, which
     says more than its row number; the tile keeps its three caption lines either way.
@@ -87,18 +87,3 @@ def neighbour_cells(
 
 def _case_name(row: int, files: Sequence[str] | None) -> str:
     return Path(files[row]).name if files is not None else f"row {row}"
-
-
-def neighbour_grid(
-    results: Sequence[QueryResult],
-    fetch: Callable[[int], np.ndarray],
-    database_labels: np.ndarray,
-    names: Mapping[int, str],
-    multilabel: bool,
-    layout: GridLayout | None = None,
-    title: str | None = None,
-    database_files: Sequence[str] | None = None,
-) -> Image.Image:
-    """The whole grid as an RGB image (size: `layout.size(len(results), k + 1, bool(title))`)."""
-    cells = neighbour_cells(results, fetch, database_labels, names, multilabel, database_files)
-    return render_grid(cells, layout, title)

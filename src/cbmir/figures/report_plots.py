@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cbmir.report.names import METRICS, model_order
+from cbmir.report.names import METRICS, model_order, sizes_of
 
 #: resolution of the report's PNGs (`cbmir.figures.png.save_png` writes a figure at its own dpi)
 DPI = 120
@@ -36,9 +36,7 @@ def _draw(
     legend: bool,
 ) -> None:
     models = sorted(df["model"].unique(), key=model_order)
-    sizes: list[int | None] = sorted(int(s) for s in df["size"].dropna().unique())
-    if df["size"].isna().any():  # custom data (data=npz) keeps its stored size: one more series
-        sizes.append(None)
+    sizes = sizes_of(df)  # None last: custom data (data=npz) keeps its stored size
     width = 0.8 / max(len(sizes), 1)
     x = np.arange(len(models))
     colors = [f"C{i}" for i in range(len(sizes))]

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cbmir.io_utils import write_bytes
+from cbmir.figures.images import display_image
+from cbmir.figures.labels import relevance
+from cbmir.figures.png import save_png
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +28,8 @@ HIT, MISS = (40, 160, 60), (200, 40, 40)
 
 def item_picture(image: Any, volume: bool) -> Image.Image:
     """A stored item ((C, H, W) image or (D, H, W) volume: its middle slice) -> RGB tile."""
-    array = np.asarray(image.numpy() if hasattr(image, "numpy") else image)
-    picture = array[array.shape[0] // 2] if volume or array.shape[0] not in (1, 3) else array
-    if picture.ndim == 3:
-        picture = picture[0] if picture.shape[0] == 1 else np.moveaxis(picture, 0, -1)
-    picture = np.clip(np.rint(picture.astype(np.float64)), 0, 255).astype(np.uint8)
-    return Image.fromarray(picture).convert("RGB").resize((TILE, TILE), Image.NEAREST)
+    picture = Image.fromarray(display_image(image, volume))
+    return picture.convert("RGB").resize((TILE, TILE), Image.NEAREST)
 
 
 def text_grid(
@@ -69,24 +67,19 @@ def write_text_gallery(
 
 
 def _write(datamodule: Any, output_dir: Path, run_name: str) -> Path:
-    import io
-
     with np.load(output_dir / "neighbors.npz") as found:
         indices, texts, query_labels = found["indices"], found["query_texts"], found["query_labels"]
     split = datamodule.database_split
     database = datamodule.dataset(split)
     labels = np.asarray(datamodule.labels(split))
     labels = labels.reshape(len(labels), -1)
-    wanted = np.asarray(query_labels).reshape(len(query_labels), -1)
-    if labels.shape[1] > 1:  # multi-label: the image has the prompt's label
-        hits = (labels[indices] & wanted[:, None, :]).any(axis=-1)
-    else:
-        hits = labels[indices][..., 0] == wanted[:, :1]
+    # a prompt's label is its class (one-hot for multi-label data): the metrics' relevance rule
+    hits = relevance(query_labels, labels, indices, multilabel=labels.shape[1] > 1)
     volume = bool(datamodule.is_volume)
     tiles = [[item_picture(database[int(i)]["image"], volume) for i in row] for row in indices]
     title = f"{run_name}: text queries, top {indices.shape[1]} of {len(labels)}"
-    buffer = io.BytesIO()
-    text_grid([str(t) for t in texts], tiles, hits, title).save(buffer, format="PNG")
-    path = write_bytes(output_dir / TEXT_GALLERY_PNG, buffer.getvalue())
+    path = save_png(
+        text_grid([str(t) for t in texts], tiles, hits, title), output_dir / TEXT_GALLERY_PNG
+    )
     log.info("text gallery: %s", path)
     return path

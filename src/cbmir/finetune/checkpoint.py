@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cbmir.errors import ConfigError
+from cbmir.errors import ConfigError, reason
 from cbmir.extractors.checkpoint import (
     CheckpointError,
     UnreadableWeightsError,
@@ -42,11 +42,7 @@ VERSION_KEYS = ("timm", "open_clip", "torch")
 
 def architecture_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """A model config (plain dict, resolved) that builds the same network without weights."""
-    cfg = dict(model_cfg)
-    for key, value in WEIGHT_SOURCES.items():
-        if key in cfg:
-            cfg[key] = value
-    return cfg
+    return {**model_cfg, **{k: v for k, v in WEIGHT_SOURCES.items() if k in model_cfg}}
 
 
 def extractor_spec(model_cfg: Mapping[str, Any], extractor: FineTunedExtractor) -> dict[str, Any]:
@@ -101,8 +97,7 @@ def read_spec(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
         obj = load_torch_file(path, trust=trust)
     except UnreadableWeightsError as exc:  # every other failure of the file is already one
         raise CheckpointError(
-            f"could not read {path} as a cbmir-finetune checkpoint "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            f"could not read {path} as a cbmir-finetune checkpoint ({reason(exc)})"
         ) from exc
     spec = obj.get(CKPT_KEY) if isinstance(obj, Mapping) else None
     if not isinstance(spec, Mapping):
@@ -172,10 +167,6 @@ def checkpoint_info(path: object, field: str = "name") -> str | None:
     if field == "sha256":  # not cached by (mtime, size) here: that misses in-place rewrites
         return weights_identity(p)
     return _cached_info(str(p.resolve()), stat.st_mtime_ns, stat.st_size, field) or default
-
-
-def checkpoint_name(path: object) -> str:
-    return str(checkpoint_info(path, "name"))
 
 
 @functools.lru_cache(maxsize=64)

@@ -187,9 +187,7 @@ def _gather(parts: list[tuple[torch.Tensor, ...]], n: int, what: str) -> tuple[t
     """Rows back in dataset order; every row must be there (no partial val passes)."""
     if not parts:
         raise EmbeddingError(f"validation produced no {what} embeddings")
-    index = torch.cat([p[0] for p in parts])
-    emb = torch.cat([p[1] for p in parts])
-    labels = torch.cat([p[2] for p in parts])
+    index, emb, labels = (torch.cat(column) for column in zip(*parts, strict=True))
     if len(index) != n or len(torch.unique(index)) != n:
         raise EmbeddingError(
             f"validation saw {len(index)} of {n} {what} rows: retrieval metrics need the whole "

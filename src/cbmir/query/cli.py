@@ -162,9 +162,9 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     db = open_database(args.run, args.store_entry, overrides)  # config + data: cheap checks first
 
-    from cbmir.figures.grid import GridLayout
+    from cbmir.figures.grid import GridLayout, render_grid
     from cbmir.figures.images import display_image
-    from cbmir.figures.neighbours import QueryResult, neighbour_grid
+    from cbmir.figures.neighbours import QueryResult, neighbour_cells
     from cbmir.figures.png import save_png
     from cbmir.query.engine import check_reproduces, embed_queries, search
     from cbmir.query.inputs import QueryItem, load_query
@@ -238,9 +238,8 @@ def query(args: argparse.Namespace, out: Console, err: Console) -> int:
     title = f"{extractor_name} · {dm.name} {db.split} ({len(database)} images) · {distance}"
     if db.spec.volume:
         title += " · volumes shown by their middle slice"
-    image = neighbour_grid(
-        results, fetch, database.labels, names, multi, layout, title, database_files
-    )
+    cells = neighbour_cells(results, fetch, database.labels, names, multi, database_files)
+    image = render_grid(cells, layout, title)
     path = save_png(image, args.out)
     _say(out, f"grid: {path} ({image.width} x {image.height} px)")
     return 0

@@ -8,7 +8,6 @@ image-retrieval features are not (CONCH), only a text-protocol run's entry quali
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,13 +45,13 @@ def search_text(db: Database, sentences: list[str], k: int) -> tuple[np.ndarray,
     """(cosine distances [Q, k], database rows [Q, k]) of each sentence."""
     from cbmir.extractors.text import build_text_encoder
     from cbmir.retrieval.settings import check_k
-    from cbmir.retrieval.text_queries import text_search
+    from cbmir.retrieval.text_queries import class_similarity, nearest
 
     assert db.entry is not None
     check_k(k, len(db.entry.labels), key="-k")
     encoder = build_text_encoder(text_encoder_config(db.cfg))
     vectors = encoder.encode_text(sentences)
-    distances, indices, _ = text_search(vectors, db.entry.embeddings, k)
+    distances, indices = nearest(class_similarity(vectors, db.entry.embeddings).T, k)
     return distances.numpy(), indices.numpy()
 
 
@@ -60,8 +59,8 @@ def text_query(args: Any, out: Any, err: Any) -> int:
     """The `--text` branch of `cbmir-query`: tables on the console and one PNG grid."""
     from rich.table import Table
 
+    from cbmir.figures.png import save_png
     from cbmir.figures.text_gallery import item_picture, text_grid
-    from cbmir.io_utils import write_bytes
 
     from .database import open_database
 
@@ -92,10 +91,6 @@ def text_query(args: Any, out: Any, err: Any) -> int:
     ]
     hits = np.ones(indices.shape, dtype=bool)  # a sentence has no class: plain frames
     title = f"{db.cfg.model.name} · {dm.name} {db.split} ({len(database)} images) · text"
-    import io
-
-    buffer = io.BytesIO()
-    text_grid(sentences, tiles, hits, title).save(buffer, format="PNG")
-    path = write_bytes(Path(args.out), buffer.getvalue())
+    path = save_png(text_grid(sentences, tiles, hits, title), args.out)
     out.print(f"grid: {path}")
     return 0

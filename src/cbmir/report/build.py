@@ -27,7 +27,7 @@ from cbmir.figures.report_plots import dataset_figure, metric_column, overview_f
 from cbmir.io_utils import write_text
 from cbmir.report import tables
 from cbmir.report.collect import collect, finished
-from cbmir.report.names import METRICS
+from cbmir.report.names import METRICS, sizes_of
 from cbmir.report.reference import compare, load_reference, unmeasured
 from cbmir.report.stats_report import Significance, sweep_significance
 
@@ -77,10 +77,7 @@ def build_report(
 
     _clear_previous(out)
     write_text(out / "results.csv", jobs.to_csv(index=False))
-    sizes: list[int | None] = sorted(int(s) for s in done["size"].dropna().unique())
-    if done["size"].isna().any():
-        sizes.append(None)  # data without a MedMNIST size (data=npz)
-    for size in sizes:
+    for size in sizes_of(done):  # None last: data without a MedMNIST size (data=npz)
         report.size_tables[size] = tables.size_table(done, size)
         name = f"size_{size}.md" if size is not None else "other_data.md"
         write_text(out / "tables" / name, report.size_tables[size])

@@ -46,14 +46,8 @@ STATUSES = ("finished", "failed", "incomplete")
 
 def find_job_dirs(sweep_dir: Path, exclude: Path | None = None) -> list[Path]:
     """Every job directory under `sweep_dir` (not under `exclude`, the report's own folder)."""
-    found: set[Path] = set()
-    for name in JOB_FILES:
-        for path in sweep_dir.rglob(name):
-            job = path.parent
-            if exclude is not None and job.is_relative_to(exclude):
-                continue
-            found.add(job)
-    return sorted(found)
+    found = {path.parent for name in JOB_FILES for path in sweep_dir.rglob(name)}
+    return sorted(job for job in found if exclude is None or not job.is_relative_to(exclude))
 
 
 def _load_config(job: Path) -> DictConfig | None:
@@ -179,12 +173,8 @@ def _data_facts(metrics: dict[str, Any]) -> dict[str, Any]:
     """What the job's data file was, as read from the file (metrics.json), over the config: a
     synthetic file under a real name is synthetic whatever data.synthetic said. Older jobs
     without these keys keep the config's word."""
-    facts: dict[str, Any] = {}
-    if isinstance(metrics.get("synthetic"), bool):
-        facts["synthetic"] = metrics["synthetic"]
-    if isinstance(metrics.get("data_verified"), bool):
-        facts["data_verified"] = metrics["data_verified"]
-    return facts
+    keys = ("synthetic", "data_verified")
+    return {key: metrics[key] for key in keys if isinstance(metrics.get(key), bool)}
 
 
 def collect(sweep_dir: str | Path, exclude: Path | None = None) -> pd.DataFrame:

@@ -6,6 +6,8 @@ Config names (``resnet50``, ``breastmnist``) are what jobs record; the paper's n
 
 from __future__ import annotations
 
+import pandas as pd
+
 #: config model name -> the paper's extractor name, in the paper's column order
 PAPER_MODELS: dict[str, str] = {
     "vgg19": "VGG19",
@@ -91,6 +93,12 @@ def dataset_config_name(paper: str) -> str:
 def model_order(name: str) -> tuple[int, str]:
     order = list(PAPER_MODELS)
     return (order.index(name) if name in order else len(order), str(name))
+
+
+def sizes_of(jobs: pd.DataFrame) -> list[int | None]:
+    """The image sizes of `jobs`, ascending; None (data without a MedMNIST size) last."""
+    sizes: list[int | None] = sorted(int(s) for s in jobs["size"].dropna().unique())
+    return sizes + ([None] if jobs["size"].isna().any() else [])
 
 
 def dataset_order(flag: str) -> tuple[int, str]:

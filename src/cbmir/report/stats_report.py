@@ -16,7 +16,7 @@ import pandas as pd
 from cbmir.errors import CbmirError, DataError
 from cbmir.report import significance as sig
 from cbmir.report.collect import _load_config, _select
-from cbmir.report.names import METRICS, is_metric_key
+from cbmir.report.names import METRICS, is_metric_key, sizes_of
 from cbmir.report.tables import extra_columns, fmt, markdown_table
 
 log = logging.getLogger(__name__)
@@ -93,18 +93,13 @@ def sweep_significance(
         frames.append(pairs)
     pairs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     out = Significance(pairs=pairs, notes=notes)
-    for size in _sizes(done):
+    for size in sizes_of(done):
         at = done[done["size"].isna()] if size is None else done[done["size"] == size]
         table = marked_table(at, marks)
         if table:
             out.tables[size] = table
     _friedman(done, out)
     return out
-
-
-def _sizes(done: pd.DataFrame) -> list[int | None]:
-    sizes: list[int | None] = sorted(int(s) for s in done["size"].dropna().unique())
-    return sizes + ([None] if done["size"].isna().any() else [])
 
 
 def _size_text(size: object) -> str:
@@ -154,7 +149,7 @@ def _friedman(done: pd.DataFrame, out: Significance) -> None:
     """Friedman + Nemenyi per size and metric over the plain jobs (no extra overrides)."""
     plain = done[done["setting"] == ""]
     rows = []
-    for size in _sizes(plain):
+    for size in sizes_of(plain):
         at = plain[plain["size"].isna()] if size is None else plain[plain["size"] == size]
         columns = [(key, col) for key, col, _ in METRICS if at[col].notna().any()]
         columns += [(col.replace("_at_", "@"), col) for col, _ in extra_columns(at)]

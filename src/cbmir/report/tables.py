@@ -57,12 +57,11 @@ def _extractor(row: pd.Series) -> str:
 
 def _grouped(df: pd.DataFrame) -> list[tuple[str, pd.Series]]:
     """(dataset label shown only on a dataset's first row, row), in the frame's order."""
-    out, previous = [], None
-    for _, row in df.iterrows():
-        label = row["dataset_paper"] if row["dataset_paper"] != previous else ""
-        previous = row["dataset_paper"]
-        out.append((label, row))
-    return out
+    first = df["dataset_paper"].ne(df["dataset_paper"].shift())
+    rows = (row for _, row in df.iterrows())
+    return [
+        (row["dataset_paper"] if new else "", row) for new, row in zip(first, rows, strict=True)
+    ]
 
 
 def size_table(df: pd.DataFrame, size: int | None) -> str:

@@ -130,12 +130,8 @@ def class_queries(encoder: Any, prompts: Mapping[int, Sequence[str]]) -> torch.T
     class, renormalised (the CLIP prompt ensemble)."""
     flat = [p for cid in prompts for p in prompts[cid]]
     vectors = F.normalize(encoder.encode_text(flat).float(), dim=-1)
-    out, start = [], 0
-    for cid in prompts:
-        n = len(prompts[cid])
-        out.append(vectors[start : start + n].mean(dim=0))
-        start += n
-    return F.normalize(torch.stack(out), dim=-1)
+    sizes = [len(prompts[cid]) for cid in prompts]
+    return F.normalize(torch.stack([v.mean(dim=0) for v in vectors.split(sizes)]), dim=-1)
 
 
 def query_labels(class_ids: Sequence[int], database_labels: np.ndarray) -> np.ndarray:
@@ -185,15 +181,6 @@ def nearest(similarity: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.T
     R-metric search asks for more than k, `metric_set.r_search`)."""
     order = torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :width]
     return 1.0 - similarity.gather(1, order), order
-
-
-def text_search(
-    class_vectors: torch.Tensor, database: np.ndarray, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cosine distances [C, k], indices [C, k], similarities [N, C]) of the class queries."""
-    similarity = class_similarity(class_vectors, database)
-    distances, indices = nearest(similarity.T, k)
-    return distances, indices, similarity
 
 
 class TextRetrievalCallback(ScoringCallback):
