@@ -17,9 +17,7 @@ from cbmir.errors import ConfigError
 def config_dir() -> Path:
     """`configs/` of a source checkout, or the copy packaged inside an installed wheel."""
     packaged = Path(__file__).parent / "configs"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[2] / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "configs"
 
 
 def is_int(value: Any) -> bool:

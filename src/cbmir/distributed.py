@@ -249,29 +249,12 @@ class DistributedStoreWriter(EmbeddingStoreWriter):
                 assert writer is not None
                 merge_shards(writer, world_size)
                 last = index + 1 == len(self.writers)
-                self._publish_at(
-                    index, time.perf_counter() if last else self._ends.get(index, self._last_end)
-                )
+                self._publish(index, None if last else self._ends.get(index, self._last_end))
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it
             self._abort_all()
             return str(exc) if isinstance(exc, EmbeddingError) else f"{type(exc).__name__}: {exc}"
         self.writers = []
         return None
-
-    def _publish_at(self, index: int, end: float) -> None:
-        """Publish entry `index`, timed from the previous dataloader's last batch to `end`."""
-        writer, planned = self.writers[index], self.plan[index]
-        assert writer is not None
-        writer.meta["embed_seconds"] = self.seconds[planned.split] = end - self._last_end
-        writer.commit()
-        self.writers[index] = None
-        self._last_end = end
-
-    def _abort_all(self) -> None:
-        for writer in self.writers:
-            if writer is not None:
-                writer.abort()
-        self.writers = []
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

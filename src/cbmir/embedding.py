@@ -259,16 +259,16 @@ class EmbeddingStoreWriter(BasePredictionWriter):
         if writer.complete:
             self._publish(index)
 
-    def _publish(self, index: int) -> None:
+    def _publish(self, index: int, end: float | None = None) -> None:
         """Publish one finished entry; dataloaders run one after another, so its time runs
-        from the previous one's end."""
+        from the previous one's end to `end` (None: now)."""
         writer, planned = self.writers[index], self.plan[index]
         assert writer is not None
-        now = time.perf_counter()
-        writer.meta["embed_seconds"] = self.seconds[planned.split] = now - self._last_end
+        end = time.perf_counter() if end is None else end
+        writer.meta["embed_seconds"] = self.seconds[planned.split] = end - self._last_end
         writer.commit()
         self.writers[index] = None
-        self._last_end = now
+        self._last_end = end
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # every entry is complete by now; one that is not raises (rows never embedded)
@@ -280,6 +280,10 @@ class EmbeddingStoreWriter(BasePredictionWriter):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
+        self._abort_all()
+
+    def _abort_all(self) -> None:
+        """Delete every entry not yet published: nothing half-written survives."""
         for writer in self.writers:
             if writer is not None:
                 writer.abort()

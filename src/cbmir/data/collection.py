@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -182,11 +183,8 @@ def _children(folder: Path) -> list[Path]:
     """The visible entries of `folder` by name, as `_entries` orders them: `Path.iterdir` makes
     each child Path without parsing it again (a third of the cost of `Path(entry.path)`, the
     bulk of listing a large class folder)."""
-    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=_name_of)
-
-
-def _name_of(path: Path) -> str:
-    return path.name
+    children = (p for p in folder.iterdir() if not p.name.startswith("."))
+    return sorted(children, key=attrgetter("name"))
 
 
 def _class_items(split_dir: Path) -> list[tuple[str, list[Path]]]:
@@ -390,19 +388,14 @@ def check_collection(collection: Collection, query_split: str, database_split: s
                 + ")."
             )
     database = collection.split_rows(database_split)
-    known = np.zeros(len(database[0].labels), dtype=bool) if collection.multilabel else set()
-    for row in database:
-        if collection.multilabel:
-            known |= np.asarray(row.labels, dtype=bool)
-        else:
-            known.add(row.labels[0])
-    orphans = []
-    for row in collection.split_rows(query_split):
-        if collection.multilabel:
-            lost = np.asarray(row.labels, dtype=bool) & ~known
-            orphans += [collection.label_names[i] for i in np.flatnonzero(lost)]
-        elif row.labels[0] not in known:
-            orphans.append(_name(collection, row.labels[0]))
+    queries = collection.split_rows(query_split)
+    if collection.multilabel:
+        known = np.asarray([r.labels for r in database], dtype=bool).any(axis=0)
+        lost = np.asarray([r.labels for r in queries], dtype=bool) & ~known
+        orphans = [collection.label_names[i] for i in np.flatnonzero(lost.any(axis=0))]
+    else:
+        seen = {r.labels[0] for r in database}
+        orphans = [_name(collection, r.labels[0]) for r in queries if r.labels[0] not in seen]
     if orphans:
         classes = sorted(set(orphans))
         raise DataError(

@@ -23,7 +23,9 @@ is never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -289,16 +291,19 @@ class _Items(Dataset):
             return _Done(index, self._changed(index, opened), str(exc), volume)
         array = fit(item, self.settings, False, volume)
         color = not volume and array.ndim == 3
-        shape = _spatial(array, volume)
+        shape = tuple(array.shape[:3] if volume else array.shape[:2])  # no colour axis
         changed = self._changed(index, opened)
         return _Done(index, changed, None, volume, color, shape, _row_digest(array), array)
 
     def _changed(self, index: int, opened: BinaryIO | None) -> bool:
         """Whether what was read differs from the version the key names: by the open file's
         own stamp (`fstat`) when it was read through `opened`, else by path."""
-        if opened is None:
-            return _changed(self.rows[index].path, self.stamps[index])
-        return [_stamp(os.fstat(opened.fileno()))] != self.stamps[index]
+        if opened is not None:
+            return [_stamp(os.fstat(opened.fileno()))] != self.stamps[index]
+        try:
+            return _versions(self.rows[index].path) != self.stamps[index]
+        except DataError:  # disappeared
+            return True
 
     def __getitem__(self, index: int) -> _Done:
         done = self.decode(index)
@@ -318,17 +323,6 @@ class _Items(Dataset):
     def close(self) -> None:
         for out in self.files.values():
             out.close()
-
-
-def _changed(path: Path, stamps: list[list[int]]) -> bool:
-    try:
-        return _versions(path) != stamps
-    except DataError:  # disappeared
-        return True
-
-
-def _as_list(batch: list) -> list:
-    return batch
 
 
 def _chunk_size(rows: int, workers: int) -> int:
@@ -357,19 +351,11 @@ class _Plan:
         return volume == self.volume and shape == self.shape
 
 
-def _spatial(array: np.ndarray, volume: bool) -> tuple[int, ...]:
-    """An item's size without its colour axis."""
-    return tuple(array.shape[:3] if volume else array.shape[:2])
-
-
 class _Failures:
     """Unreadable files: raised together (on_error=stop) or skipped and listed (skip)."""
 
     def __init__(self, on_error: str, source: Path) -> None:
         self.on_error, self.source, self.errors = on_error, source, {}
-
-    def add(self, path: Path, message: str) -> None:
-        self.errors[path] = message
 
     def settle(self) -> None:
         if not self.errors or self.on_error == "skip":
@@ -386,37 +372,29 @@ def _explain_mismatch(collection: Collection, path: Path, plan: _Plan, found: tu
     """An item that does not fit the stored shape: the collection mixes 2D and 3D or (without
     data.size) sizes. Only now are the headers read (cheaply), to name every size found with
     an example, as the message always has; the partial decode is thrown away by the caller."""
-    failures = _Failures("skip", collection.source)  # unreadable files are not the point here
     headers: dict[Path, Header] = {}
     for row in collection.rows:
-        try:
+        with contextlib.suppress(DecodeError):  # unreadable files are not the point here
             headers[row.path] = read_header(row.path)
-        except DecodeError as exc:
-            failures.add(row.path, str(exc))
-    kinds = {h.volume for h in headers.values()}
-    if len(kinds) > 1:
+    if len({h.volume for h in headers.values()}) > 1:
         volumes = [p for p, h in headers.items() if h.volume]
         raise DataError(
             f"{collection.source} mixes 2D images and volumes "
             f"({listing(volumes, 'volumes')}); one kind per collection."
         )
-    _common_shape(headers, collection.source)
+    shapes: dict[tuple[int, ...], list[Path]] = {}
+    for item, header in headers.items():
+        shapes.setdefault(header.shape, []).append(item)
+    if len(shapes) > 1:
+        examples = ", ".join(f"{p[0]}: {' x '.join(map(str, s))}" for s, p in shapes.items())
+        raise DataError(
+            f"{collection.source}: the images have {len(shapes)} different sizes (e.g. "
+            f"{examples[:400]}); set data.size=N to resize them all to N x N "
+            f"(data.resize=squash|pad|shortest)."
+        )
     raise DataError(  # headers agree, pixels do not: name the file itself
         f"{collection.source}: {path} decodes to {' x '.join(map(str, found))}, the others to "
         f"{' x '.join(map(str, plan.shape))}; set data.size=N to resize them all to N x N."
-    )
-
-
-def _common_shape(headers: dict[Path, Header], source: Path) -> tuple[int, ...]:
-    shapes: dict[tuple[int, ...], list[Path]] = {}
-    for path, header in headers.items():
-        shapes.setdefault(header.shape, []).append(path)
-    if len(shapes) <= 1:
-        return next(iter(shapes), ())
-    examples = ", ".join(f"{paths[0]}: {' x '.join(map(str, s))}" for s, paths in shapes.items())
-    raise DataError(
-        f"{source}: the images have {len(shapes)} different sizes (e.g. {examples[:400]}); set "
-        f"data.size=N to resize them all to N x N (data.resize=squash|pad|shortest)."
     )
 
 
@@ -471,7 +449,7 @@ class _Writer:
             batch_size=_chunk_size(len(items) - start, workers),
             sampler=range(start, len(items)),
             num_workers=workers,
-            collate_fn=_as_list,
+            collate_fn=list,  # the rows as they came
         )
         batches = iter(loader)
         widening: _Done | None = None
@@ -504,7 +482,7 @@ class _Writer:
         if done.changed:
             raise DataError(f"{path} changed while the collection was decoded; run again.")
         if done.error is not None:
-            failures.add(path, done.error)
+            failures.errors[path] = done.error
             return
         if self.plan is None:
             self.plan = _Plan(done.shape, done.color, done.volume)
@@ -558,7 +536,7 @@ class _Writer:
             if not kept[split]:
                 path.unlink(missing_ok=True)
             elif len(kept[split]) < n:
-                _rewrite(path, final, kept[split], _same)
+                _rewrite(path, final, kept[split], np.asarray)
             else:
                 os.replace(path, final)
         return kept
@@ -575,21 +553,13 @@ def _stored_order(
     split in row order: the order rows are decoded in, and stored."""
     rank = {split: i for i, split in enumerate(splits)}
     order = sorted(range(len(rows)), key=lambda i: rank[rows[i].split])  # stable
-    positions = dict.fromkeys(splits, 0)
-    slots = []
-    for i in order:
-        split = rows[i].split
-        slots.append((split, positions[split]))
-        positions[split] += 1
+    positions = {split: itertools.count() for split in splits}  # the next one in each split
+    slots = [(rows[i].split, next(positions[rows[i].split])) for i in order]
     return [rows[i] for i in order], [stamps[i] for i in order], slots
 
 
 def _as_rgb(rows: np.ndarray) -> np.ndarray:
     return np.repeat(rows[..., None], 3, axis=-1)
-
-
-def _same(rows: np.ndarray) -> np.ndarray:
-    return rows
 
 
 def _rewrite(

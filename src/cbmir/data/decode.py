@@ -15,9 +15,10 @@ orientation). What is cbmir's own is the mapping to uint8 (docs/data.md):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ RESIZE_POLICIES = ("squash", "pad", "shortest")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _GREY_MODES = ("L", "1", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_T = TypeVar("_T")
 
 
 class DecodeError(DataError):
@@ -109,11 +111,22 @@ def _has_dicm(path: Path) -> bool:
         return False
 
 
-def _missing(exc: ModuleNotFoundError, path: Path) -> str:
-    return (
-        f"{path} needs {exc.name}, which is not installed: pip install 'cbmir[collections]' "
-        f"(pydicom, nibabel, pyarrow)."
-    )
+def _reading(path: Path, kind: str, read: Callable[[], _T]) -> _T:
+    """`read()` of one file, its failures named after the file: DecodeError (collected per file)
+    for any library's error, DataError for a decoding library that is not installed."""
+    try:
+        return read()
+    except DecodeError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise DataError(
+            f"{path} needs {exc.name}, which is not installed: pip install 'cbmir[collections]' "
+            f"(pydicom, nibabel, pyarrow)."
+        ) from None
+    except Exception as exc:  # each library raises its own types; the file is what matters
+        raise DecodeError(
+            f"{path}: not a readable {kind} file ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 # --------------------------------------------------------------------------- headers
@@ -122,22 +135,8 @@ def _missing(exc: ModuleNotFoundError, path: Path) -> str:
 def read_header(path: Path) -> Header:
     """The shape and colour of one item, cheaply; DecodeError when it is not readable."""
     kind = kind_of(path)
-    try:
-        if kind == "picture":
-            return _picture_header(path)
-        if kind == "nifti":
-            return _nifti_header(path)
-        if kind == "dicom":
-            return _dicom_header(path)
-        return _series_header(path)
-    except DecodeError:
-        raise
-    except ModuleNotFoundError as exc:
-        raise DataError(_missing(exc, path)) from None
-    except Exception as exc:  # each library raises its own types; the file is what matters
-        raise DecodeError(
-            f"{path}: not a readable {kind} file ({type(exc).__name__}: {exc})"
-        ) from None
+    headers = {"picture": _picture_header, "nifti": _nifti_header, "dicom": _dicom_header}
+    return _reading(path, kind, lambda: headers.get(kind, _series_header)(path))
 
 
 def _picture_header(path: Path) -> Header:
@@ -226,22 +225,10 @@ def read_item(
     slices), so a decode needs no header pass. `opened`: a picture `path` already opened by
     the caller, read from it alone (the caller can then stamp the very file it read)."""
     kind = kind or kind_of(path)
-    try:
-        if kind == "picture":
-            return _read_picture(path, window, opened)
-        if kind == "nifti":
-            return _read_nifti(path, window)
-        if kind == "dicom":
-            return _read_dicom(path, window)
-        return _read_series(path, window)
-    except DecodeError:
-        raise
-    except ModuleNotFoundError as exc:
-        raise DataError(_missing(exc, path)) from None
-    except Exception as exc:
-        raise DecodeError(
-            f"{path}: not a readable {kind} file ({type(exc).__name__}: {exc})"
-        ) from None
+    if kind == "picture":
+        return _reading(path, kind, lambda: _read_picture(path, window, opened))
+    read = {"nifti": _read_nifti, "dicom": _read_dicom}.get(kind, _read_series)
+    return _reading(path, kind, lambda: read(path, window))
 
 
 def to_uint8(array: np.ndarray, window: tuple[float, float] | None, source: Path) -> np.ndarray:
@@ -277,9 +264,7 @@ def _read_picture(
         elif im.mode not in _GREY_MODES and im.mode != "RGB":
             im = im.convert("RGB")  # RGBA (alpha dropped), palette, CMYK, YCbCr
         array = np.asarray(im)
-    if array.ndim == 3:
-        return array if window is None else to_uint8(array, window, path)
-    return to_uint8(array, window, path)
+    return to_uint8(array, window, path)  # RGB is uint8: kept as is without a window
 
 
 def _dicom_pixels(path: Path):
@@ -311,14 +296,10 @@ def _dicom_window(ds, values: np.ndarray, path: Path) -> np.ndarray:
     return to_uint8(apply_voi_lut(values, ds, prefer_lut=False), tuple(bounds), path)
 
 
-def _has_window(ds) -> bool:
-    return bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and "WindowWidth" in ds)
-
-
 def _grey_dicom(ds, values: np.ndarray, window, path: Path) -> np.ndarray:
     if window is not None:
         out = to_uint8(values, window, path)
-    elif _has_window(ds):
+    elif ds.get("VOILUTSequence") or ("WindowCenter" in ds and "WindowWidth" in ds):
         out = _dicom_window(ds, values, path)
     else:
         out = to_uint8(values, None, path)
@@ -352,10 +333,7 @@ def _read_series(folder: Path, window: tuple[float, float] | None) -> np.ndarray
             f"volume expected"
         )
     volume = np.stack([values for (_, values), _ in slices])
-    if window is not None or not _has_window(first):
-        out = to_uint8(volume, window, folder)
-        return 255 - out if first.get("PhotometricInterpretation") == "MONOCHROME1" else out
-    return _grey_dicom(first, volume, None, folder)  # the first slice's window, whole volume
+    return _grey_dicom(first, volume, window, folder)  # the first slice's tags for the volume
 
 
 def _read_nifti(path: Path, window: tuple[float, float] | None) -> np.ndarray:

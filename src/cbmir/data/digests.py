@@ -38,11 +38,6 @@ class Digests:
     stamp: dict[str, Any]
 
 
-def stamp(path: str | os.PathLike) -> dict[str, Any]:
-    """What identifies one version of a file without reading it (`cbmir.io_utils.file_version`)."""
-    return file_version(path)
-
-
 def hash_file(path: str | os.PathLike) -> dict[str, str]:
     """sha256 and md5 of a file in one pass."""
     sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
@@ -67,13 +62,13 @@ def file_digests(path: str | os.PathLike, cache_file: str | os.PathLike) -> Dige
     """The checksums of `path`, from `cache_file` when its stamp is unchanged, else hashed (and
     cached). A file that changes while it is hashed is a DataError, not a wrong checksum."""
     path, cache_file = Path(path), Path(cache_file)
-    before = stamp(path)
+    before = file_version(path)
     digests = _cached(cache_file, before)
     if digests is not None:
         return Digests(digests["sha256"], digests["md5"], before)
     log.info("checksumming %s (once per version of the file)", path)
     digests = hash_file(path)
-    if stamp(path) != before:
+    if file_version(path) != before:
         raise DataError(f"{path} changed while it was being checksummed; run again.")
     try:
         write_json(cache_file, {"version": CACHE_VERSION, "stamp": before, "digests": digests})

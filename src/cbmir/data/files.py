@@ -33,9 +33,10 @@ from typing import IO, Any
 import numpy as np
 
 from cbmir.data.catalog import SPLITS, check_flag_size, size_suffix, url_and_md5
-from cbmir.data.digests import Digests, file_digests, stamp
+from cbmir.data.digests import Digests, file_digests
 from cbmir.data.locks import exclusive, remove_temporaries
 from cbmir.errors import DOWNLOAD_ERRORS, DataError
+from cbmir.io_utils import file_version
 
 FORMAT_VERSION = 2  # 2: trusted by the source's sha256 (1: by size + mtime)
 MANIFEST = "manifest.json"
@@ -111,10 +112,7 @@ def download_part(url: str, md5: str, target: Path) -> Path:
 
 def _member_name(zf: zipfile.ZipFile, key: str) -> str | None:
     names = set(zf.namelist())
-    for name in (f"{key}.npy", key):
-        if name in names:
-            return name
-    return None
+    return next((name for name in (f"{key}.npy", key) if name in names), None)
 
 
 def _npz_keys(zf: zipfile.ZipFile) -> list[str]:
@@ -478,7 +476,7 @@ def _convert_into(
     volumes: bool | None,
     expected_n: dict[str, int] | None,
     digests: Digests,
-) -> dict:
+) -> None:
     try:
         with zipfile.ZipFile(src) as zf:
             layout, item_shape, n_cols, splits = _scan_headers(zf, src, volumes, expected_n)
@@ -492,7 +490,7 @@ def _convert_into(
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as exc:
         raise _unreadable(src, exc) from None
-    if stamp(src) != digests.stamp:  # the arrays must come from the version that was hashed
+    if file_version(src) != digests.stamp:  # the arrays must come from the version that was hashed
         raise DataError(f"{src} changed while it was being converted; run again.")
     manifest = {
         "format": FORMAT_VERSION,
@@ -510,7 +508,6 @@ def _convert_into(
         "synthetic": synthetic,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: marks complete
-    return manifest
 
 
 def _install(

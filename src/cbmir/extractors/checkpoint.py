@@ -92,10 +92,8 @@ def read_state_dict(path: str | Path, trust: bool = False) -> StateDict:
     if not path.is_file():
         raise UnreadableWeightsError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:  # pragma: no cover - a core dependency
-            raise CheckpointError("reading .safetensors needs: pip install safetensors") from exc
+        from safetensors.torch import load_file  # a core dependency
+
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as exc:
@@ -103,8 +101,7 @@ def read_state_dict(path: str | Path, trust: bool = False) -> StateDict:
                 f"could not read {path} as safetensors ({reason(exc)}): the file is truncated "
                 "or corrupt"
             ) from exc
-    obj = load_torch_file(path, trust=trust)
-    return _unwrap(obj, path)
+    return _unwrap(load_torch_file(path, trust=trust), path)
 
 
 def safe_types() -> list[Any]:
@@ -337,10 +334,4 @@ def timm_filter(model: nn.Module) -> Callable[[StateDict], StateDict] | None:
     import sys
 
     fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if fn is None:
-        return None
-
-    def convert(sd: StateDict) -> StateDict:
-        return fn(sd, model)
-
-    return convert
+    return None if fn is None else lambda sd: fn(sd, model)

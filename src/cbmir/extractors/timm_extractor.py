@@ -359,11 +359,9 @@ def _create_timm_model(
     # timm loads exactly the file whose identity keys the store ("source" off: not the hub)
     overlay = {"file": weights_file, "source": ""} if pretrained and weights_file else None
     try:
-        if overlay:
-            return timm.create_model(
-                model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
-            )
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        return timm.create_model(
+            model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs
+        )
     except CbmirError:
         raise
     except Exception as exc:  # network, missing weight tag, gated repo, bad kwargs

@@ -45,7 +45,7 @@ RESUME_KEYS = ("base_config", "head", "normalize")
 
 @dataclass
 class FinetuneSchema:
-    """The `finetune` keys of configs/finetune.yaml and their types (`check_settings`)."""
+    """The `finetune` keys of configs/finetune.yaml and their types (`typed` checks them first)."""
 
     objective: str = "supcon"
     strategy: str = "full"
@@ -78,11 +78,6 @@ class FinetuneSchema:
                 raise ConfigError(f"finetune.{key} must be >= 0, not {getattr(self, key)!r}")
         if self.projection_dim is not None:
             check_int(self.projection_dim, "finetune.projection_dim (or null)")
-
-
-def check_settings(ft: DictConfig) -> FinetuneSchema:
-    """Fail on bad names, types and numbers before anything heavy is built."""
-    return typed(FinetuneSchema, ft, "finetune")
 
 
 def resolve_resume(resume: Any, output_dir: Path) -> tuple[Path | None, Path]:
@@ -125,12 +120,8 @@ def build_extractor(
         dim = DEFAULT_PROJECTION_DIM
     head = None
     if dim is not None:
-        head = ProjectionHead(
-            base.output_dim(image_shape),
-            int(dim),
-            ft.projection_hidden,
-            input_norm=ft.projection_input_norm,
-        )
+        hidden, norm = ft.projection_hidden, ft.projection_input_norm
+        head = ProjectionHead(base.output_dim(image_shape), int(dim), hidden, input_norm=norm)
     normalize = ft.objective in METRIC_OBJECTIVES if ft.normalize is None else ft.normalize
     return FineTunedExtractor(base, head, normalize=normalize, name=ft.name)
 
@@ -139,7 +130,7 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
     """Fine-tune, checkpoint by val mAP@k, and return (and write) the run's summary.
 
     `callbacks` are extra Lightning callbacks (monitoring, tests that interrupt a run)."""
-    ft = check_settings(cfg.finetune)  # the typed values are the ones the run uses
+    ft = typed(FinetuneSchema, cfg.finetune, "finetune")  # checked before anything heavy is built
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_path, ckpt_dir = resolve_resume(ft.resume, output_dir)
@@ -202,18 +193,11 @@ def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[st
         filename=BEST,
         monitor=monitor,
         mode="max",
-        save_top_k=1,
         save_weights_only=True,
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    last_cb = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename=LAST,
-        monitor=None,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
+    last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename=LAST, enable_version_counter=False)
     loggers = build_loggers(cfg, job_type="finetune")
     # RUN_DIR is Hydra's output dir: it already holds .hydra/ and the config, by design
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
@@ -297,9 +281,8 @@ def _summary(
     best = Path(best_cb.best_model_path) if best_cb.best_model_path else None
     best_epoch = None
     if best is not None and best.is_file():
-        best_epoch = torch.load(str(best), map_location="cpu", weights_only=True, mmap=True).get(
-            "epoch"
-        )
+        saved = torch.load(str(best), map_location="cpu", weights_only=True, mmap=True)
+        best_epoch = saved.get("epoch")
     score = best_cb.best_model_score
     data_args = _data_overrides(cfg)
     return {

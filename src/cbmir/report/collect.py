@@ -50,7 +50,8 @@ def find_job_dirs(sweep_dir: Path, exclude: Path | None = None) -> list[Path]:
     return sorted(job for job in found if exclude is None or not job.is_relative_to(exclude))
 
 
-def _load_config(job: Path) -> DictConfig | None:
+def load_job_config(job: Path) -> DictConfig | None:
+    """A job's config as it ran (resolved, else Hydra's own copy); None when unreadable."""
     for rel in ("config_resolved.yaml", ".hydra/config.yaml"):
         path = job / rel
         if path.is_file():
@@ -62,7 +63,8 @@ def _load_config(job: Path) -> DictConfig | None:
     return None
 
 
-def _select(cfg: DictConfig | None, key: str, default: Any = None) -> Any:
+def config_value(cfg: DictConfig | None, key: str, default: Any = None) -> Any:
+    """`key` of a job's config, or `default` where it is absent, null or does not resolve."""
     if cfg is None:
         return default
     try:
@@ -87,7 +89,7 @@ def _setting(job: Path) -> str:
 def _with_query(setting: str, cfg: DictConfig | None) -> str:
     """Text-query jobs (`retrieval.query=text`) are a setting of their own: "text" leads it, so
     their rows sit beside the image rows ("BiomedCLIP (text)") and never replace them."""
-    if _select(cfg, "retrieval.query", "image") != "text":
+    if config_value(cfg, "retrieval.query", "image") != "text":
         return setting
     return ",".join(part for part in ("text", setting) if part)
 
@@ -129,22 +131,22 @@ def _intervals(job: Path, metrics: dict[str, Any]) -> dict[str, tuple[float, flo
 
 def job_row(job: Path, sweep_dir: Path) -> dict[str, Any]:
     """One job as a flat dict: names, size, status, metrics in % with intervals, timings."""
-    cfg = _load_config(job)
+    cfg = load_job_config(job)
     status, metrics, error = _status(job)
-    model = str(_select(cfg, "model.name", "?"))
-    dataset = str(_select(cfg, "data.flag", _select(cfg, "data.name", "?")))
-    size = _select(cfg, "data.size")
+    model = str(config_value(cfg, "model.name", "?"))
+    dataset = str(config_value(cfg, "data.flag", config_value(cfg, "data.name", "?")))
+    size = config_value(cfg, "data.size")
     row: dict[str, Any] = {
         "job": str(job.relative_to(sweep_dir)) if job != sweep_dir else ".",
-        "run_name": _select(cfg, "run_name", job.name),
+        "run_name": config_value(cfg, "run_name", job.name),
         "model": model,
         "model_paper": model_paper_name(model),
         "dataset": dataset,
         "dataset_paper": dataset_paper_name(dataset),
         "size": int(size) if isinstance(size, int) or str(size).isdigit() else None,
         "setting": _with_query(_setting(job), cfg),
-        "synthetic": bool(_select(cfg, "data.synthetic", False)),
-        "pretrained": bool(_select(cfg, "model.pretrained", True)),
+        "synthetic": bool(config_value(cfg, "data.synthetic", False)),
+        "pretrained": bool(config_value(cfg, "model.pretrained", True)),
         "data_verified": None,
         "status": status,
         "error": "" if error is None else f"{error.get('type', 'Error')}: {error.get('error', '')}",

@@ -15,7 +15,7 @@ import pandas as pd
 
 from cbmir.errors import CbmirError, DataError
 from cbmir.report import significance as sig
-from cbmir.report.collect import _load_config, _select
+from cbmir.report.collect import config_value, load_job_config
 from cbmir.report.names import METRICS, is_metric_key, sizes_of
 from cbmir.report.tables import extra_columns, fmt, markdown_table
 
@@ -42,7 +42,7 @@ def job_results(sweep_dir: Path, job: str) -> sig.QueryResults:
         metrics = json.loads((job_dir / "metrics.json").read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{job_dir}: cannot read metrics.json ({exc})") from exc
-    split = str(_select(_load_config(job_dir), "data.query_split", "test"))
+    split = str(config_value(load_job_config(job_dir), "data.query_split", "test"))
     return sig.load_query_results(job_dir, metrics, split)
 
 
@@ -103,9 +103,7 @@ def sweep_significance(
 
 
 def _size_text(size: object) -> str:
-    return (
-        "no size" if size is None or (isinstance(size, float) and np.isnan(size)) else f"{size} px"
-    )
+    return "no size" if pd.isna(size) else f"{size} px"
 
 
 def _cell(value: object, name: str, mark: tuple[list[str], list[str]] | None) -> str:

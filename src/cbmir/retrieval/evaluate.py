@@ -21,10 +21,6 @@ def metric_ks(k: int) -> tuple[int, ...]:
     return tuple(sorted({min(a, k) for a in PAPER_ACC_KS}))
 
 
-def _n_rows(labels: LabelsLike) -> int:
-    return int(labels.shape[0]) if hasattr(labels, "shape") else len(labels)
-
-
 def evaluate_retrieval(
     query_emb: np.ndarray | torch.Tensor,
     query_labels: LabelsLike,
@@ -43,11 +39,8 @@ def evaluate_retrieval(
     asked). NaN/Inf embeddings raise EmbeddingError; label/embedding count mismatches ConfigError.
     `metrics` adds further metrics (`cbmir.retrieval.metric_set`, e.g. "all").
     """
-    for name, emb, labels in (
-        ("query", query_emb, query_labels),
-        ("database", db_emb, db_labels),
-    ):
-        n_emb, n_lab = int(emb.shape[0]), _n_rows(labels)
+    for name, emb, labels in (("query", query_emb, query_labels), ("database", db_emb, db_labels)):
+        n_emb, n_lab = int(emb.shape[0]), len(labels)
         if n_emb != n_lab:
             raise ConfigError(f"{n_emb} {name} embeddings but {n_lab} {name} labels")
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cbmir.errors import CbmirError, ConfigError
+from cbmir.io_utils import write_json
 from cbmir.retrieval.search import _as_matrix, check_finite, knn_search
 from cbmir.retrieval.settings import (
     FAISS_SEARCH_PARAMS,
@@ -137,13 +138,7 @@ def save_index(index: Any, path: str | Path, meta: dict[str, Any] | None = None)
     finally:
         tmp.unlink(missing_ok=True)
     if meta is not None:
-        meta_path = _meta_path(path)
-        tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-            os.replace(tmp, meta_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json(_meta_path(path), meta)
     return path
 
 

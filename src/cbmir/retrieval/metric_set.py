@@ -181,17 +181,13 @@ def k_metrics_per_query(
     names: Sequence[str], rel: torch.Tensor, k: int, counts: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
     """The requested precision/recall/nDCG@k and MRR per query from the top-k relevance."""
-    out: dict[str, torch.Tensor] = {}
-    for name in names:
-        if name == "precision@k":
-            out[metric_key(name, k)] = precision_at_k(rel, k)
-        elif name == "recall@k":
-            out[metric_key(name, k)] = recall_at_k(rel, k, _need(counts))
-        elif name == "ndcg@k":
-            out[metric_key(name, k)] = ndcg_at_k(rel, k, _need(counts))
-        elif name == "mrr":
-            out[name] = reciprocal_rank(rel, k)
-    return out
+    funcs: dict[str, Callable[[], torch.Tensor]] = {
+        "precision@k": lambda: precision_at_k(rel, k),
+        "recall@k": lambda: recall_at_k(rel, k, _need(counts)),
+        "ndcg@k": lambda: ndcg_at_k(rel, k, _need(counts)),
+        "mrr": lambda: reciprocal_rank(rel, k),  # MRR@k, its key without a k
+    }
+    return {metric_key(name, k): funcs[name]() for name in names if name in funcs}
 
 
 def r_metrics_per_query(

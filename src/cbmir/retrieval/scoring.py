@@ -39,8 +39,7 @@ def search_and_score(
     wanted_r = [n for n in names if n in ms.R_METRICS]
     if not wanted_r:
         distances, indices = search(torch.arange(n_q), k)
-        result = _score_top_k(indices, query_labels, db_labels, k, acc_ks, names)
-        return distances, indices, result
+        return distances, indices, _score_top_k(indices, query_labels, db_labels, k, acc_ks, names)
 
     q_hot, d_hot = encode_pair(query_labels, db_labels)
     counts = ms.relevant_counts(q_hot, d_hot)
