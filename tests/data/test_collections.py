@@ -460,6 +460,39 @@ def test_listing_pauses_the_garbage_collector_only_while_it_lists(tmp_path):
         gc.enable()
 
 
+def test_rows_hold_the_path_text_pathlib_prints(tmp_path, monkeypatch):
+    """Rows keep each file as the absolute path string the listing joined (what the stamps and
+    the key's text use) and give a Path on request: the same text `Path` would print, for a
+    root reached through `..`, names with spaces and non-ASCII letters, a DICOM-like folder as
+    an item, hidden entries left out, and a CSV's relative `..` paths folded."""
+    from cbmir.data.collection import Columns, folder_collection, table_collection
+
+    root = tmp_path / "tree"
+    names = {"a": ["x 1.png", "é.png", "Z.png"], "b b": ["0.png"]}
+    for cls, files in names.items():
+        (root / cls).mkdir(parents=True)
+        (root / cls / ".hidden.png").write_bytes(b"")
+        for name in files:
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / cls / name)
+    (root / "a" / "series").mkdir()
+    monkeypatch.chdir(tmp_path)
+    via_dotdot = Path("tree") / ".." / "tree"
+    collection = folder_collection(via_dotdot, tmp_path / "cache", 0, {"train": 0.5, "test": 0.5})
+    expected = sorted(
+        (p for p in root.resolve().glob("*/*") if not p.name.startswith(".")),
+        key=lambda p: (p.parent.name, p.name),
+    )
+    assert [r.file for r in collection.rows] == [str(p) for p in expected]
+    assert [r.path for r in collection.rows] == expected
+    assert all(isinstance(r.file, str) for r in collection.rows)
+
+    (tmp_path / "sub").mkdir()
+    table = tmp_path / "sub" / "t.csv"
+    table.write_text("path,label,split\n../tree/a/x 1.png,a,train\n../tree/b b/0.png,b,test\n")
+    rows = table_collection(table, Columns(), tmp_path / "cache", 0, {"train": 1.0}).rows
+    assert [r.file for r in rows] == [str(root / "a" / "x 1.png"), str(root / "b b" / "0.png")]
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [

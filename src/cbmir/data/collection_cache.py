@@ -114,12 +114,12 @@ def _version(name: str) -> str | None:
 
 
 def row_stamps(collection: Collection) -> list[list[list[int]]]:
-    """Each row's `_versions`, in row order (one `stat` per file): a file's inline, as this
-    loop is most of the warm cache check."""
+    """Each row's `_versions`, in row order (one `stat` per file, of its path string): a file's
+    inline, as this loop is most of the warm cache check."""
     stamps = []
     for row in collection.rows:
         try:
-            st = os.stat(row.path)
+            st = os.stat(row.file)
         except FileNotFoundError:
             st = None  # `_versions` says so
         if st is None or stat.S_ISDIR(st.st_mode):
@@ -147,8 +147,7 @@ def collection_key(
         "label_names": collection.label_names,
         "multilabel": collection.multilabel,
         "rows": [  # labels as tuples: JSON writes them as lists, the same text
-            [str(r.path), r.labels, r.split, s]
-            for r, s in zip(collection.rows, stamps, strict=True)
+            [r.file, r.labels, r.split, s] for r, s in zip(collection.rows, stamps, strict=True)
         ],
     }
     text = json.dumps(record, sort_keys=True, check_circular=False)  # same text, faster
