@@ -1,7 +1,8 @@
 """Decoding throughput of own collections (docs/data.md) against a bare Pillow loop.
 
 Writes N PNG files (RGB, 224 px by default) as a class-folder tree, then, in alternating
-rounds: a bare loop (`Image.open` + `np.asarray`, one process), and cbmir's first-run decode
+rounds: a bare loop (`Image.open` + `np.asarray`, one process, and two side by side on
+half the files each), and cbmir's first-run decode
 (`prepare_collection`: list, stamp, one decode pass with 0 or 2 DataLoader workers writing
 rows into the cache, install), each into a fresh cache. Then the second run: the key check
 that finds the cache valid (as a fresh process pays it; the median of --rounds checks), and
@@ -16,6 +17,7 @@ machine only ratios measured side by side mean something.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import shutil
@@ -47,12 +49,32 @@ def write_pngs(root: Path, n: int, size: int) -> None:
         Image.fromarray(image).save(folder / f"{i:06d}.png")
 
 
-def bare_loop(files: list[Path]) -> float:
-    """files/s of the plainest decode: open, decode, to an array."""
-    start = time.perf_counter()
+def _bare(files: list[Path]) -> None:
     for path in files:
         with Image.open(path) as im:
             np.asarray(im)
+
+
+def bare_loop(files: list[Path]) -> float:
+    """files/s of the plainest decode: open, decode, to an array."""
+    start = time.perf_counter()
+    _bare(files)
+    return len(files) / (time.perf_counter() - start)
+
+
+def bare_loops(files: list[Path], processes: int) -> float:
+    """files/s of `processes` bare loops side by side (forked, each every n-th file): what
+    the plainest decode gets from the same cores as cbmir's workers, whatever the machine
+    loses when all of them are busy."""
+    context = multiprocessing.get_context("fork")
+    start = time.perf_counter()
+    loops = [context.Process(target=_bare, args=(files[i::processes],)) for i in range(processes)]
+    for loop in loops:
+        loop.start()
+    for loop in loops:
+        loop.join()
+        if loop.exitcode != 0:
+            raise RuntimeError(f"a bare loop failed (exit code {loop.exitcode})")
     return len(files) / (time.perf_counter() - start)
 
 
@@ -139,6 +161,7 @@ def main() -> None:
     files = sorted(root.rglob("*.png"))
     runs = {
         "bare Pillow loop": lambda: bare_loop(files),
+        "bare, 2 processes": lambda: bare_loops(files, 2),
         "cbmir 0 workers": lambda: cbmir_decode(root, cache, 0),
         "cbmir 2 workers": lambda: cbmir_decode(root, cache, 2),
     }
@@ -157,23 +180,30 @@ def main() -> None:
     bare = statistics.median(results["bare Pillow loop"])
     bare_cpu = statistics.median(cpu["bare Pillow loop"])
     print(f"\n{len(files)} PNG files, {args.size} px, median of {args.rounds} rounds")
+    bare2 = statistics.median(results["bare, 2 processes"])
     for name, rates in results.items():
         med = statistics.median(rates)
-        workers = max(1, int(name.split()[1])) if name.startswith("cbmir") else 1
+        workers = 2 if "2" in name else 1
         used = statistics.median(cpu[name])
         print(
             f"  {name:18s} {med:8.0f} files/s   {med / bare:5.2f}x bare"
             f"   {med / bare / workers:5.2f}x bare per worker"
             f"   CPU {1000 * used / len(files):.2f} ms/file ({bare_cpu / used:.2f}x bare's)"
         )
+    print(
+        f"  side by side: cbmir 2 workers {statistics.median(results['cbmir 2 workers']) / bare2:.2f}x"
+        f" the 2 bare processes; 2 bare processes {bare2 / bare / 2:.2f}x bare per process"
+    )
     checks, read = second_run(root, cache, args.rounds)
     check = statistics.median(checks)
     decode_s = len(files) / statistics.median(results["cbmir 0 workers"])
+    decode2_s = len(files) / statistics.median(results["cbmir 2 workers"])
     print(
         f"second run: cache check {check:.3f} s (median of "
         f"{', '.join(f'{c:.3f}' for c in checks)}) + read all {read:.3f} s = "
         f"{100 * (check + read) / decode_s:.2f}% of the 0-worker decode ({decode_s:.1f} s); "
-        f"the check alone {100 * check / decode_s:.2f}%"
+        f"the check alone {100 * check / decode_s:.2f}% of it, "
+        f"{100 * check / decode2_s:.2f}% of the 2-worker decode ({decode2_s:.1f} s)"
     )
     print(f"load average at the end: {_load()}")
     if args.dir is None:

@@ -276,13 +276,12 @@ class _Items(Dataset):
             try:
                 opened = open(path, "rb")  # noqa: SIM115 (closed below, after its fstat)
             except OSError:
-                return self._decode(index, kind_of(path), None)
+                return self._decode(index, path, kind_of(path), None)
             with opened:
-                return self._decode(index, "picture", opened)
-        return self._decode(index, kind_of(path), None)
+                return self._decode(index, path, "picture", opened)
+        return self._decode(index, path, kind_of(path), None)
 
-    def _decode(self, index: int, kind: str, opened: BinaryIO | None) -> _Done:
-        path = self.rows[index].path
+    def _decode(self, index: int, path: Path, kind: str, opened: BinaryIO | None) -> _Done:
         volume = kind in VOLUME_KINDS
         try:
             item = read_item(path, self.settings.window, kind, opened)
@@ -477,16 +476,16 @@ class _Writer:
     def _take(self, items: _Items, done: _Done, failures: _Failures) -> None:
         """Account for one decoded row, writing it when it came here with its array (the first
         readable row, a widening one)."""
-        path = items.rows[done.index].path
+        row = items.rows[done.index]
         if done.changed:
-            raise DataError(f"{path} changed while the collection was decoded; run again.")
+            raise DataError(f"{row.file} changed while the collection was decoded; run again.")
         if done.error is not None:
-            failures.errors[path] = done.error
+            failures.errors[row.path] = done.error
             return
         if self.plan is None:
             self.plan = _Plan(done.shape, done.color, done.volume)
         if not self.plan.admits(done.shape, done.volume):
-            _explain_mismatch(self.collection, path, self.plan, done.shape)
+            _explain_mismatch(self.collection, row.path, self.plan, done.shape)
         split, position = items.slots[done.index]
         self.taken[split][position] = done.digest
         if done.array is None:  # written by the worker
