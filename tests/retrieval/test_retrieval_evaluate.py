@@ -6,6 +6,7 @@ import torch
 
 from cbmir.errors import ConfigError, EmbeddingError
 from cbmir.retrieval import evaluate_retrieval
+from cbmir.retrieval.settings import default_acc_ks
 
 
 def _line(values):
@@ -43,6 +44,18 @@ def test_k3_caps_metric_ks_and_per_query():
     )
     assert list(out) == ["map@3", "mmv@3", "acc@1", "acc@3", "per_query", "n_queries", "n_database"]
     assert out["per_query"]["acc@3"].shape == (20,)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7])
+def test_acc_cutoffs_follow_the_pipelines_default_rule(k):
+    """The library call scores the ACC@ cut-offs a benchmark run of the same k reports by
+    default (`retrieval.acc_ks`): at k = 2 and 4 it once added acc@2 / acc@4 instead."""
+    rng = np.random.default_rng(k)
+    out = evaluate_retrieval(
+        rng.standard_normal((6, 3)), rng.integers(0, 2, 6), rng.standard_normal((9, 3)),
+        rng.integers(0, 2, 9), k=k,
+    )  # fmt: skip
+    assert [m for m in out if m.startswith("acc@")] == [f"acc@{a}" for a in default_acc_ks(k)]
 
 
 def test_nan_embeddings_and_label_mismatch_raise():

@@ -630,7 +630,7 @@ def decode_into(
         labels[split] = np.asarray([r.labels for r in final.split_rows(split)], dtype=np.int64)
         np.save(out / f"{split}_labels.npy", labels[split])
         write_text(
-            out / f"{split}_files.txt", "".join(f"{r.path}\n" for r in final.split_rows(split))
+            out / f"{split}_files.txt", "".join(f"{r.file}\n" for r in final.split_rows(split))
         )
     skipped = sorted(failures.errors.items())
     write_text(out / SKIPPED, "".join(f"{p}\t{m}\n" for p, m in skipped))
