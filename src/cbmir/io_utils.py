@@ -56,9 +56,12 @@ def file_version(path: str | os.PathLike) -> dict[str, Any]:
     its version; a chmod, a new hard link or a remount also changes it (costing one re-check).
     The one version stamp of cbmir's caches and resume checks.
     """
-    st = os.stat(path)
+    return {"path": os.path.realpath(path), **stat_version(os.stat(path))}
+
+
+def stat_version(st: os.stat_result) -> dict[str, int]:
+    """`file_version` but the path, from a `stat` result (links followed)."""
     return {
-        "path": os.path.realpath(path),
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
         "ctime_ns": st.st_ctime_ns,

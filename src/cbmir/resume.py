@@ -19,8 +19,9 @@ its results.
 A config names files, it does not pin their contents: the data file, a `model.checkpoint` and
 the cached hub weights can be replaced at the same path. `job.json` therefore also records the
 version stamp of each input file (size, mtime, ctime, inode: `cbmir.io_utils.file_version`,
-which `cp -p` cannot put back), and a finished job whose inputs changed (or vanished) since runs
-again; its store keys hash the new contents, so it embeds afresh rather than reusing stale
+which `cp -p` cannot put back), under the path the job named it by, links followed (so a link
+re-pointed to other data is a changed input), and a finished job whose inputs changed (or
+vanished) since runs again; its store keys hash the new contents, so it embeds afresh rather than reusing stale
 embeddings. Weights a re-launch would fetch anew (a hub repository updated upstream) are not
 inputs it can see without building the model: such a job is resumed from the weights it ran
 with, as recorded in its store entries' manifests.
@@ -36,6 +37,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,10 +47,13 @@ from omegaconf import DictConfig, OmegaConf
 import cbmir
 from cbmir.config import EMBEDDER_TARGET, is_multirun, is_true, numeric_precision
 from cbmir.errors import ConfigError
-from cbmir.io_utils import file_version, release, try_lock
+from cbmir.io_utils import release, stat_version, try_lock
 from cbmir.retrieval.metric_set import PAPER_METRICS
 
 log = logging.getLogger(__name__)
+
+#: how `job.json` stamps its inputs (`file_stamps`); a record made otherwise is not resumed
+INPUT_STAMPS = "as named, links followed"
 
 #: top-level and nested keys left out of the fingerprint: they never change a result
 VOLATILE_PATHS: tuple[str, ...] = (
@@ -153,17 +158,26 @@ def resume_enabled(cfg: DictConfig) -> bool:
 
 
 def file_stamps(paths: Iterable[str | Path]) -> dict[str, dict[str, int]]:
-    """{absolute path: its version stamp} of each input file: cheap to compare on a re-launch
-    (hashing multi-GB weights to decide whether to skip would cost what skipping saves), yet
-    not fooled by a replacement that keeps size and mtime (`cbmir.io_utils.file_version`)."""
-    resolved = [Path(path).expanduser().resolve() for path in paths]
-    return {str(path): _stamp(path) for path in resolved}
+    """{absolute path as named: its version stamp} of each input file: cheap to compare on a
+    re-launch (hashing multi-GB weights to decide whether to skip would cost what skipping
+    saves), yet not fooled by a replacement that keeps size and mtime (`stat_version`).
+
+    Each path is kept as the job named it (made absolute, never resolved) and stamped through
+    its links: a re-pointed link (`data.path` or a checkpoint that is a symlink) names another
+    file, whose stamp differs. Stamping the real path instead would re-check the old target
+    and skip the job with the old data's results. No per-path `resolve`: a collection's job
+    stamps every image file."""
+    stamps = {}
+    for path in paths:
+        text = os.path.expanduser(os.fspath(path))
+        if not os.path.isabs(text):
+            text = os.path.join(os.getcwd(), text)
+        stamps[text] = _stamp(text)
+    return stamps
 
 
-def _stamp(path: Path) -> dict[str, int]:
-    version = file_version(path)
-    del version["path"]  # the key of the stamp
-    return version
+def _stamp(path: str) -> dict[str, int]:
+    return stat_version(os.stat(path))
 
 
 def changed_inputs(job: dict[str, Any]) -> list[str]:
@@ -171,7 +185,7 @@ def changed_inputs(job: dict[str, Any]) -> list[str]:
     changed = []
     for path, stamp in (job.get("inputs") or {}).items():
         try:
-            unchanged = _stamp(Path(path)) == stamp
+            unchanged = _stamp(path) == stamp
         except OSError:
             unchanged = False
         if not unchanged:
@@ -210,6 +224,10 @@ def finished_metrics(job_dir: Path, wanted: str) -> dict[str, Any] | None:
         return None
     record, metrics = found
     if record.get("fingerprint") != wanted:
+        return None
+    if record.get("input_stamps") != INPUT_STAMPS:
+        log.info("%s: recorded by an older cbmir, which stamped inputs by their real paths "
+                 "(blind to a re-pointed link): running again", job_dir.name)  # fmt: skip
         return None
     changed = changed_inputs(record)
     if changed:
@@ -253,6 +271,7 @@ def job_record(cfg: DictConfig, status: str, inputs: Iterable[str | Path] = ()) 
         "run_name": cfg.get("run_name"),
         "fingerprint": fingerprint(cfg),
         "inputs": file_stamps(inputs),
+        "input_stamps": INPUT_STAMPS,
     }
     if status == "success":
         out = Path(cfg.paths.output_dir)

@@ -321,6 +321,9 @@ def test_input_files_name_the_tree_and_every_file(tmp_path):
     files = input_files(module(root, tmp_path), [])  # what job.json stamps for resume
     assert root in files and root / "train" / "a" in files
     assert (root / "test" / "b" / "1.png").resolve() in files
+    link = tmp_path / "link"  # data.path through a link: the link as named is an input too
+    link.symlink_to(root)
+    assert link in input_files(module(link, tmp_path), [])
     series = tmp_path / "series"
     for z in range(2):
         write_dicom(series / f"{z}.dcm", np.full((8, 8), z, np.uint8))

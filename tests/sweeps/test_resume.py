@@ -166,6 +166,40 @@ def test_an_input_replaced_with_its_size_and_mtime_kept_reruns_the_job(tmp_path)
     assert find_finished(cfg) is None
 
 
+def test_a_re_pointed_link_reruns_a_finished_job(tmp_path) -> None:
+    """An input named through a link (`data.path`, a `latest.ckpt`) is stamped through it, under
+    the name the job used: re-pointed to other data, it is a changed input. Stamped by its real
+    path, the old target was re-checked, found unchanged, and the job skipped with the old
+    data's metrics."""
+    for name in ("a.npz", "b.npz"):
+        (tmp_path / name).write_bytes(b"same bytes, other file")
+    link = tmp_path / "current.npz"
+    link.symlink_to(tmp_path / "a.npz")
+    job = tmp_path / "sweep" / "job"
+    cfg = _cfg(job)
+    _finish(cfg, {"acc@1": 0.5}, (link,))
+    assert list(json.loads((job / "job.json").read_text())["inputs"]) == [str(link)]
+    assert find_finished(cfg) == {"acc@1": 0.5}
+    link.unlink()
+    link.symlink_to(tmp_path / "b.npz")
+    assert find_finished(cfg) is None
+
+
+def test_a_record_of_inputs_stamped_by_real_path_is_not_resumed(tmp_path) -> None:
+    """Records written before inputs were stamped as named cannot tell a re-pointed link: such
+    a job runs once more (its embeddings come from the store)."""
+    data = tmp_path / "mine.npz"
+    data.write_bytes(b"contents")
+    job = tmp_path / "sweep" / "job"
+    cfg = _cfg(job)
+    _finish(cfg, {"acc@1": 0.5}, (data,))
+    record = json.loads((job / "job.json").read_text())
+    assert find_finished(cfg) == {"acc@1": 0.5}
+    del record["input_stamps"]
+    write_json(job / "job.json", record)
+    assert find_finished(cfg) is None
+
+
 def test_weights_files_identified_while_building_are_recorded(tmp_path) -> None:
     """What the pipeline records as a job's weights inputs: every file hashed for an identity."""
     from cbmir.extractors import weights_file
@@ -176,9 +210,14 @@ def test_weights_files_identified_while_building_are_recorded(tmp_path) -> None:
     with weights_file.recording() as files:
         weights_identity(weights)
         weights_identity(weights)
-    assert files == [weights.resolve()]
+    assert files == [weights.absolute()]
     weights_identity(weights)  # outside the block: nothing more is recorded
-    assert files == [weights.resolve()]
+    assert files == [weights.absolute()]
+    latest = tmp_path / "latest.safetensors"  # a link: recorded as named, not as its target
+    latest.symlink_to(weights)
+    with weights_file.recording() as files:
+        weights_identity(latest)
+    assert files == [latest.absolute()]
 
 
 @pytest.fixture

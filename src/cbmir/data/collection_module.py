@@ -156,7 +156,8 @@ class CollectionDataModule(RetrievalDataModule):
         slice of a DICOM series folder (editing a slice in place leaves its folder's stamp)."""
         items = dict.fromkeys(r.path for r in self.collection.rows)
         slices = [p for item in items if item.is_dir() for p in sorted(item.iterdir())]
-        return [*self.collection.inputs, *items, *(p for p in slices if p.is_file())]
+        given = [self.npz_file]  # as named: the listing is of its target, a link re-pointed
+        return [*given, *self.collection.inputs, *items, *(p for p in slices if p.is_file())]
 
     def data_facts(self) -> dict[str, Any]:
         facts = super().data_facts()

@@ -48,7 +48,7 @@ def cache_root() -> Path:
 def _version(path: Path) -> dict[str, Any]:
     """What identifies one version of a file without reading it (see the module doc)."""
     version = file_version(path)
-    _record(Path(version["path"]))
+    _record(Path(path).absolute())  # as named: a re-pointed link is another input (`resume`)
     return version
 
 
@@ -58,7 +58,7 @@ _RECORDERS: list[list[Path]] = []
 
 @contextlib.contextmanager
 def recording() -> Iterator[list[Path]]:
-    """Collects the real paths of the weights files identified (hashed) inside the block, e.g.
+    """Collects the paths (as named) of the weights files identified (hashed) inside the block, e.g.
     while an extractor is built: a job records them as its inputs, so that resuming it notices
     weights rewritten in place (`cbmir.resume`)."""
     files: list[Path] = []
