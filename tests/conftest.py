@@ -17,14 +17,17 @@ HEAVY_FILES = (
     "cli/test_pipeline_e2e_inputs.py",
     "sweeps/test_shared_sweep_dir.py",
     "test_validation.py",
-    "extractors/test_foundation_extractors.py",
     "extractors/test_pretrained_cache.py",
-    "volumes/test_volumes_cli.py",
+    "extractors/test_foundation_extractors.py",
     "finetune/test_finetune_cli.py",
-    "finetune/test_finetune_run.py",
+    "volumes/test_volumes_cli.py",
+    "extractors/test_checkpoint.py",
     "test_distributed.py",
+    "cli/test_crash_recovery.py",
     "retrieval/test_text_queries.py",
     "extractors/test_pretrained_reference.py",
+    "extractors/test_random_init.py",
+    "query/test_query_cli.py",
 )
 
 
