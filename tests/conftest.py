@@ -8,6 +8,38 @@ from pathlib import Path
 
 import pytest
 
+#: the files that take longest (each ~25 s or more of one worker's time, measured on the 2-core
+#: CI machine), heaviest first. Run first: `--dist loadfile` hands out whole files, and xdist's
+#: default order (most tests first) left these few-test files for the end, where one of them
+#: could run alone while the other worker idled (pyproject's addopts: --no-loadscope-reorder).
+HEAVY_FILES = (
+    "cli/test_pipeline_e2e.py",
+    "cli/test_pipeline_e2e_inputs.py",
+    "sweeps/test_shared_sweep_dir.py",
+    "test_validation.py",
+    "extractors/test_pretrained_cache.py",
+    "extractors/test_foundation_extractors.py",
+    "finetune/test_finetune_cli.py",
+    "volumes/test_volumes_cli.py",
+    "extractors/test_checkpoint.py",
+    "test_distributed.py",
+    "cli/test_crash_recovery.py",
+    "retrieval/test_text_queries.py",
+    "extractors/test_pretrained_reference.py",
+    "extractors/test_random_init.py",
+    "query/test_query_cli.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put the tests of `HEAVY_FILES` first, in that order; the rest keep theirs."""
+    tests = Path(__file__).parent
+    missing = [name for name in HEAVY_FILES if not (tests / name).is_file()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py HEAVY_FILES lists missing files: {missing}")
+    rank = {tests / name: i for i, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))
+
 
 @pytest.fixture(scope="session")
 def make_synthetic(tmp_path_factory) -> Callable[..., Path]:

@@ -126,25 +126,6 @@ def test_multirun_sweeps_every_combination_and_survives_a_failing_job(dirs) -> N
     assert "dermamnist.npz" in (failed / "error.json").read_text()
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["data.size=100"], "28, 64, 128, 224"),
-        (["data=nosuchdata"], "Available options"),
-        (["model=nosuchmodel"], "Available options"),
-        (["data.download=false"], "breastmnist.npz"),
-        (["channels_last=sometimes"], "use true, false or auto"),
-    ],
-)
-def test_bad_input_is_a_message_not_a_traceback(dirs, args, message) -> None:
-    proc = run_cbmir(["model=pixels", *args], dirs, check=False)
-    assert proc.returncode != 0
-    text = proc.stdout + proc.stderr
-    assert message in text
-    assert "Traceback" not in text
-    assert not list(dirs["store"].iterdir())
-
-
 def test_wandb_offline_one_finished_run_per_job_grouped_per_sweep(dirs) -> None:
     from tests.wandb_offline import read_offline_run
 
@@ -162,23 +143,3 @@ def test_wandb_offline_one_finished_run_per_job_grouped_per_sweep(dirs) -> None:
     )
     assert sorted(r["summary"]["map@5"] for r in runs) == pytest.approx(measured)
     assert {r["config"]["retrieval"]["distance"] for r in runs} == {"euclidean", "cosine"}
-
-
-def test_resume_skips_a_finished_job_until_its_data_file_is_replaced(dirs, tmp_path) -> None:
-    from cbmir.data.synthetic import write_digits_npz
-
-    data = write_digits_npz(tmp_path / "mine.npz", size=28, seed=0)
-    run_dir = tmp_path / "run"
-    args = ["experiment=offline", "model=pixels", "data=npz", f"data.path={data}",
-            "resume=true", f"hydra.run.dir={run_dir}"]  # fmt: skip
-    run_cbmir(args, dirs)
-    first = json.loads((run_dir / "metrics.json").read_text())
-    skipped = run_cbmir(args, dirs)
-    assert "skipping, results exist" in skipped.stdout + skipped.stderr
-    assert json.loads((run_dir / "metrics.json").read_text()) == first
-
-    write_digits_npz(data, size=28, seed=1)  # another split of the digits, same path
-    rerun = run_cbmir(args, dirs)
-    assert "input changed since it finished" in rerun.stdout + rerun.stderr
-    again = json.loads((run_dir / "metrics.json").read_text())
-    assert sorted(again["embedded_now"]) == ["test", "train"]  # new contents, new store keys

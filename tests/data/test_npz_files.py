@@ -1,7 +1,9 @@
 import hashlib
+import io
 import json
 import os
 import urllib.error
+import zipfile
 
 import medmnist
 import numpy as np
@@ -248,3 +250,50 @@ def test_streams_in_chunks_compressed_and_fortran(tmp_path, monkeypatch, dtype):
     out = convert_npz_to_npy(src)
     assert np.array_equal(load_split_arrays(out, "train")[0], images.astype(np.uint8))
     assert np.array_equal(load_split_arrays(out, "test")[0], images[:4].astype(np.uint8))
+
+
+def write_npz_members(path, arrays, version, stamp=None):
+    """An npz whose members are `.npy` files of format `version` (stamped `stamp` if given)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for key, array in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, array, version=version)
+            data = buf.getvalue()
+            if stamp is not None:  # another version number in the magic bytes
+                data = data.replace(np.lib.format.magic(*version), b"\x93NUMPY" + bytes(stamp), 1)
+            zf.writestr(f"{key}.npy", data)
+    return path
+
+
+def test_npy_format_3_0_members_are_read(tmp_path):
+    """numpy writes format 3.0 (UTF-8 header) on request; numpy has no public 3.0 header reader,
+    and calling its private one crashed with AttributeError on numpy 2.x."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": rng.integers(0, 256, (5, 6, 6), dtype=np.uint8),
+        "train_labels": rng.integers(0, 3, (5, 1)),
+        "test_images": rng.integers(0, 256, (2, 6, 6), dtype=np.uint8),
+        "test_labels": rng.integers(0, 3, (2, 1)),
+    }
+    src = write_npz_members(tmp_path / "utf8.npz", arrays, version=(3, 0))
+    out = convert_npz_to_npy(src)
+    for split in ("train", "test"):
+        images, labels = load_split_arrays(out, split)
+        assert np.array_equal(images, arrays[f"{split}_images"])
+        assert np.array_equal(labels, arrays[f"{split}_labels"])
+    # the one case where UTF-8 and latin-1 headers differ: a non-ASCII structured field name
+    named = {**arrays, "train_images": np.zeros((5, 6, 6), dtype=[("\u00e9", "u1")])}
+    src = write_npz_members(tmp_path / "named.npz", named, version=(3, 0))
+    with pytest.raises(DataError, match=r"named\.npz: train_images has dtype .*expected uint8"):
+        convert_npz_to_npy(src)
+
+
+def test_unknown_npy_format_version_is_a_data_error(tmp_path):
+    arrays = {
+        k: np.zeros((2, 4, 4) if k.endswith("images") else (2, 1), np.uint8)
+        for k in ("train_images", "train_labels", "test_images", "test_labels")
+    }
+    src = write_npz_members(tmp_path / "future.npz", arrays, version=(3, 0), stamp=(9, 0))
+    with pytest.raises(DataError, match=r"future\.npz is not a readable.*format version 9\.0"):
+        convert_npz_to_npy(src)
+    assert not (tmp_path / "future_npy").exists()

@@ -120,12 +120,19 @@ def _npz_keys(zf: zipfile.ZipFile) -> list[str]:
 
 
 def _read_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the `.npy` stream `fp`, left at the start of its data.
+
+    numpy has public header readers for 1.0 and 2.0 only. A 3.0 header has 2.0's byte layout
+    with UTF-8 instead of latin-1 text, which is the same bytes for every dtype cbmir accepts
+    (numeric descrs are ASCII; only structured field names can differ, and those are refused).
+    Any other version is a ValueError, which the callers report as an unreadable file.
+    """
     version = np.lib.format.read_magic(fp)
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(fp)
-    if version == (2, 0):
+    if version in ((2, 0), (3, 0)):
         return np.lib.format.read_array_header_2_0(fp)
-    return np.lib.format._read_array_header(fp, version)  # (3, 0): no public reader
+    raise ValueError(f".npy format version {version[0]}.{version[1]} (cbmir reads 1.0 to 3.0)")
 
 
 def _header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], bool, np.dtype]:
