@@ -186,13 +186,13 @@ def main() -> None:
         workers = 2 if "2" in name else 1
         used = statistics.median(cpu[name])
         print(
-            f"  {name:18s} {med:8.0f} files/s   {med / bare:5.2f}x bare"
-            f"   {med / bare / workers:5.2f}x bare per worker"
+            f"  {name:18s} {med:8.0f} files/s   {med / bare:5.3f}x bare"
+            f"   {med / bare / workers:5.3f}x bare per worker"
             f"   CPU {1000 * used / len(files):.2f} ms/file ({bare_cpu / used:.2f}x bare's)"
         )
     print(
-        f"  side by side: cbmir 2 workers {statistics.median(results['cbmir 2 workers']) / bare2:.2f}x"
-        f" the 2 bare processes; 2 bare processes {bare2 / bare / 2:.2f}x bare per process"
+        f"  side by side: cbmir 2 workers {statistics.median(results['cbmir 2 workers']) / bare2:.3f}x"
+        f" the 2 bare processes; 2 bare processes {bare2 / bare / 2:.3f}x bare per process"
     )
     checks, read = second_run(root, cache, args.rounds)
     check = statistics.median(checks)
