@@ -22,9 +22,9 @@ version stamp of each input file (size, mtime, ctime, inode: `cbmir.io_utils.fil
 which `cp -p` cannot put back), under the path the job named it by, links followed (so a link
 re-pointed to other data is a changed input), and a finished job whose inputs changed (or
 vanished) since runs again; its store keys hash the new contents, so it embeds afresh rather
-than reusing stale embeddings. Weights a re-launch would fetch anew (a hub repository updated upstream) are not
-inputs it can see without building the model: such a job is resumed from the weights it ran
-with, as recorded in its store entries' manifests.
+than reusing stale embeddings. Weights a re-launch would fetch anew (a hub repository updated
+upstream) are not inputs it can see without building the model: such a job is resumed from the
+weights it ran with, as recorded in its store entries' manifests.
 
 ``resume``: ``auto`` (default) resumes in multirun only, ``true`` also for single runs,
 ``false`` never.
