@@ -69,3 +69,13 @@ def digits_npz(tmp_path_factory) -> Path:
     from cbmir.data.synthetic import write_digits_npz
 
     return write_digits_npz(tmp_path_factory.mktemp("digits") / "digits.npz", size=28)
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> dict[str, Path]:
+    """The folders a test `cbmir` process works in (`helpers.cbmir_env`: data, synthetic,
+    store, logs under one root), created empty."""
+    out = {name: tmp_path / name for name in ("data", "synthetic", "store", "logs")}
+    for path in out.values():
+        path.mkdir()
+    return out

@@ -60,3 +60,10 @@ def run_cbmir(
     if check and proc.returncode != 0:
         raise AssertionError(f"cbmir failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_cbmir_in(
+    args: Sequence[str], dirs: dict[str, Path], check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """`run_cbmir` under the folders of the `dirs` fixture (tests/conftest.py)."""
+    return run_cbmir(args, dirs["logs"].parent, check=check, timeout=timeout)

@@ -7,21 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests import helpers
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run_cbmir(args: list[str], dirs: dict[str, Path], check: bool = True):
-    return helpers.run_cbmir(args, dirs["logs"].parent, check=check, timeout=600)
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> dict[str, Path]:
-    out = {name: tmp_path / name for name in ("data", "synthetic", "store", "logs")}
-    for path in out.values():
-        path.mkdir()
-    return out
+from tests.helpers import run_cbmir_in as run_cbmir
 
 
 def _job_dirs(logs: Path) -> list[Path]:

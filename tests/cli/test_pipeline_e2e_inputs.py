@@ -5,22 +5,9 @@ can run the two halves on two workers.)"""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from tests import helpers
-
-
-def run_cbmir(args: list[str], dirs: dict[str, Path], check: bool = True):
-    return helpers.run_cbmir(args, dirs["logs"].parent, check=check, timeout=600)
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> dict[str, Path]:
-    out = {name: tmp_path / name for name in ("data", "synthetic", "store", "logs")}
-    for path in out.values():
-        path.mkdir()
-    return out
+from tests.helpers import run_cbmir_in as run_cbmir
 
 
 @pytest.mark.parametrize(

@@ -11,20 +11,7 @@ import numpy as np
 import pytest
 
 from cbmir.data import catalog
-from tests import helpers
-
-
-def run_cbmir(args: list[str], dirs: dict[str, Path], check: bool = True):
-    """The real `cbmir` in a subprocess, every path under the test's own folders."""
-    return helpers.run_cbmir(args, dirs["logs"].parent, check=check)
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> dict[str, Path]:
-    out = {name: tmp_path / name for name in ("data", "synthetic", "store", "logs")}
-    for path in out.values():
-        path.mkdir()
-    return out
+from tests.helpers import run_cbmir_in as run_cbmir
 
 
 def _jobs(logs: Path) -> dict[str, dict]:
