@@ -9,7 +9,11 @@ that finds the cache valid (as a fresh process pays it; the median of --rounds c
 reading every image back from the memory map. Pending writes are flushed (`os.sync`) before
 each timed step, so that no step pays for the write-back of another. The load average is
 printed at the start and the end, and each variant's CPU time (with its workers): on a shared
-machine only ratios measured side by side mean something.
+machine only ratios measured side by side mean something. Hence the paired ratios: each
+round's cbmir rate over the bare rate of the same round (the variants' order rotates from
+round to round), their median and range; and every file is read once, untimed, before the
+first round (the first bare loop of earlier runs read cold files: 385-420 files/s against
+600-776 in later rounds).
 
     python scripts/bench_decode.py --n 2000
 """
@@ -53,6 +57,12 @@ def _bare(files: list[Path]) -> None:
     for path in files:
         with Image.open(path) as im:
             np.asarray(im)
+
+
+def warm(files: list[Path]) -> None:
+    """Read every file once, untimed: all variants then start from the page cache."""
+    for path in files:
+        path.read_bytes()
 
 
 def bare_loop(files: list[Path]) -> float:
@@ -167,8 +177,11 @@ def main() -> None:
     }
     results: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
+    warm(files)
+    names = list(runs)
     for r in range(args.rounds):
-        for name, run in runs.items():
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            run = runs[name]
             settle()  # no variant pays for the previous one's writes
             rate, seconds = timed(run)
             results[name].append(rate)
@@ -194,6 +207,7 @@ def main() -> None:
         f"  side by side: cbmir 2 workers {statistics.median(results['cbmir 2 workers']) / bare2:.3f}x"
         f" the 2 bare processes; 2 bare processes {bare2 / bare / 2:.3f}x bare per process"
     )
+    print_paired(results)
     checks, read = second_run(root, cache, args.rounds)
     check = statistics.median(checks)
     decode_s = len(files) / statistics.median(results["cbmir 0 workers"])
@@ -208,6 +222,24 @@ def main() -> None:
     print(f"load average at the end: {_load()}")
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def print_paired(results: dict[str, list[float]]) -> None:
+    """Each round's ratio of a cbmir rate to a bare rate of the same round: what drifts
+    between rounds (the machine's state) cancels; the median and range of the rounds."""
+    pairs = {
+        "cbmir 0 workers / bare": ("cbmir 0 workers", "bare Pillow loop", 1),
+        "cbmir 2 workers / bare, per worker": ("cbmir 2 workers", "bare Pillow loop", 2),
+        "cbmir 2 workers / 2 bare processes": ("cbmir 2 workers", "bare, 2 processes", 1),
+    }
+    print("paired by round (median, range):")
+    for label, (ours, bare, workers) in pairs.items():
+        ratios = [a / b / workers for a, b in zip(results[ours], results[bare], strict=True)]
+        print(
+            f"  {label:36s} {statistics.median(ratios):.3f}"
+            f"   ({min(ratios):.3f} - {max(ratios):.3f}; rounds: "
+            f"{', '.join(f'{x:.3f}' for x in ratios)})"
+        )
 
 
 def _load() -> str:
