@@ -221,6 +221,14 @@ def ranking_is_irrelevant(
     return bool((relevant.all(dim=1) | ~relevant.any(dim=1)).all())
 
 
+#: what a data.path file holds, said when it is missing (the datamodules say it too)
+_EXPECTED_FILE = {
+    "npz": "data=npz expects an .npz file with keys train_images, train_labels, test_images, "
+    "test_labels (val_* optional)",
+    "table": "data=csv expects a CSV, TSV or Parquet table of image paths and labels",
+}
+
+
 def check_data_source(cfg: DictConfig) -> None:
     """Stage 2 too: the file or folder `data.path` names (data=npz, csv, folder) exists, so a
     mistyped path fails before Lightning and the datamodule are imported; the datamodule
@@ -238,7 +246,8 @@ def check_data_source(cfg: DictConfig) -> None:
                 "DIR/<class>/<file> or DIR/<split>/<class>/<file>."
             )
     elif not source.exists():
-        raise DataError(f"data.path={source} does not exist.")
+        expected = _EXPECTED_FILE["table" if collection else "npz"]
+        raise DataError(f"data.path={source} does not exist; {expected}.")
 
 
 def validate_job(cfg: DictConfig) -> RetrievalSettings:

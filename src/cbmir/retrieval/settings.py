@@ -180,7 +180,7 @@ class FaissSettings:
 
 @dataclass
 class PromptsSchema:
-    """`retrieval.prompts` of the text protocol (`text_queries.PromptSettings`)."""
+    """`retrieval.prompts` of the text protocol (`PromptSettings`)."""
 
     templates: list[str] | None = None  # null: DEFAULT_TEMPLATES
     classes: dict[Any, Any] | None = None  # class id -> a description or a list of them
