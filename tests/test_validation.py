@@ -21,9 +21,12 @@ from cbmir.errors import ConfigError, DataError
 from cbmir.retrieval.settings import RetrievalSettings
 from cbmir.schema import typed
 from cbmir.validation import (
+    COMMON_PRECISIONS,
     JobSchema,
     check_config,
     check_data,
+    check_data_source,
+    lightning_precisions,
     ranking_is_irrelevant,
     writable_dir,
 )
@@ -371,3 +374,38 @@ def test_schemas_keep_the_config_defaults() -> None:
         **OmegaConf.to_container(cfg.model.volume),
         "axes": (0,),
     }
+
+
+def test_the_precisions_passed_without_lightning_are_lightnings() -> None:
+    """`check_precision` accepts COMMON_PRECISIONS without asking Lightning: each must be one
+    Lightning accepts (its own list), else a bad precision would pass validation."""
+    choices = lightning_precisions()
+    assert all(p in choices and type(p) in {type(c) for c in choices} for p in COMMON_PRECISIONS)
+
+
+@pytest.mark.parametrize(
+    ("data", "kind", "message"),
+    [
+        ("npz", "file", "does not exist"),
+        ("csv", "file", "does not exist"),
+        ("folder", "folder", "is not a folder; data=folder expects DIR/<class>/<file>"),
+    ],
+)
+def test_a_missing_data_path_is_one_line_before_the_data_module(tmp_path, data, kind, message):
+    """data.path of npz/csv/folder is checked with the other paths (`validate_job`), before
+    the pipeline and Lightning are imported; an existing one of the right kind passes."""
+    missing = tmp_path / "missing.csv"
+    cfg = helpers.compose_config([*OFFLINE, f"data={data}", f"data.path={missing}"])
+    with pytest.raises(DataError, match=f"data.path={re.escape(str(missing.resolve()))} {message}"):
+        check_data_source(cfg)
+    present = tmp_path / "there"
+    if kind == "file":
+        present.write_bytes(b"")
+    else:
+        present.mkdir()
+    check_data_source(helpers.compose_config([*OFFLINE, f"data={data}", f"data.path={present}"]))
+    if kind == "folder":  # a file where a folder is expected
+        cfg = helpers.compose_config([*OFFLINE, f"data={data}", f"data.path={missing.parent}/f"])
+        (tmp_path / "f").write_bytes(b"")
+        with pytest.raises(DataError, match="is not a folder"):
+            check_data_source(cfg)

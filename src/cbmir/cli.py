@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from cbmir.config import config_dir
 from cbmir.errors import CbmirError
-from cbmir.runner import main_entry, run_job
+from cbmir.runner import main_entry, quiet_library_logging, run_job
+from cbmir.validation import validate_job
 
 
 class OutputDirCheck(Callback):
@@ -40,9 +41,17 @@ def _check_hydra_dir(config: DictConfig, key: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _main(cfg: DictConfig) -> object:
+    return run_job(cfg, _retrieval_job)
+
+
+def _retrieval_job(cfg: DictConfig) -> object:
+    """Validate before the pipeline's imports (Lightning, torchmetrics, the extractors: some
+    seconds), so bad input fails in about one; the settings go on, checked once."""
+    settings = validate_job(cfg)
+    quiet_library_logging()
     from cbmir.pipeline import run_retrieval
 
-    return run_job(cfg, run_retrieval)
+    return run_retrieval(cfg, settings)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Plain-config helpers of the core layer: where the Hydra configs live, OmegaConf -> plain
-data, yes/no words, integers, choices, multirun. Resolvers are registered by the entry points
-(`cbmir.resolvers`)."""
+data, yes/no words, integers, choices, multirun, and the `embedder` node's rules (here, not in
+`cbmir.embedding`, so validating a job needs no Lightning). Resolvers are registered by the
+entry points (`cbmir.resolvers`)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,52 @@ def numeric_precision(precision: str | int) -> str | None:
         name, name
     )
     return None if name == "32-true" else name
+
+
+#: `cfg.embedder` settings -> the user-facing keys they mirror (`${...}` in config.yaml)
+EMBEDDER_MIRRORS = {"channels_last": "channels_last", "precision": "trainer.precision"}
+_MIRROR_DEFAULTS = {"channels_last": False, "precision": "32-true"}
+
+
+def embedder_config(cfg: Any) -> dict[str, Any]:
+    """`cfg.embedder` resolved, a mirrored setting it lacks read from its key: a run config
+    written before the node existed, or one whose mirrors the query tool re-linked
+    (`unlink_embedder_mirrors`), builds the embedder it was run with."""
+    node = OmegaConf.select(cfg, "embedder")
+    plain = {} if node is None else dict(OmegaConf.to_container(node, resolve=True))
+    plain.setdefault("_target_", EMBEDDER_TARGET)
+    for setting, key in EMBEDDER_MIRRORS.items():
+        if setting not in plain:
+            plain[setting] = OmegaConf.select(cfg, key, default=_MIRROR_DEFAULTS[setting])
+    return plain
+
+
+def unlink_embedder_mirrors(cfg: Any) -> None:
+    """Drop the mirrored settings of a resolved run config's `embedder` node, so overrides of
+    `channels_last` / `trainer.precision` reach the embedder as they do in a fresh run."""
+    node = OmegaConf.select(cfg, "embedder")
+    for setting in EMBEDDER_MIRRORS:
+        if node is not None and setting in node:
+            del node[setting]
+
+
+def check_embedder_config(cfg: Any) -> None:
+    """`cfg.embedder` before any work: channels_last valid, and the precision the store key
+    takes equal to the one the Trainer computes in (else bf16 vectors get a float32 key)."""
+    node = embedder_config(cfg)
+    parse_channels_last(node["channels_last"])
+    keyed = numeric_precision(node["precision"])
+    computed = numeric_precision(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    if keyed != computed:
+        raise ConfigError(
+            f"embedder.precision={node['precision']!r} differs from trainer.precision "
+            f"({computed or '32-true'}), the precision the embeddings are computed in: "
+            "set trainer.precision and leave embedder.precision at ${trainer.precision}"
+        )
+
+
+def parse_channels_last(setting: bool | str) -> bool | str:
+    """Validate `channels_last` (true / false / auto) before any heavy work."""
+    if isinstance(setting, bool) or str(setting).lower() == "auto":
+        return setting if isinstance(setting, bool) else "auto"
+    raise ConfigError(f"channels_last={setting!r}: use true, false or auto")

@@ -14,10 +14,17 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter
-from omegaconf import OmegaConf
 
-from cbmir.config import EMBEDDER_TARGET, numeric_precision
-from cbmir.errors import ConfigError, EmbeddingError
+from cbmir.config import (  # noqa: F401 (the embedder's config rules; re-exported)
+    EMBEDDER_MIRRORS,
+    EMBEDDER_TARGET,
+    check_embedder_config,
+    embedder_config,
+    numeric_precision,
+    parse_channels_last,
+    unlink_embedder_mirrors,
+)
+from cbmir.errors import EmbeddingError
 from cbmir.extractors.base import Extractor
 from cbmir.store import EmbeddingStore, EntryWriter, make_key
 from cbmir.volumes import VolumeSpec, embed_volumes
@@ -84,33 +91,6 @@ class FrozenEmbedder(L.LightningModule):
         return self.embed_images(batch["image"]).float()
 
 
-#: `cfg.embedder` settings -> the user-facing keys they mirror (`${...}` in config.yaml)
-EMBEDDER_MIRRORS = {"channels_last": "channels_last", "precision": "trainer.precision"}
-_MIRROR_DEFAULTS = {"channels_last": False, "precision": "32-true"}
-
-
-def embedder_config(cfg: Any) -> dict[str, Any]:
-    """`cfg.embedder` resolved, a mirrored setting it lacks read from its key: a run config
-    written before the node existed, or one whose mirrors the query tool re-linked
-    (`unlink_embedder_mirrors`), builds the embedder it was run with."""
-    node = OmegaConf.select(cfg, "embedder")
-    plain = {} if node is None else dict(OmegaConf.to_container(node, resolve=True))
-    plain.setdefault("_target_", EMBEDDER_TARGET)
-    for setting, key in EMBEDDER_MIRRORS.items():
-        if setting not in plain:
-            plain[setting] = OmegaConf.select(cfg, key, default=_MIRROR_DEFAULTS[setting])
-    return plain
-
-
-def unlink_embedder_mirrors(cfg: Any) -> None:
-    """Drop the mirrored settings of a resolved run config's `embedder` node, so overrides of
-    `channels_last` / `trainer.precision` reach the embedder as they do in a fresh run."""
-    node = OmegaConf.select(cfg, "embedder")
-    for setting in EMBEDDER_MIRRORS:
-        if node is not None and setting in node:
-            del node[setting]
-
-
 def build_embedder(cfg: Any, extractor: Extractor, volume: VolumeSpec | None) -> FrozenEmbedder:
     """`instantiate(cfg.embedder)` around `extractor`; `volume` only for volume data, so 2D
     store keys stay free of the volume settings. Both go to the built partial, not through
@@ -120,32 +100,10 @@ def build_embedder(cfg: Any, extractor: Extractor, volume: VolumeSpec | None) ->
     return build(extractor=extractor, volume=volume)
 
 
-def check_embedder_config(cfg: Any) -> None:
-    """`cfg.embedder` before any work: channels_last valid, and the precision the store key
-    takes equal to the one the Trainer computes in (else bf16 vectors get a float32 key)."""
-    node = embedder_config(cfg)
-    parse_channels_last(node["channels_last"])
-    keyed = numeric_precision(node["precision"])
-    computed = numeric_precision(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
-    if keyed != computed:
-        raise ConfigError(
-            f"embedder.precision={node['precision']!r} differs from trainer.precision "
-            f"({computed or '32-true'}), the precision the embeddings are computed in: "
-            "set trainer.precision and leave embedder.precision at ${trainer.precision}"
-        )
-
-
 def is_conv_net(module: torch.nn.Module) -> bool:
     """True for convolutional backbones (ResNet, DenseNet, VGG, EfficientNet, ConvNeXt), whose
     many 2D convolutions gain from channels_last; ViTs and Swin have one (the patch embedding)."""
     return sum(isinstance(m, torch.nn.Conv2d) for m in module.modules()) > 2
-
-
-def parse_channels_last(setting: bool | str) -> bool | str:
-    """Validate `channels_last` (true / false / auto) before any heavy work."""
-    if isinstance(setting, bool) or str(setting).lower() == "auto":
-        return setting if isinstance(setting, bool) else "auto"
-    raise ConfigError(f"channels_last={setting!r}: use true, false or auto")
 
 
 def resolve_channels_last(setting: bool | str, extractor: torch.nn.Module) -> bool:

@@ -49,10 +49,12 @@ def input_files(datamodule: Any, weights_files: list[Path]) -> list[Path]:
     return [*(data_files() if data_files else [Path(datamodule.npz_file)]), *weights_files]
 
 
-def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
+def run_retrieval(cfg: DictConfig, settings: RetrievalSettings | None = None) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `metrics.json`), holding its output
-    directory so that no other process runs a job there meanwhile (`cbmir.resume`)."""
-    settings = validate_job(cfg)  # every setting and path, before any data or weights
+    directory so that no other process runs a job there meanwhile (`cbmir.resume`).
+    `settings`: what `validate_job(cfg)` returned, where the caller ran it already."""
+    if settings is None:
+        settings = validate_job(cfg)  # every setting and path, before any data or weights
     check_launch(cfg.trainer)  # DDP: one job, never a sweep's
     with hold_job_dir_once(Path(cfg.paths.output_dir)):  # ranks > 0 run inside rank 0's hold
         return _run_retrieval(cfg, settings)

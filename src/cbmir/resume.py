@@ -48,7 +48,7 @@ import cbmir
 from cbmir.config import EMBEDDER_TARGET, is_multirun, is_true, numeric_precision
 from cbmir.errors import ConfigError
 from cbmir.io_utils import release, stat_version, try_lock
-from cbmir.retrieval.metric_set import PAPER_METRICS
+from cbmir.retrieval.metric_names import PAPER_METRICS
 
 log = logging.getLogger(__name__)
 

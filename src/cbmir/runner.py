@@ -80,24 +80,37 @@ def _write_error(cfg: DictConfig, exc: BaseException) -> None:
         write_json(out / "error.json", {"error": str(exc), "type": type(exc).__name__})
 
 
+def _no_litlogger(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
 def quiet_library_logging() -> None:
-    """Lightning adds its own console handler; Hydra's logging already prints (and files) it."""
+    """Import Lightning with its console output as every command has it: a job calls this
+    after validation, before its first Lightning import (so bad input fails without one).
+
+    Lightning gives its loggers a console handler of their own and stops their propagation
+    when the root logger has no handler at import time (before Hydra's logging is set up, as
+    when this ran at process start): both are set here whatever the import order, so the
+    handler is never doubled and Lightning's info chatter stays out of the job log. Idempotent:
+    a sweep calls it once per job."""
     import lightning.pytorch  # noqa: F401  (its handlers are attached on import)
 
     for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).handlers.clear()
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage()
-    )
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = False
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _no_litlogger not in rank_zero.filters:
+        rank_zero.addFilter(_no_litlogger)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # the same filter is kept once
 
 
 def main_entry(prog: str, hydra_main: Callable[[], object]) -> None:
-    """Run a `@hydra.main` function as command `prog`: resolvers registered, library logging
-    quietened, and exit status 1 when any job of a multirun failed."""
+    """Run a `@hydra.main` function as command `prog`: resolvers registered, and exit status 1
+    when any job of a multirun failed. Lightning is not imported here: each job calls
+    `quiet_library_logging` once its input is validated."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     register_resolvers()
-    quiet_library_logging()
     hydra_main()
     if _FAILED_JOBS:
         print(

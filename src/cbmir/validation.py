@@ -6,7 +6,13 @@ accepts (`cli.run_job` prints it as one line, exit code 2):
 1. `check_config`: values only (retrieval, trainer, data loader, seed, resume, gallery,
    channels_last, model.volume); no file is touched.
 2. `check_paths`: the embedding store and the job's output folder are writable directories
-   (a probe file is created and removed: permission bits say nothing for root).
+   (a probe file is created and removed: permission bits say nothing for root);
+   `check_data_source`: the file or folder `data.path` names exists.
+
+Stages 1 and 2 import neither Lightning nor torchmetrics nor any model library (tests/
+test_startup.py): `cbmir` runs them before it imports the pipeline, so bad input costs about a
+second. Only an accelerator other than auto/cpu, or a precision outside `COMMON_PRECISIONS`,
+asks Lightning itself.
 3. `check_data`: rules that need the data: k against the database split's size, and a
    database whose labels make every ranking score the same (the metrics would describe the
    labels, not the model).
@@ -28,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbmir.config import check_int
 from cbmir.errors import ConfigError, DataError
-from cbmir.retrieval.settings import RetrievalSettings
+from cbmir.retrieval.settings import PromptSettings, RetrievalSettings
 from cbmir.schema import typed
 
 log = logging.getLogger(__name__)
@@ -49,10 +55,18 @@ def lightning_precisions() -> tuple[Any, ...]:
     )
 
 
+#: precisions every supported Lightning (>= 2.3) accepts: these pass without importing it (a
+#: test pins them among `lightning_precisions`); any other value is Lightning's to judge
+COMMON_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+COMMON_PRECISIONS += ("32", "16", "bf16", "64", 32, 16, 64)
+
+
 def check_precision(precision: Any) -> None:
     """One of Lightning's precisions (None: its default)."""
+    if precision is None or precision in COMMON_PRECISIONS:
+        return
     choices = lightning_precisions()
-    if precision is not None and precision not in choices:
+    if precision not in choices:
         shown = ", ".join(str(c) for c in dict.fromkeys(str(c) for c in choices))
         raise ConfigError(
             f"trainer.precision={precision!r} is not a precision; choose one of {shown}"
@@ -61,11 +75,11 @@ def check_precision(precision: Any) -> None:
 
 def check_accelerator(accelerator: Any) -> None:
     """auto, or an accelerator Lightning knows and this machine has (gpu: CUDA or MPS)."""
+    name = str(accelerator)
+    if name in ("auto", "cpu"):  # always there: no need to import Lightning's registry
+        return
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
-    name = str(accelerator)
-    if name == "auto":
-        return
     known = sorted(AcceleratorRegistry.available_accelerators())
 
     def present(kind: str) -> bool:
@@ -116,10 +130,8 @@ class JobSchema:
 
 def check_config(cfg: DictConfig) -> RetrievalSettings:
     """Stage 1: every setting's value; returns the validated retrieval settings."""
-    from cbmir.embedding import check_embedder_config
-    from cbmir.extractors.text import check_text_tower
+    from cbmir.config import check_embedder_config
     from cbmir.resume import resume_enabled
-    from cbmir.retrieval.text_queries import PromptSettings
     from cbmir.volumes import VolumeSpec
 
     check_job_keys(cfg)
@@ -130,6 +142,8 @@ def check_config(cfg: DictConfig) -> RetrievalSettings:
     check_accelerator(cfg.trainer.get("accelerator", "auto"))
     settings = RetrievalSettings.from_config(cfg.retrieval)
     if settings.query == "text":  # a model with a text tower and valid prompts (docs/text.md)
+        from cbmir.extractors.text import check_text_tower  # imports torch
+
         check_text_tower(cfg.model, str(cfg.model.get("name", "?")))
         PromptSettings.from_config(cfg.retrieval.get("prompts"))
     return settings
@@ -207,8 +221,38 @@ def ranking_is_irrelevant(
     return bool((relevant.all(dim=1) | ~relevant.any(dim=1)).all())
 
 
+#: what a data.path file holds, said when it is missing (the datamodules say it too)
+_EXPECTED_FILE = {
+    "npz": "data=npz expects an .npz file with keys train_images, train_labels, test_images, "
+    "test_labels (val_* optional)",
+    "table": "data=csv expects a CSV, TSV or Parquet table of image paths and labels",
+}
+
+
+def check_data_source(cfg: DictConfig) -> None:
+    """Stage 2 too: the file or folder `data.path` names (data=npz, csv, folder) exists, so a
+    mistyped path fails before Lightning and the datamodule are imported; the datamodule
+    checks it again, with everything else about its files."""
+    path = OmegaConf.select(cfg, "data.path", default=None)
+    target = str(OmegaConf.select(cfg, "data._target_", default=""))
+    if path is None or not target.endswith(("NpzDataModule", "CollectionDataModule")):
+        return
+    source = Path(str(path)).expanduser().absolute()
+    collection = target.endswith("CollectionDataModule")
+    if collection and OmegaConf.select(cfg, "data.kind", default="folder") == "folder":
+        if not source.is_dir():
+            raise DataError(
+                f"data.path={source.resolve()} is not a folder; data=folder expects "
+                "DIR/<class>/<file> or DIR/<split>/<class>/<file>."
+            )
+    elif not source.exists():
+        expected = _EXPECTED_FILE["table" if collection else "npz"]
+        raise DataError(f"data.path={source} does not exist; {expected}.")
+
+
 def validate_job(cfg: DictConfig) -> RetrievalSettings:
     """Stages 1 and 2, in that order: the checks that need no data."""
     settings = check_config(cfg)
     check_paths(cfg)
+    check_data_source(cfg)
     return settings

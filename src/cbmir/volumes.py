@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cbmir.config import check_choice, check_int, to_plain
 from cbmir.errors import ConfigError
 from cbmir.schema import typed
+
+if TYPE_CHECKING:  # torch only where volumes are embedded: `VolumeSpec` checks configs
+    import torch
 
 REDUCTIONS = ("concat", "mean", "max")
 
@@ -96,6 +97,8 @@ def embed_volumes(
     time; results land in a [B * n, dim] buffer whose row-major layout *is* the concatenation
     in slice order (`concat`), or is reduced over slices (`mean`, `max`).
     """
+    import torch
+
     if volumes.ndim != 4:
         raise ValueError(f"expected volumes [B, D, H, W], got shape {tuple(volumes.shape)}")
     b = volumes.shape[0]
@@ -138,6 +141,8 @@ def _embed_stream(
 
 def _stream_rows(moved: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Slices start..stop of the flattened [B * n] stream as [m, 1, h, w] (copies only them)."""
+    import torch
+
     b, n, h, w = moved.shape
     if moved.is_contiguous():
         return moved.view(b * n, 1, h, w)[start:stop]

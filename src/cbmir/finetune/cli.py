@@ -8,14 +8,22 @@ import hydra
 from omegaconf import DictConfig
 
 from cbmir.config import config_dir
-from cbmir.runner import main_entry, run_job
+from cbmir.runner import main_entry, quiet_library_logging, run_job
+from cbmir.validation import check_data_source
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="finetune")
 def _main(cfg: DictConfig) -> object:
+    return run_job(cfg, _finetune_job)
+
+
+def _finetune_job(cfg: DictConfig) -> object:
+    """A missing data file or folder fails before Lightning and the trainer are imported."""
+    check_data_source(cfg)
+    quiet_library_logging()
     from cbmir.finetune.run import run_finetune
 
-    return run_job(cfg, run_finetune)
+    return run_finetune(cfg)
 
 
 def main() -> None:

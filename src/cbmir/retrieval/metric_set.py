@@ -24,40 +24,18 @@ import torch
 from torchmetrics import Metric
 
 from cbmir.errors import ConfigError
-
-#: the paper's metrics (their ks come from retrieval.k and retrieval.acc_ks)
-PAPER_METRICS: tuple[str, ...] = ("map@k", "mmv@k", "acc@k")
-EXTRA_METRICS: tuple[str, ...] = (
-    "precision@k",
-    "recall@k",
-    "ndcg@k",
-    "mrr",
-    "r_precision",
-    "map@r",
+from cbmir.retrieval.metric_names import (  # noqa: F401 (the names' home; re-exported)
+    ALL_METRICS,
+    COUNT_METRICS,
+    EXTRA_METRICS,
+    PAPER_METRICS,
+    R_METRICS,
+    check_metrics,
 )
-ALL_METRICS: tuple[str, ...] = PAPER_METRICS + EXTRA_METRICS
-#: metrics that read R_q neighbours per query (R_q = relevant items in the database)
-R_METRICS: tuple[str, ...] = ("r_precision", "map@r")
-#: metrics that need R_q (the relevant count), not only the retrieved list
-COUNT_METRICS: tuple[str, ...] = ("recall@k", "ndcg@k", *R_METRICS)
+
 #: bytes one search block of [rows, k'] neighbours may take (see the module docstring)
 BLOCK_BYTES = 128 * 2**20
 _BYTES_PER_NEIGHBOUR = 48  # int64 index + float32 distance, the search's shortlist and gathers
-
-
-def check_metrics(value: Any, key: str = "retrieval.metrics") -> tuple[str, ...]:
-    """`all`, or a non-empty list of known metric names (duplicates dropped, order kept)."""
-    if value == "all":
-        return ALL_METRICS
-    names = [value] if isinstance(value, str) else value
-    if isinstance(names, bytes) or not isinstance(names, Sequence) or not names:
-        raise ConfigError(
-            f"{key} must be 'all' or a non-empty list of {', '.join(ALL_METRICS)}; got {value!r}"
-        )
-    unknown = [n for n in names if n not in ALL_METRICS]
-    if unknown:
-        raise ConfigError(f"unknown {key} {unknown}; choose from {', '.join(ALL_METRICS)} (or all)")
-    return tuple(dict.fromkeys(str(n) for n in names))
 
 
 def metric_key(name: str, k: int) -> str:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cbmir.config import check_choice, check_int
-from cbmir.errors import ConfigError
-from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
+from cbmir.errors import ConfigError, DataError
+from cbmir.retrieval.metric_names import PAPER_METRICS, check_metrics
 from cbmir.schema import typed
 
 #: keys of the text protocol (`retrieval.query=text`, `cbmir.retrieval.text_queries`), not of
@@ -112,14 +112,20 @@ def check_faiss_database(kind: str, params: Mapping[str, Any], n_database: int) 
 
 def check_device(device: Any, key: str = "device") -> str:
     """auto, cpu, cuda or cuda:N; cuda only where a CUDA device is present."""
-    import torch
-
     name = str(device)
     if name.split(":")[0] not in SEARCH_DEVICES or (":" in name and not name.startswith("cuda:")):
         raise ConfigError(f"{key}={device!r}; choose one of {', '.join(SEARCH_DEVICES)} (cuda:N)")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name.startswith("cuda") and not _cuda_available():
         raise ConfigError(f"{key}={name} but no CUDA device is available; use auto or cpu")
     return name
+
+
+def _cuda_available() -> bool:
+    """torch's answer, imported only when a setting names cuda (checking a config needs no
+    torch otherwise)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def resolve_device(device: Any, key: str = "device") -> str:
@@ -174,10 +180,79 @@ class FaissSettings:
 
 @dataclass
 class PromptsSchema:
-    """`retrieval.prompts` of the text protocol (`text_queries.PromptSettings`)."""
+    """`retrieval.prompts` of the text protocol (`PromptSettings`)."""
 
-    templates: list[str] | None = None  # null: text_queries.DEFAULT_TEMPLATES
+    templates: list[str] | None = None  # null: DEFAULT_TEMPLATES
     classes: dict[Any, Any] | None = None  # class id -> a description or a list of them
+
+
+#: CLIP-style templates; `{}` is replaced by the class name or description
+DEFAULT_TEMPLATES = (
+    "a medical image of {}.",
+    "an image showing {}.",
+    "a photo of {}.",
+    "{}.",
+)
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """Validated `retrieval.prompts`: templates, and per-class descriptions replacing names."""
+
+    templates: tuple[str, ...]
+    classes: dict[int, tuple[str, ...]]
+
+    @classmethod
+    def from_config(cls, prompts: Mapping[str, Any] | None) -> PromptSettings:
+        conf = typed(PromptsSchema, prompts, "retrieval.prompts")
+        templates = DEFAULT_TEMPLATES if conf.templates is None else tuple(conf.templates)
+        if not templates:
+            raise ConfigError(
+                "retrieval.prompts.templates must be a non-empty list of sentences with {} where "
+                "the class name goes, got []"
+            )
+        for template in templates:
+            if template.count("{}") != 1:
+                raise ConfigError(
+                    f"every retrieval.prompts.templates entry needs exactly one {{}} (the class "
+                    f"name), got {template!r}"
+                )
+        return cls(templates, _class_descriptions(conf.classes or {}))
+
+    def class_prompts(self, label_names: Mapping[int, str]) -> dict[int, list[str]]:
+        """Every class's prompts (templates x its descriptions, default its label name)."""
+        unknown = sorted(set(self.classes) - set(label_names))
+        if unknown:
+            raise ConfigError(
+                f"retrieval.prompts.classes names class ids {unknown} that the data does not "
+                f"have; its classes: {dict(sorted(label_names.items()))}"
+            )
+        out = {}
+        for cid, name in sorted(label_names.items()):
+            descriptions = self.classes.get(cid) or (str(name),)
+            if not all(d.strip() for d in descriptions):
+                raise DataError(f"class {cid} has an empty name or description; name it in "
+                                "retrieval.prompts.classes")  # fmt: skip
+            out[cid] = [t.format(d) for d in descriptions for t in self.templates]
+        return out
+
+
+def _class_descriptions(classes: Mapping[Any, Any]) -> dict[int, tuple[str, ...]]:
+    """{class id: description or list of descriptions} -> {id: (descriptions...)}."""
+    out: dict[int, tuple[str, ...]] = {}
+    for key, value in classes.items():
+        try:
+            cid = int(key)  # an id from YAML, or a string one from JSON
+        except (TypeError, ValueError):
+            raise ConfigError(f"retrieval.prompts.classes key {key!r} is not a class id") from None
+        values = (value,) if isinstance(value, str) else tuple(value or ())
+        if not values or not all(isinstance(v, str) and v.strip() for v in values):
+            raise ConfigError(
+                f"retrieval.prompts.classes[{cid}] must be a description or a non-empty list of "
+                f"them, got {value!r}"
+            )
+        out[cid] = values
+    return out
 
 
 @dataclass(frozen=True)

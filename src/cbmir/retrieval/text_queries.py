@@ -19,7 +19,6 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cbmir.errors import ConfigError, DataError
+from cbmir.errors import DataError
 from cbmir.retrieval.callback import (
     ScoringCallback,
     publish_results,
@@ -36,81 +35,16 @@ from cbmir.retrieval.callback import (
     score_queries,
 )
 from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
-from cbmir.retrieval.settings import PromptsSchema
-from cbmir.schema import typed
+from cbmir.retrieval.settings import (  # noqa: F401 (DEFAULT_TEMPLATES: re-export)
+    DEFAULT_TEMPLATES,
+    PromptSettings,
+)
 from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
-#: CLIP-style templates; `{}` is replaced by the class name or description
-DEFAULT_TEMPLATES = (
-    "a medical image of {}.",
-    "an image showing {}.",
-    "a photo of {}.",
-    "{}.",
-)
 #: the distance text queries are searched with (CLIP's training objective)
 TEXT_DISTANCE = "cosine"
-
-
-@dataclass(frozen=True)
-class PromptSettings:
-    """Validated `retrieval.prompts`: templates, and per-class descriptions replacing names."""
-
-    templates: tuple[str, ...]
-    classes: dict[int, tuple[str, ...]]
-
-    @classmethod
-    def from_config(cls, prompts: Mapping[str, Any] | None) -> PromptSettings:
-        conf = typed(PromptsSchema, prompts, "retrieval.prompts")
-        templates = DEFAULT_TEMPLATES if conf.templates is None else tuple(conf.templates)
-        if not templates:
-            raise ConfigError(
-                "retrieval.prompts.templates must be a non-empty list of sentences with {} where "
-                "the class name goes, got []"
-            )
-        for template in templates:
-            if template.count("{}") != 1:
-                raise ConfigError(
-                    f"every retrieval.prompts.templates entry needs exactly one {{}} (the class "
-                    f"name), got {template!r}"
-                )
-        return cls(templates, _class_descriptions(conf.classes or {}))
-
-    def class_prompts(self, label_names: Mapping[int, str]) -> dict[int, list[str]]:
-        """Every class's prompts (templates x its descriptions, default its label name)."""
-        unknown = sorted(set(self.classes) - set(label_names))
-        if unknown:
-            raise ConfigError(
-                f"retrieval.prompts.classes names class ids {unknown} that the data does not "
-                f"have; its classes: {dict(sorted(label_names.items()))}"
-            )
-        out = {}
-        for cid, name in sorted(label_names.items()):
-            descriptions = self.classes.get(cid) or (str(name),)
-            if not all(d.strip() for d in descriptions):
-                raise DataError(f"class {cid} has an empty name or description; name it in "
-                                "retrieval.prompts.classes")  # fmt: skip
-            out[cid] = [t.format(d) for d in descriptions for t in self.templates]
-        return out
-
-
-def _class_descriptions(classes: Mapping[Any, Any]) -> dict[int, tuple[str, ...]]:
-    """{class id: description or list of descriptions} -> {id: (descriptions...)}."""
-    out: dict[int, tuple[str, ...]] = {}
-    for key, value in classes.items():
-        try:
-            cid = int(key)  # an id from YAML, or a string one from JSON
-        except (TypeError, ValueError):
-            raise ConfigError(f"retrieval.prompts.classes key {key!r} is not a class id") from None
-        values = (value,) if isinstance(value, str) else tuple(value or ())
-        if not values or not all(isinstance(v, str) and v.strip() for v in values):
-            raise ConfigError(
-                f"retrieval.prompts.classes[{cid}] must be a description or a non-empty list of "
-                f"them, got {value!r}"
-            )
-        out[cid] = values
-    return out
 
 
 def dataset_prompts(retrieval: Mapping[str, Any], datamodule: Any) -> dict[int, list[str]]:
