@@ -10,28 +10,16 @@ laterality).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from cbmir.errors import ConfigError
+from .settings import AugmentSettings
 
 
-@dataclass(frozen=True)
-class AffineAugment:
-    """Rotation (degrees), translation (fraction of the side), scale range, optional h-flip."""
-
-    rotate: float = 10.0
-    translate: float = 0.1
-    scale: tuple[float, float] = (0.9, 1.1)
-    hflip: bool = False
-
-    def __post_init__(self) -> None:
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
-            raise ConfigError(
-                f"finetune.augment.scale must be [min, max], 0 < min <= max; got {list(self.scale)}"
-            )
+class AffineAugment(AugmentSettings):
+    """The `finetune.augment` settings (`settings.AugmentSettings`: fields and checks), applied
+    to a batch."""
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         n = x.shape[0]

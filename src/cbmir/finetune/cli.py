@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cbmir.config import config_dir
+from cbmir.finetune.settings import finetune_settings
 from cbmir.runner import main_entry, quiet_library_logging, run_job
 from cbmir.validation import check_data_source
 
@@ -18,12 +19,14 @@ def _main(cfg: DictConfig) -> object:
 
 
 def _finetune_job(cfg: DictConfig) -> object:
-    """A missing data file or folder fails before Lightning and the trainer are imported."""
+    """Bad `finetune.*` settings and a missing data file or folder fail before Lightning and
+    the trainer are imported (some seconds); the settings go on, checked once."""
+    settings = finetune_settings(cfg)
     check_data_source(cfg)
     quiet_library_logging()
     from cbmir.finetune.run import run_finetune
 
-    return run_finetune(cfg)
+    return run_finetune(cfg, settings=settings)
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from torch import nn
 from cbmir.config import check_choice
 from cbmir.errors import ConfigError
 
-OBJECTIVES = ("supcon", "triplet", "classification")
-METRIC_OBJECTIVES = ("supcon", "triplet")
+from .settings import METRIC_OBJECTIVES, OBJECTIVES
+
 #: logits scale for a classifier on L2-normalised embeddings (NormFace / cosine softmax)
 NORMALIZED_LOGIT_SCALE = 16.0
 

@@ -10,7 +10,7 @@ import logging
 import shlex
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,16 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from cbmir.config import check_choice, check_int, is_int
+from cbmir.config import is_int
 from cbmir.errors import ConfigError
 from cbmir.io_utils import write_json, write_text
 from cbmir.runner import build_loggers, finish_loggers
-from cbmir.schema import typed
 
-from .augment import AffineAugment
 from .checkpoint import extractor_spec, read_spec
 from .data import FinetuneData
 from .extractor import FineTunedExtractor, ProjectionHead
-from .losses import METRIC_OBJECTIVES, OBJECTIVES
 from .module import RetrievalFineTuner, monitor_key
-from .strategy import STRATEGIES
+from .settings import METRIC_OBJECTIVES, FinetuneSchema, finetune_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,43 +38,6 @@ BEST, LAST = "best", "last"
 DEFAULT_PROJECTION_DIM = 128
 #: spec entries that must match between a run and the checkpoint it resumes
 RESUME_KEYS = ("base_config", "head", "normalize")
-
-
-@dataclass
-class FinetuneSchema:
-    """The `finetune` keys of configs/finetune.yaml and their types (`typed` checks them first)."""
-
-    objective: str = "supcon"
-    strategy: str = "full"
-    name: str = ""
-    projection_dim: int | None = None
-    projection_hidden: int | None = None
-    projection_input_norm: bool = True
-    normalize: bool | None = None
-    max_epochs: int = 20
-    batch_size: int = 128
-    lr: float = 1.0e-4
-    head_lr: float | None = 1.0e-3
-    weight_decay: float = 1.0e-4
-    warmup_epochs: float = 1.0
-    temperature: float = 0.1
-    margin: float = 0.2
-    mining: str = "semihard"
-    augment: AffineAugment | None = field(default_factory=AffineAugment)
-    limit_train_batches: Any = 1.0  # a fraction (float) or a count (int)
-    log_every_n_steps: int = 10
-    validate_start: bool = True
-    resume: Any = None  # true, or a path to last.ckpt / its folder (`resolve_resume`)
-
-    def __post_init__(self) -> None:
-        check_choice(self.objective, OBJECTIVES, "finetune.objective")
-        check_choice(self.strategy, STRATEGIES, "finetune.strategy")
-        check_int(self.max_epochs, "finetune.max_epochs")
-        for key in ("lr", "weight_decay", "warmup_epochs"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"finetune.{key} must be >= 0, not {getattr(self, key)!r}")
-        if self.projection_dim is not None:
-            check_int(self.projection_dim, "finetune.projection_dim (or null)")
 
 
 def resolve_resume(resume: Any, output_dir: Path) -> tuple[Path | None, Path]:
@@ -126,11 +86,17 @@ def build_extractor(
     return FineTunedExtractor(base, head, normalize=normalize, name=ft.name)
 
 
-def run_finetune(cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
+def run_finetune(
+    cfg: DictConfig,
+    callbacks: list[Any] | None = None,
+    settings: FinetuneSchema | None = None,
+) -> dict[str, Any]:
     """Fine-tune, checkpoint by val mAP@k, and return (and write) the run's summary.
 
-    `callbacks` are extra Lightning callbacks (monitoring, tests that interrupt a run)."""
-    ft = typed(FinetuneSchema, cfg.finetune, "finetune")  # checked before anything heavy is built
+    `callbacks` are extra Lightning callbacks (monitoring, tests that interrupt a run);
+    `settings` is `cfg.finetune` already checked (`cbmir-finetune` checks it before this
+    module's imports), else it is checked here, before anything heavy is built."""
+    ft = finetune_settings(cfg) if settings is None else settings
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_path, ckpt_dir = resolve_resume(ft.resume, output_dir)

@@ -28,8 +28,8 @@ from cbmir.errors import ConfigError
 from cbmir.extractors.base import Extractor
 
 from .extractor import FineTunedExtractor
+from .settings import STRATEGIES
 
-STRATEGIES = ("full", "last_block", "projection_head")
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
