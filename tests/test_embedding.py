@@ -9,13 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cbmir.embedding import (
-    FrozenEmbedder,
-    build_embedder,
-    embedder_config,
-    is_conv_net,
-    numeric_precision,
-)
+from cbmir.config import embedder_config, numeric_precision
+from cbmir.embedding import FrozenEmbedder, build_embedder, is_conv_net
 from cbmir.errors import ConfigError
 from cbmir.extractors.pixels import PixelExtractor
 from cbmir.extractors.timm_extractor import TimmExtractor

@@ -15,14 +15,11 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from cbmir.config import (  # noqa: F401 (the embedder's config rules; re-exported)
-    EMBEDDER_MIRRORS,
-    EMBEDDER_TARGET,
+from cbmir.config import (
     check_embedder_config,
     embedder_config,
     numeric_precision,
     parse_channels_last,
-    unlink_embedder_mirrors,
 )
 from cbmir.errors import EmbeddingError
 from cbmir.extractors.base import Extractor

@@ -17,6 +17,7 @@ from tests.helpers import compose_config
 
 from cbmir.errors import ConfigError
 from cbmir.pipeline import run_retrieval
+from cbmir.retrieval import metric_names as mn
 from cbmir.retrieval import metric_set as ms
 from cbmir.retrieval.scoring import search_and_score
 from cbmir.retrieval.search import knn_search
@@ -103,7 +104,7 @@ def test_every_metric_equals_brute_force_on_tied_data(multilabel, monkeypatch) -
 
 def test_default_metric_set_is_the_papers_and_its_search_is_unchanged() -> None:
     q, db, ql, dl = _data(2)
-    distances, indices, paper = _score(q, db, ql, dl, metrics=ms.PAPER_METRICS)
+    distances, indices, paper = _score(q, db, ql, dl, metrics=mn.PAPER_METRICS)
     assert list(paper) == [f"map@{K}", f"mmv@{K}", "acc@1", "acc@3", f"acc@{K}", "per_query"]
     d_all, i_all, every = _score(q, db, ql, dl)
     assert torch.equal(indices, i_all) and torch.equal(distances, d_all)
@@ -138,10 +139,10 @@ def test_map_at_r_and_r_precision_equal_pytorch_metric_learning() -> None:
 @pytest.mark.parametrize("value", [["map@k", "foo"], [], "precision", 5])
 def test_unknown_metric_names_are_one_line_config_errors(value) -> None:
     with pytest.raises(ConfigError, match="map@k, mmv@k, acc@k, precision@k") as info:
-        ms.check_metrics(value)
+        mn.check_metrics(value)
     assert "\n" not in str(info.value)
-    assert ms.check_metrics("all") == ms.ALL_METRICS
-    assert ms.check_metrics(["mrr", "mrr", "map@r"]) == ("mrr", "map@r")
+    assert mn.check_metrics("all") == mn.ALL_METRICS
+    assert mn.check_metrics(["mrr", "mrr", "map@r"]) == ("mrr", "map@r")
 
 
 def test_bad_metric_name_fails_before_any_embedding(tmp_path, make_synthetic) -> None:

@@ -14,8 +14,8 @@ from tests.helpers import cbmir_env, compose_config, run_cbmir
 from cbmir.errors import ConfigError, DataError
 from cbmir.extractors import text as text_towers
 from cbmir.retrieval import text_queries
-from cbmir.retrieval.settings import RetrievalSettings
-from cbmir.retrieval.text_queries import PromptSettings, TextRetrievalCallback
+from cbmir.retrieval.settings import PromptSettings, RetrievalSettings
+from cbmir.retrieval.text_queries import TextRetrievalCallback
 from cbmir.store import EmbeddingStore
 
 PATH_VARS = {

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cbmir.embedding import unlink_embedder_mirrors
+from cbmir.config import unlink_embedder_mirrors
 from cbmir.errors import ConfigError, DataError
 from cbmir.store import EmbeddingStore, StoredEmbeddings, canonical_json
 

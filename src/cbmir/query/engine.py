@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cbmir.embedding import FrozenEmbedder, embed_items, numeric_precision
+from cbmir.config import numeric_precision
+from cbmir.embedding import FrozenEmbedder, embed_items
 from cbmir.errors import EmbeddingError
 from cbmir.retrieval.settings import resolve_device
 

@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import Callback
 from cbmir.io_utils import write_json, write_npz
 from cbmir.retrieval.bootstrap import bootstrap_cis
 from cbmir.retrieval.labels import LabelsLike
-from cbmir.retrieval.metric_set import PAPER_METRICS, Search
+from cbmir.retrieval.metric_names import PAPER_METRICS
+from cbmir.retrieval.metric_set import Search
 from cbmir.retrieval.settings import RetrievalSettings, resolve_device
 from cbmir.store import EmbeddingStore
 

@@ -10,7 +10,7 @@ import torch
 
 from cbmir.errors import ConfigError
 from cbmir.retrieval.labels import LabelsLike
-from cbmir.retrieval.metric_set import PAPER_METRICS
+from cbmir.retrieval.metric_names import PAPER_METRICS
 from cbmir.retrieval.scoring import search_and_score
 from cbmir.retrieval.search import knn_search
 from cbmir.retrieval.settings import default_acc_ks

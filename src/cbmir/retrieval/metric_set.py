@@ -24,14 +24,6 @@ import torch
 from torchmetrics import Metric
 
 from cbmir.errors import ConfigError
-from cbmir.retrieval.metric_names import (  # noqa: F401 (the names' home; re-exported)
-    ALL_METRICS,
-    COUNT_METRICS,
-    EXTRA_METRICS,
-    PAPER_METRICS,
-    R_METRICS,
-    check_metrics,
-)
 
 #: bytes one search block of [rows, k'] neighbours may take (see the module docstring)
 BLOCK_BYTES = 128 * 2**20

@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP, RetrievalMRR, RetrievalPrecision
 
 from cbmir.errors import ConfigError
+from cbmir.retrieval import metric_names as mn
 from cbmir.retrieval import metric_set as ms
 from cbmir.retrieval.labels import LabelsLike, encode_pair, relevance
 from cbmir.retrieval.settings import check_k
@@ -158,7 +159,7 @@ def compute_retrieval_metrics(
     acc_ks: Sequence[int] = (1, 3, 5),
     mmv_k: int = 5,
     return_per_query: bool = False,
-    metrics: Sequence[str] = ms.PAPER_METRICS,
+    metrics: Sequence[str] = mn.PAPER_METRICS,
 ) -> dict[str, Any]:
     """mAP@map_k, mMV@mmv_k and ACC@k for each k in acc_ks from the neighbour indices [Q, k'],
     and the further `metrics` (`cbmir.retrieval.metric_set`, at k = map_k).
@@ -169,7 +170,7 @@ def compute_retrieval_metrics(
     R-precision and MAP@R need each query's R_q neighbours: indices at least max(R_q) wide
     (`cbmir.retrieval.scoring.search_and_score` searches that way, block by block).
     """
-    names = ms.check_metrics(metrics, "metrics")
+    names = mn.check_metrics(metrics, "metrics")
     idx = torch.as_tensor(indices).detach().cpu().to(torch.int64)
     if idx.ndim != 2:
         raise ConfigError(f"indices must be [Q, k], got shape {tuple(idx.shape)}")
@@ -195,7 +196,7 @@ def compute_retrieval_metrics(
     if "acc@k" in names:
         for a in acc_ks:
             out[f"acc@{a}"] = _torchmetrics_retrieval(RetrievalHitRate, rel, a)
-    counts = ms.relevant_counts(q_hot, d_hot) if set(names) & set(ms.COUNT_METRICS) else None
+    counts = ms.relevant_counts(q_hot, d_hot) if set(names) & set(mn.COUNT_METRICS) else None
     extra = {
         **ms.k_metrics_per_query(names, rel, map_k, counts),
         **(ms.r_metrics_per_query(names, rel, counts) if counts is not None else {}),

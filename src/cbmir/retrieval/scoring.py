@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cbmir.retrieval import metric_names as mn
 from cbmir.retrieval import metric_set as ms
 from cbmir.retrieval.labels import LabelsLike, encode_pair, relevance
 from cbmir.retrieval.metrics import compute_retrieval_metrics
@@ -26,17 +27,17 @@ def search_and_score(
     *,
     k: int,
     acc_ks: Sequence[int],
-    metrics: Sequence[str] = ms.PAPER_METRICS,
+    metrics: Sequence[str] = mn.PAPER_METRICS,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(top-k distances, top-k indices, metrics with ``per_query``) of every query.
 
     `search(rows, width)` returns the (distances, indices) [len(rows), width] of those query
     rows (an int64 tensor of row numbers).
     """
-    names = ms.check_metrics(metrics, "metrics")
+    names = mn.check_metrics(metrics, "metrics")
     n_q = int(np.asarray(query_labels).shape[0])
     n_db = int(np.asarray(db_labels).shape[0])
-    wanted_r = [n for n in names if n in ms.R_METRICS]
+    wanted_r = [n for n in names if n in mn.R_METRICS]
     if not wanted_r:
         distances, indices = search(torch.arange(n_q), k)
         return distances, indices, _score_top_k(indices, query_labels, db_labels, k, acc_ks, names)
@@ -51,7 +52,7 @@ def search_and_score(
             values[name][rows] = v
 
     distances, indices = ms.r_search(search, counts, k, n_db, on_block)
-    rest = [n for n in names if n not in ms.R_METRICS]
+    rest = [n for n in names if n not in mn.R_METRICS]
     result = _score_top_k(indices, query_labels, db_labels, k, acc_ks, rest) if rest else {}
     per_query = dict(result.pop("per_query", {}))
     for name in wanted_r:

@@ -34,11 +34,8 @@ from cbmir.retrieval.callback import (
     query_intervals,
     score_queries,
 )
-from cbmir.retrieval.metric_set import PAPER_METRICS, check_metrics
-from cbmir.retrieval.settings import (  # noqa: F401 (DEFAULT_TEMPLATES: re-export)
-    DEFAULT_TEMPLATES,
-    PromptSettings,
-)
+from cbmir.retrieval.metric_names import PAPER_METRICS, check_metrics
+from cbmir.retrieval.settings import PromptSettings
 from cbmir.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
